@@ -1,0 +1,1 @@
+"""Shared building blocks of fastpeft's kernels (RNG, helpers)."""
