@@ -1,6 +1,19 @@
 """fastpeft's fused ops.  Each is a plain function that dispatches through the
 backend registry (:mod:`fastpeft.backends`) to ``cuda``, ``triton``, ``cpu`` or
 ``torch`` and is differentiable."""
+import torch
+
 from .scaled_add import scaled_add
 
-__all__ = ["scaled_add"]
+__all__ = ["scaled_add", "example_inputs"]
+
+
+def example_inputs(device: str = "cpu") -> dict:
+    """Small example arguments per op name (used by ``fastpeft info`` to ask each
+    backend whether it would take inputs on ``device``).  Built lazily: no tensors
+    are created at import."""
+    d = torch.device(device)
+    f32 = dict(device=d, dtype=torch.float32)
+    return {
+        "scaled_add": (torch.zeros(4, **f32), torch.zeros(4, **f32), 1.0),
+    }
