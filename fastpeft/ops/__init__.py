@@ -4,8 +4,9 @@ backend registry (:mod:`fastpeft.backends`) to ``cuda``, ``triton``, ``cpu`` or
 import torch
 
 from .scaled_add import scaled_add
+from .lora_linear import lora_linear
 
-__all__ = ["scaled_add", "example_inputs"]
+__all__ = ["scaled_add", "lora_linear", "example_inputs"]
 
 
 def example_inputs(device: str = "cpu") -> dict:
@@ -16,4 +17,6 @@ def example_inputs(device: str = "cpu") -> dict:
     f32 = dict(device=d, dtype=torch.float32)
     return {
         "scaled_add": (torch.zeros(4, **f32), torch.zeros(4, **f32), 1.0),
+        "lora_linear": (torch.zeros(2, 8, **f32), torch.zeros(4, 8, **f32), torch.zeros(4, **f32),
+                        torch.zeros(2, 8, **f32), torch.zeros(4, 2, **f32), 1.0, 0.1, 0),
     }

@@ -1,0 +1,113 @@
+"""``lora_linear``: a LoRA linear layer, forward and backward, with dropout fused in.
+
+Equivalent PyTorch (HF PEFT's vanilla LoRA forward; ``drop`` uses fastpeft's
+Philox mask so every backend drops the same elements for one seed)::
+
+    y = F.linear(x, weight, bias) + scale * F.linear(F.linear(drop(x), lora_A), lora_B)
+    drop(x) = x * keep / (1 - dropout_p),  keep = philox.dropout_keep_mask(seed, M, K, dropout_p)
+
+Shapes: x [..., K] (M = product of the leading dims, may be 0, any strides),
+weight [N, K] (any strides, e.g. ``conv1d.weight.t()``), bias [N] or None,
+lora_A [r, K], lora_B [N, r]; y [..., N] in x's dtype.
+
+Backward (see ``reference.LoraLinearFunction`` for the derivation) saves only x
+and ``U0 = drop(x) lora_Aᵀ`` [M, r], regenerates the mask from the seed, and
+computes weight/bias gradients only when they require grad.
+
+Files of this op: ``reference.py`` (torch backend and oracle), ``triton_kernel.py``,
+``csrc/lora_linear/`` (torch-free ``_cpu.cpp`` kernels, ``_binding.cpp``),
+``tests/ops/test_lora_linear.py``, ``benchmarks/bench_lora_linear.py``.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ...backends import define_op
+from .._checks import check_float, check_same_device, check_tensor
+from ...kernels.philox import check_seed
+from .reference import lora_linear_plain, lora_linear_reference
+
+OP = define_op("lora_linear")
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
+GPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+MAX_TRITON_RANK = 256
+
+
+def _check_args(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed):
+    check_tensor("x", x, dtypes=FLOAT_DTYPES)
+    if x.dim() < 1:
+        raise ValueError(f"x: expected a tensor [..., K] with at least 1 dim, got shape {tuple(x.shape)}")
+    check_tensor("weight", weight, ndim=(2,))
+    check_tensor("bias", bias, ndim=(1,), allow_none=True)
+    check_tensor("lora_A", lora_A, ndim=(2,))
+    check_tensor("lora_B", lora_B, ndim=(2,))
+    K = x.shape[-1]
+    N, Kw = weight.shape
+    if Kw != K:
+        raise ValueError(f"weight: expected shape [N, {K}] (K = x.shape[-1] = {K}), got {tuple(weight.shape)}")
+    if bias is not None and bias.shape[0] != N:
+        raise ValueError(f"bias: expected shape [{N}] (N = weight.shape[0]), got {tuple(bias.shape)}")
+    r = lora_A.shape[0]
+    if r < 1:
+        raise ValueError(f"lora_A: expected shape [r, {K}] with rank r >= 1, got {tuple(lora_A.shape)}")
+    if lora_A.shape[1] != K:
+        raise ValueError(f"lora_A: expected shape [r, {K}] (K = x.shape[-1]), got {tuple(lora_A.shape)}")
+    if tuple(lora_B.shape) != (N, r):
+        raise ValueError(f"lora_B: expected shape [{N}, {r}] (N = weight.shape[0], r = lora_A.shape[0]), "
+                         f"got {tuple(lora_B.shape)}")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and t.dtype != x.dtype:
+            raise TypeError(f"{name}: expected dtype {x.dtype} (the dtype of x), got {t.dtype}")
+    if lora_A.dtype not in (x.dtype, torch.float32):
+        raise TypeError(f"lora_A: expected dtype {x.dtype} (the dtype of x) or float32, got {lora_A.dtype}")
+    if lora_B.dtype != lora_A.dtype:
+        raise TypeError(f"lora_B: expected dtype {lora_A.dtype} (the dtype of lora_A), got {lora_B.dtype}")
+    check_same_device("x", x, weight=weight, bias=bias, lora_A=lora_A, lora_B=lora_B)
+    scale = check_float("scale", scale)
+    dropout_p = check_float("dropout_p", dropout_p, lo=0.0, hi=1.0, hi_open=True)
+    if dropout_p == 0.0:
+        seed = 0  # no mask: the seed is ignored
+    elif seed is None:
+        seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
+    else:
+        try:
+            seed = check_seed(seed)
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"seed: {e}") from None
+    return scale, dropout_p, seed
+
+
+def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_A: torch.Tensor,
+                lora_B: torch.Tensor, scale: float, dropout_p: float = 0.0,
+                seed: Optional[int] = None) -> torch.Tensor:
+    """LoRA linear layer ``y = x Wᵀ + b + scale · (drop(x) Aᵀ) Bᵀ``, differentiable.
+
+    Args:
+        x: [..., K] activations (fp32/fp16/bf16; fp64 on the torch and cpu backends).
+        weight: [N, K] frozen base weight, dtype of x (gradient only if it requires grad).
+        bias: [N] or None, dtype of x.
+        lora_A: [r, K], dtype of x or float32 (mixed precision: LoRA runs in x's dtype,
+            its gradients come back in float32).
+        lora_B: [N, r], dtype of lora_A.
+        scale: LoRA scaling (``alpha / r``, or ``alpha / sqrt(r)`` for rsLoRA).
+        dropout_p: dropout rate on the LoRA branch's input, in [0, 1).
+        seed: Philox seed of the dropout mask (int in [0, 2**63)); None draws one
+            from torch's default generator (deterministic under ``torch.manual_seed``).
+            Ignored when ``dropout_p == 0``.
+
+    Returns:
+        y: [..., N] in x's dtype.
+
+    Equivalent PyTorch: :func:`fastpeft.ops.lora_linear.reference.lora_linear_plain`.
+    """
+    scale, dropout_p, seed = _check_args(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed)
+    return OP(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed)
+
+
+# -- torch --------------------------------------------------------------------
+OP.register("torch")(lora_linear_reference)
+
+__all__ = ["lora_linear", "lora_linear_plain", "OP"]

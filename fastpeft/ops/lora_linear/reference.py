@@ -1,0 +1,122 @@
+"""lora_linear, pure-PyTorch reference: the ``torch`` backend and the test oracle.
+
+Two functions:
+
+* :func:`lora_linear_plain` — plain differentiable PyTorch, exactly HF PEFT's
+  LoRA forward with the dropout mask taken from fastpeft's Philox RNG.  Autograd
+  is PyTorch's own (it saves ``drop(x)``); tests use it, in float64, as the oracle.
+* :func:`lora_linear_reference` — the ``torch`` backend: the same math wrapped in
+  an autograd function whose backward is derived by hand and saves only ``x`` and
+  the small ``U0 = drop(x) Aᵀ`` (the memory discipline of the fused kernels).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ...kernels.philox import dropout_keep_mask
+
+#: Philox stream of the LoRA dropout mask (the mask covers the logical [M, K] x).
+DROPOUT_STREAM = 0
+
+
+def keep_mask(seed: int, M: int, K: int, p: float, device) -> torch.Tensor:
+    """Bool [M, K]: the dropout keep mask of lora_linear for ``seed`` (all True when p == 0)."""
+    if p == 0.0:
+        return torch.ones(M, K, dtype=torch.bool, device=device)
+    return dropout_keep_mask(seed, M, K, p, stream=DROPOUT_STREAM, device=device)
+
+
+def dropout_apply(x2: torch.Tensor, keep: torch.Tensor, p: float) -> torch.Tensor:
+    """``drop(x) = x * keep / (1 - p)`` in x's dtype (``x`` itself when p == 0)."""
+    if p == 0.0:
+        return x2
+    return torch.where(keep, x2 * (1.0 / (1.0 - p)), torch.zeros((), dtype=x2.dtype, device=x2.device))
+
+
+def lora_linear_plain(x, weight, bias, lora_A, lora_B, scale: float, dropout_p: float = 0.0,
+                      seed: int = 0) -> torch.Tensor:
+    """HF PEFT's vanilla LoRA forward, in plain PyTorch (autograd by PyTorch)::
+
+        F.linear(x, W, b) + lora_B(lora_A(dropout(x))) * scale
+
+    with ``dropout`` the Philox mask of ``seed`` and LoRA computed in x's dtype.
+    """
+    K = x.shape[-1]
+    x2 = x.reshape(-1, K)
+    keep = keep_mask(seed, x2.shape[0], K, dropout_p, x.device)
+    dx = dropout_apply(x2, keep, dropout_p).reshape(x.shape)
+    A, B = lora_A.to(x.dtype), lora_B.to(x.dtype)
+    return F.linear(x, weight, bias) + F.linear(F.linear(dx, A), B) * scale
+
+
+class LoraLinearFunction(torch.autograd.Function):
+    """The ``torch`` backend.  Forward (x2 = x as [M, K], keep the Philox mask)::
+
+        U0 = drop(x2) @ Aᵀ                                  [M, r]   (saved)
+        y  = x2 @ Wᵀ + b + scale * U0 @ Bᵀ                  [M, N]
+
+    Backward, from y = x Wᵀ + b + s·D(x) Aᵀ Bᵀ with D(x) = x ∘ keep/(1-p) linear in x:
+
+        dB = s · dYᵀ U0                       (∂y/∂B: y depends on B through U0 Bᵀ)
+        G  = s · dY B                         [M, r] = gradient w.r.t. U0
+        dA = Gᵀ D(x)                          (U0 = D(x) Aᵀ; D(x) rebuilt from the seed)
+        dX = dY W + D(G A) = dY W + (G A) ∘ keep/(1-p)      (D is diagonal, self-adjoint)
+        dW = dYᵀ x,  db = Σ_rows dY           (only when weight / bias require grad)
+
+    Saved: x (which the base linear keeps anyway), U0 [M, r] and the parameters.
+    Mixed precision (LoRA params fp32, activations half): the LoRA products run in
+    x's dtype; dA and dB are accumulated in fp32 and returned in the params' dtype.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_A, lora_B, scale, dropout_p, seed):
+        K = x.shape[-1]
+        x2 = x.reshape(-1, K)
+        M = x2.shape[0]
+        A, B = lora_A.to(x.dtype), lora_B.to(x.dtype)
+        keep = keep_mask(seed, M, K, dropout_p, x.device)
+        u0 = dropout_apply(x2, keep, dropout_p) @ A.t()
+        del keep
+        y = torch.addmm(bias, x2, weight.t()) if bias is not None else x2 @ weight.t()
+        y = y.addmm_(u0, B.t(), alpha=scale)
+        ctx.save_for_backward(x, weight, lora_A, lora_B, u0)
+        ctx.scale, ctx.p, ctx.seed = scale, dropout_p, seed
+        ctx.has_bias = bias is not None
+        return y.reshape(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, lora_A, lora_B, u0 = ctx.saved_tensors
+        s, p = ctx.scale, ctx.p
+        K, N = x.shape[-1], weight.shape[0]
+        x2 = x.reshape(-1, K)
+        M = x2.shape[0]
+        dy2 = dy.reshape(M, N).to(x.dtype)
+        A, B = lora_A.to(x.dtype), lora_B.to(x.dtype)
+        mixed = lora_A.dtype != x.dtype
+        need_x, need_w, need_b, need_a, need_bb = (ctx.needs_input_grad[i] for i in range(5))
+        dx = dw = db = da = dbb = None
+        g = (dy2 @ B) * s if (need_x or need_a) else None
+        if need_bb:
+            dbb = (dy2.t().float() @ u0.float() if mixed else dy2.t() @ u0) * s
+            dbb = dbb.to(lora_B.dtype)
+        if need_x or need_a:
+            keep = keep_mask(ctx.seed, M, K, p, x.device)
+            if need_a:
+                xd = dropout_apply(x2, keep, p)
+                da = (g.t().float() @ xd.float() if mixed else g.t() @ xd).to(lora_A.dtype)
+                del xd
+            if need_x:
+                dx = dropout_apply(g @ A, keep, p).addmm_(dy2, weight).reshape(x.shape)
+        if need_w:
+            dw = (dy2.t() @ x2).to(weight.dtype)
+        if need_b and ctx.has_bias:
+            db = dy2.sum(0).to(weight.dtype)
+        return dx, dw, db, da, dbb, None, None, None
+
+
+def lora_linear_reference(x, weight, bias, lora_A, lora_B, scale: float, dropout_p: float = 0.0,
+                          seed: int = 0) -> torch.Tensor:
+    """The ``torch`` backend of :func:`fastpeft.ops.lora_linear` (arguments already checked)."""
+    return LoraLinearFunction.apply(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed)
