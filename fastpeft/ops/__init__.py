@@ -4,9 +4,10 @@ backend registry (:mod:`fastpeft.backends`) to ``cuda``, ``triton``, ``cpu`` or
 import torch
 
 from .scaled_add import scaled_add
+from .bottleneck_adapter import bottleneck_adapter
 from .lora_linear import lora_linear
 
-__all__ = ["scaled_add", "lora_linear", "example_inputs"]
+__all__ = ["scaled_add", "bottleneck_adapter", "lora_linear", "example_inputs"]
 
 
 def example_inputs(device: str = "cpu") -> dict:
@@ -17,6 +18,8 @@ def example_inputs(device: str = "cpu") -> dict:
     f32 = dict(device=d, dtype=torch.float32)
     return {
         "scaled_add": (torch.zeros(4, **f32), torch.zeros(4, **f32), 1.0),
+        "bottleneck_adapter": (torch.zeros(2, 8, **f32), torch.zeros(4, 8, **f32), torch.zeros(4, **f32),
+                               torch.zeros(8, 4, **f32), torch.zeros(8, **f32), "relu", 0.1, 0, True),
         "lora_linear": (torch.zeros(2, 8, **f32), torch.zeros(4, 8, **f32), torch.zeros(4, **f32),
                         torch.zeros(2, 8, **f32), torch.zeros(4, 2, **f32), 1.0, 0.1, 0),
     }
