@@ -1,0 +1,199 @@
+"""Adversarial perturbation of embedding outputs: the fused update step and the
+random initialisation used by FGM / PGD / FreeLB / FGSM-RS / SMART
+(:mod:`fastpeft.adversarial`).
+
+``adv_perturb_update(delta, grad, *, norm, step_size, epsilon, mask)`` updates
+``delta`` **in place** (and returns it); it is not differentiable and runs under
+``torch.no_grad()`` itself.  Shapes: ``delta``, ``grad``: [B, L, H] (the output of
+the input embedding and its gradient); ``mask``: [B, L] attention mask (any
+dtype, nonzero = real token) or None.  Equivalent PyTorch (norms over real tokens)::
+
+    m = (mask != 0)[..., None].float();  g = grad * m
+    if norm == "linf":                       # FGSM, PGD-Linf, free-m
+        d = (delta + step_size * g.sign()).clamp(-epsilon, epsilon)
+    elif norm == "l2_token":                 # SMART-style, per token
+        d = delta * m + step_size * g / g.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+        n = d.norm(dim=-1, keepdim=True);  d = torch.where(n > epsilon, d * epsilon / n, d)
+    elif norm == "l2_example":               # FreeLB, PGD-L2, per example over L x H
+        d = delta * m + step_size * g / g.flatten(1).norm(dim=1)[:, None, None].clamp_min(1e-8)
+        n = d.flatten(1).norm(dim=1)[:, None, None];  d = torch.where(n > epsilon, d * epsilon / n, d)
+    delta.copy_(d * m)                       # padding positions are exactly zero
+
+``epsilon=None`` or ``<= 0`` skips the projection (FreeLB's ``adv_max_norm=0``).
+A zero gradient gives a zero step (no 0/0).  The kernels read ``delta`` and
+``grad`` once and write ``delta`` once; ``l2_example`` adds one statistics pass
+(|g|^2, <delta, g>, |delta|^2 per example) and projects with the analytic norm
+|delta + a g|^2 = |delta|^2 + 2a<delta, g> + a^2 |g|^2, so it needs no third pass.
+
+``adv_perturb_init(like, *, kind, scale, norm, mask, seed)`` returns a new
+[B, L, H] tensor of counter-based (Philox, stream 2) random values: ``uniform``
+in [-1, 1) or standard ``normal``, times ``scale`` (``norm="linf"``),
+``scale / sqrt(H)`` (``"l2_token"``) or ``scale / sqrt(n_b * H)`` with ``n_b``
+the real tokens of example b (``"l2_example"``: FreeLB's init), zero at padding.
+Same seed, same values on every backend (up to the rounding of log/cos for
+``normal``).
+
+Files: ``reference.py`` (torch backend, oracle, the eager FreeLB baseline),
+``csrc/adv_perturb_update/`` (C++ CPU, CUDA, binding, C++ test),
+``tests/ops/test_adv_perturb_update.py``, ``benchmarks/bench_adv_perturb_update.py``.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+
+from ... import _ext
+from ...backends import define_op
+from ...kernels.philox import check_seed
+from .._checks import check_float, check_same_device, check_tensor, device_reason, dtype_reason
+from .reference import (INIT_KINDS, INIT_STREAM, NORMS, adv_perturb_init_reference,
+                        adv_perturb_update_reference, freelb_eager_update)
+
+UPDATE_OP = define_op("adv_perturb_update")
+INIT_OP = define_op("adv_perturb_init")
+CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
+GPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def _check_mask(mask, delta):
+    if mask is None:
+        return None
+    check_tensor("mask", mask)
+    if mask.dim() != 2 or tuple(mask.shape) != tuple(delta.shape[:2]):
+        raise ValueError(f"mask: expected shape [B, L] = {list(delta.shape[:2])} (the first two dims of delta), "
+                         f"got {list(mask.shape)}")
+    check_same_device("delta", delta, mask=mask)
+    return mask
+
+
+def _check_norm(norm):
+    if norm not in NORMS:
+        raise ValueError(f"norm: expected one of {NORMS}, got {norm!r}")
+    return norm
+
+
+def adv_perturb_update(delta: torch.Tensor, grad: torch.Tensor, *, norm: str, step_size: float,
+                       epsilon: Optional[float] = None, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """One projected ascent step on ``delta`` [B, L, H], in place; returns ``delta``.
+
+    Args:
+        delta: current perturbation [B, L, H], float32/bfloat16 (CPU, also float64),
+            float32/float16/bfloat16 (CUDA).  Updated in place (may be a leaf that
+            requires grad: the update runs under ``no_grad``).
+        grad: gradient of the loss w.r.t. the perturbed embeddings, shape/dtype/device of delta.
+        norm: ``"linf"``, ``"l2_token"`` or ``"l2_example"`` (see the module doc).
+        step_size: ascent step (FreeLB's ``adv_lr``).
+        epsilon: radius of the ball delta is projected onto; None or <= 0: no projection.
+        mask: [B, L] attention mask (nonzero = real token); padding rows of delta become 0.
+    """
+    check_tensor("delta", delta, ndim=(3,), dtypes=FLOAT_DTYPES)
+    check_tensor("grad", grad)
+    if grad.shape != delta.shape:
+        raise ValueError(f"grad: expected shape {list(delta.shape)} (the shape of delta), got {list(grad.shape)}")
+    if grad.dtype != delta.dtype:
+        raise TypeError(f"grad: expected dtype {delta.dtype} (the dtype of delta), got {grad.dtype}")
+    check_same_device("delta", delta, grad=grad)
+    mask = _check_mask(mask, delta)
+    _check_norm(norm)
+    step_size = check_float("step_size", step_size)
+    epsilon = 0.0 if epsilon is None else max(check_float("epsilon", epsilon), 0.0)
+    with torch.no_grad():
+        UPDATE_OP(delta, grad, mask, norm, step_size, epsilon)
+    return delta
+
+
+def adv_perturb_init(like: Union[torch.Tensor, Sequence[int]], *, kind: str = "uniform", scale: float = 1.0,
+                     norm: str = "linf", mask: Optional[torch.Tensor] = None, seed: Optional[int] = None,
+                     dtype: Optional[torch.dtype] = None, device=None) -> torch.Tensor:
+    """A new random perturbation [B, L, H] (see the module doc).
+
+    Args:
+        like: a [B, L, H] tensor (shape, dtype and device are taken from it) or a shape.
+        kind: ``"uniform"`` (in [-1, 1)) or ``"normal"`` (standard normal).
+        scale: magnitude; per-element for ``norm="linf"``, divided by sqrt(H) for
+            ``"l2_token"`` and by sqrt(real tokens x H) per example for ``"l2_example"``.
+        mask: [B, L] attention mask; padding positions are exactly zero.
+        seed: Philox key in [0, 2**63); None draws one from torch's default generator
+            (so ``torch.manual_seed`` makes it reproducible).
+        dtype, device: override those of ``like`` (default float32 / CPU for a shape).
+
+    FreeLB's init (``adv_init_mag`` with the L2 norm) is
+    ``adv_perturb_init(embeds, kind="uniform", scale=adv_init_mag, norm="l2_example", mask=attention_mask)``.
+    """
+    if isinstance(like, torch.Tensor):
+        shape = tuple(like.shape)
+        dtype = dtype or like.dtype
+        device = device if device is not None else like.device
+    else:
+        shape = tuple(int(s) for s in like)
+        dtype = dtype or torch.float32
+    if len(shape) != 3:
+        raise ValueError(f"like: expected a [B, L, H] tensor or shape, got shape {list(shape)}")
+    if dtype not in FLOAT_DTYPES:
+        raise TypeError(f"dtype: expected a float dtype, got {dtype}")
+    if kind not in INIT_KINDS:
+        raise ValueError(f"kind: expected one of {INIT_KINDS}, got {kind!r}")
+    _check_norm(norm)
+    scale = check_float("scale", scale)
+    seed = int(torch.randint(0, 2**62, ())) if seed is None else check_seed(seed)
+    delta = torch.empty(shape, dtype=dtype, device=device)
+    mask = _check_mask(mask, delta)
+    with torch.no_grad():
+        INIT_OP(delta, mask, kind, norm, scale, seed)
+    return delta
+
+
+# -- torch ------------------------------------------------------------------
+UPDATE_OP.register("torch")(adv_perturb_update_reference)
+INIT_OP.register("torch")(adv_perturb_init_reference)
+
+
+# -- cpu / cuda (compiled: torch.ops.fastpeft.adv_perturb_update / _init) -----
+if _ext.load() is not None and hasattr(torch.ops.fastpeft, "adv_perturb_update"):
+    @torch.library.register_fake("fastpeft::adv_perturb_update")
+    def _(delta, grad, mask, norm, step_size, epsilon):
+        return None
+
+    @torch.library.register_fake("fastpeft::adv_perturb_init")
+    def _(delta, mask, kind, norm, scale, seed):
+        return None
+
+
+def _compiled_ops_reason() -> Optional[str]:
+    reason = _ext.unavailable_reason()
+    if reason is None and not hasattr(torch.ops.fastpeft, "adv_perturb_update"):
+        reason = "fastpeft._C was built before adv_perturb_update existed (rebuild the extension)"
+    return reason
+
+
+def _cuda_reason() -> Optional[str]:
+    return _compiled_ops_reason() or _ext.cuda_available()
+
+
+def _update_compiled(delta, grad, mask, norm, step_size, epsilon):
+    torch.ops.fastpeft.adv_perturb_update(delta, grad, mask, norm, step_size, epsilon)
+
+
+def _init_compiled(delta, mask, kind, norm, scale, seed):
+    torch.ops.fastpeft.adv_perturb_init(delta, mask, kind, norm, scale, seed)
+
+
+def _supports(device_type, dtypes, what):
+    def check(delta, *args, forced):
+        return device_reason(delta, device_type, what) or dtype_reason(delta, dtypes, what)
+    return check
+
+
+UPDATE_OP.register("cpu", available=_compiled_ops_reason,
+                   supports=_supports("cpu", CPU_DTYPES, "cpu backend"))(_update_compiled)
+UPDATE_OP.register("cuda", available=_cuda_reason,
+                   supports=_supports("cuda", GPU_DTYPES, "cuda backend"))(_update_compiled)
+INIT_OP.register("cpu", available=_compiled_ops_reason,
+                 supports=_supports("cpu", CPU_DTYPES, "cpu backend"))(_init_compiled)
+INIT_OP.register("cuda", available=_cuda_reason,
+                 supports=_supports("cuda", GPU_DTYPES, "cuda backend"))(_init_compiled)
+
+__all__ = ["adv_perturb_update", "adv_perturb_init", "freelb_eager_update", "UPDATE_OP", "INIT_OP", "NORMS",
+           "INIT_KINDS", "INIT_STREAM"]
