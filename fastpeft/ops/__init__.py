@@ -6,8 +6,9 @@ import torch
 from .scaled_add import scaled_add
 from .bottleneck_adapter import bottleneck_adapter
 from .lora_linear import lora_linear
+from .adv_perturb_update import adv_perturb_init, adv_perturb_update
 
-__all__ = ["scaled_add", "bottleneck_adapter", "lora_linear", "example_inputs"]
+__all__ = ["scaled_add", "bottleneck_adapter", "lora_linear", "adv_perturb_update", "adv_perturb_init", "example_inputs"]
 
 
 def example_inputs(device: str = "cpu") -> dict:
@@ -22,4 +23,7 @@ def example_inputs(device: str = "cpu") -> dict:
                                torch.zeros(8, 4, **f32), torch.zeros(8, **f32), "relu", 0.1, 0, True),
         "lora_linear": (torch.zeros(2, 8, **f32), torch.zeros(4, 8, **f32), torch.zeros(4, **f32),
                         torch.zeros(2, 8, **f32), torch.zeros(4, 2, **f32), 1.0, 0.1, 0),
+        "adv_perturb_update": (torch.zeros(2, 3, 8, **f32), torch.zeros(2, 3, 8, **f32), torch.ones(2, 3, **f32),
+                               "l2_example", 0.1, 1.0),
+        "adv_perturb_init": (torch.zeros(2, 3, 8, **f32), torch.ones(2, 3, **f32), "uniform", "l2_example", 1.0, 0),
     }
