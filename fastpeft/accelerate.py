@@ -1,0 +1,220 @@
+"""``fastpeft.accelerate`` / ``fastpeft.restore``: switch the LoRA layers of a model made
+by Hugging Face PEFT to fastpeft's fused LoRA op in place, and back.
+
+How: each supported ``peft.tuners.lora.Linear`` instance gets its ``__class__``
+swapped to a subclass whose ``forward`` runs :func:`fastpeft.ops.lora_linear` when
+the layer's state allows it and PEFT's own ``forward`` otherwise.  No parameter,
+buffer or attribute is added or renamed, so ``state_dict`` keys and
+``save_pretrained`` output are unchanged; ``restore`` swaps the original class back.
+
+The fused path is taken at a call only when all of these hold (checked every call):
+no extra forward arguments (e.g. ``adapter_names`` for a mixed-adapter batch),
+adapters enabled, nothing merged, exactly one active adapter on the layer, no LoRA
+variant (DoRA, ...), no ``lora_bias``, dropout is ``nn.Dropout`` / ``nn.Identity``,
+the base layer is a plain ``nn.Linear`` or transformers ``Conv1D`` (not quantised)
+with ``fan_in_fan_out`` matching it, and x / weight / bias / LoRA weights share one
+floating dtype.  Otherwise PEFT's forward runs, so results are always PEFT's.
+
+Note: with ``lora_dropout > 0`` in training mode the fused op draws its mask from
+fastpeft's Philox RNG (seeded from torch's generator), not from ``nn.Dropout``'s, so
+individual masks differ from PEFT's while the distribution is the same.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+_FAST_CLASSES: dict = {}
+_ORIG_ATTR = "_fastpeft_original_class"
+
+
+@dataclass
+class AccelerateSummary:
+    """What :func:`accelerate` / :func:`restore` did."""
+
+    accelerated: int = 0            # patched layers whose current state takes the fused path
+    patched: int = 0                # layers switched (fused whenever their state allows)
+    skipped: dict = field(default_factory=dict)   # reason -> number of layers running PEFT's forward
+    restored: int = 0
+    note: str = ""
+
+    def __str__(self) -> str:
+        lines = []
+        if self.note:
+            lines.append(self.note)
+        if self.restored:
+            lines.append(f"fastpeft.restore: {self.restored} LoRA layer(s) back on PEFT's forward")
+        else:
+            lines.append(f"fastpeft.accelerate: {self.accelerated} LoRA layer(s) on the fused path "
+                         f"({self.patched} patched)")
+        for reason, n in sorted(self.skipped.items(), key=lambda kv: -kv[1]):
+            lines.append(f"  {n} layer(s) use PEFT's forward: {reason}")
+        return "\n".join(lines)
+
+    __repr__ = __str__
+
+
+def _peft_lora_linear_cls():
+    try:
+        from peft.tuners.lora.layer import Linear
+        return Linear
+    except Exception:
+        return None
+
+
+def _conv1d_cls():
+    try:
+        from transformers.pytorch_utils import Conv1D
+        return Conv1D
+    except Exception:
+        return None
+
+
+def _static_reason(layer) -> str | None:
+    """Why this layer can never take the fused path (None: it can be patched)."""
+    base = layer.get_base_layer()
+    conv1d = _conv1d_cls()
+    if type(base) is nn.Linear:
+        return None if not layer.fan_in_fan_out else "fan_in_fan_out=True on an nn.Linear base layer"
+    if conv1d is not None and type(base) is conv1d:
+        return None if layer.fan_in_fan_out else "Conv1D base layer without fan_in_fan_out"
+    return f"unsupported or quantised base layer ({type(base).__name__})"
+
+
+def _dynamic_reason(layer, x=None, args=(), kwargs=None) -> str | None:
+    """Why the current call/state cannot take the fused path (None: it can)."""
+    if kwargs:
+        return "adapter_names (mixed-adapter batch)" if "adapter_names" in kwargs else "extra forward arguments"
+    if args:
+        return "extra forward arguments"
+    if layer.disable_adapters:
+        return "adapters disabled"
+    if layer.merged:
+        return "adapter merged"
+    active = [a for a in layer.active_adapters if a in layer.lora_A.keys()]
+    if len(active) != 1:
+        return "several active adapters" if active else "no active adapter on this layer"
+    a = active[0]
+    if a in getattr(layer, "lora_variant", {}) or layer.use_dora.get(a, False):
+        return "LoRA variant (DoRA or other)"
+    if layer.lora_B[a].bias is not None:
+        return "lora_bias"
+    if type(layer.lora_dropout[a]) not in (nn.Dropout, nn.Identity):
+        return "custom dropout module"
+    base = layer.get_base_layer()
+    w = base.weight
+    if layer.lora_A[a].weight.dtype != w.dtype or layer.lora_B[a].weight.dtype != w.dtype:
+        return "LoRA weights in a different dtype than the base weight"
+    if not w.dtype.is_floating_point:
+        return "non-floating base weight"
+    if base.bias is not None and base.bias.dtype != w.dtype:
+        return "base bias dtype differs from weight"
+    if x is not None and x.dtype != w.dtype:
+        return "input dtype differs from the weight"
+    return None
+
+
+def _fast_forward(self, x, *args, **kwargs):
+    if _dynamic_reason(self, x, args, kwargs) is not None:
+        return super(type(self), self).forward(x, *args, **kwargs)
+    from .ops.lora_linear import lora_linear
+    a = next(a for a in self.active_adapters if a in self.lora_A.keys())
+    base = self.get_base_layer()
+    W = base.weight.t() if self.fan_in_fan_out else base.weight
+    drop = self.lora_dropout[a]
+    p = float(drop.p) if (self.training and type(drop) is nn.Dropout) else 0.0
+    return lora_linear(x, W, base.bias, self.lora_A[a].weight, self.lora_B[a].weight,
+                       self.scaling[a], dropout_p=p, seed=None)
+
+
+def _fast_class(orig: type) -> type:
+    cls = _FAST_CLASSES.get(orig)
+    if cls is None:
+        name = "Fastpeft" + orig.__name__
+        cls = type(name, (orig,), {"forward": _fast_forward, _ORIG_ATTR: orig, "__module__": __name__})
+        cls.__qualname__ = name
+        globals()[name] = cls  # importable by name, so a patched model pickles
+        _FAST_CLASSES[orig] = cls
+    return cls
+
+
+def _is_fastpeft_model(model) -> bool:
+    from .peft_model import PeftModel
+    return isinstance(model, PeftModel)
+
+
+def accelerate(peft_model: nn.Module) -> AccelerateSummary:
+    """Switch the supported LoRA Linear / Conv1D layers of an HF PEFT model to the fused op,
+    in place.  Returns an :class:`AccelerateSummary` (``print`` it for a readable report)."""
+    if not isinstance(peft_model, nn.Module):
+        raise TypeError(f"peft_model: expected a torch.nn.Module made by peft, got {type(peft_model).__name__}")
+    if _is_fastpeft_model(peft_model):
+        from .tuners.lora import Linear as FastLinear
+        n = sum(isinstance(m, FastLinear) for m in peft_model.modules())
+        return AccelerateSummary(note=f"already a fastpeft model: its {n} LoRA Linear layer(s) use the fused "
+                                      "op natively; nothing to do")
+    lin = _peft_lora_linear_cls()
+    if lin is None:
+        raise ImportError("fastpeft.accelerate needs the `peft` package (pip install peft)")
+    summary = AccelerateSummary()
+    skipped = Counter()
+    found = False
+    for _, m in peft_model.named_modules():
+        orig = getattr(type(m), _ORIG_ATTR, None)
+        if orig is not None:  # accelerated already
+            found = True
+            summary.patched += 1
+        elif isinstance(m, lin):
+            found = True
+            if type(m) is not lin:
+                skipped[f"unsupported LoRA layer class {type(m).__name__}"] += 1
+                continue
+            reason = _static_reason(m)
+            if reason is not None:
+                skipped[reason] += 1
+                continue
+            m.__class__ = _fast_class(type(m))
+            summary.patched += 1
+        else:
+            try:
+                from peft.tuners.tuners_utils import BaseTunerLayer
+                if isinstance(m, BaseTunerLayer):
+                    found = True
+                    skipped[f"not a LoRA Linear layer ({type(m).__name__})"] += 1
+            except Exception:
+                pass
+            continue
+        reason = _dynamic_reason(m)
+        if reason is None:
+            summary.accelerated += 1
+        else:
+            skipped[f"{reason} (re-checked at every call)"] += 1
+    if not found:
+        raise ValueError(f"peft_model: no PEFT LoRA layer found in {type(peft_model).__name__}; expected a model "
+                         "made by peft.get_peft_model or peft.PeftModel.from_pretrained")
+    summary.skipped = dict(skipped)
+    return summary
+
+
+def restore(peft_model: nn.Module) -> AccelerateSummary:
+    """Undo :func:`accelerate`: every patched layer gets PEFT's class (and forward) back."""
+    if not isinstance(peft_model, nn.Module):
+        raise TypeError(f"peft_model: expected a torch.nn.Module, got {type(peft_model).__name__}")
+    n = 0
+    for m in peft_model.modules():
+        orig = getattr(type(m), _ORIG_ATTR, None)
+        if orig is not None:
+            m.__class__ = orig
+            n += 1
+    note = "" if n or not _is_fastpeft_model(peft_model) else "fastpeft model: nothing to restore"
+    return AccelerateSummary(restored=n, note=note)
+
+
+def is_accelerated(module: nn.Module) -> bool:
+    return getattr(type(module), _ORIG_ATTR, None) is not None
+
+
+__all__ = ["accelerate", "restore", "AccelerateSummary", "is_accelerated"]

@@ -1,0 +1,21 @@
+"""``fastpeft.get_peft_model``: wrap a model with a PEFT method (one line in, one line out)."""
+from __future__ import annotations
+
+import torch.nn as nn
+
+from .peft_model import PeftModel
+from .tuners.base import PeftConfig
+
+
+def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default") -> PeftModel:
+    """Inject ``peft_config``'s adapter (named ``adapter_name``) into ``model`` in place and
+    return the :class:`~fastpeft.PeftModel` wrapping it.  Same call as ``peft.get_peft_model``.
+
+    Raises ValueError (listing candidate module names) when the config targets nothing,
+    and leaves ``model`` unchanged when it fails."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    return PeftModel(model, peft_config, adapter_name=adapter_name)
+
+
+__all__ = ["get_peft_model"]
