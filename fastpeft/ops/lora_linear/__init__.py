@@ -20,12 +20,14 @@ Files of this op: ``reference.py`` (torch backend and oracle), ``triton_kernel.p
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
 
+from ... import _ext, _triton
 from ...backends import define_op
-from .._checks import check_float, check_same_device, check_tensor
+from .._checks import check_float, check_same_device, check_tensor, device_reason, dtype_reason
 from ...kernels.philox import check_seed
 from .reference import lora_linear_plain, lora_linear_reference
 
@@ -109,5 +111,68 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
 
 # -- torch --------------------------------------------------------------------
 OP.register("torch")(lora_linear_reference)
+
+
+# -- shared by the compiled and Triton ops ---------------------------------------
+# Both are a pair of ops:
+#   <fwd>(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed) -> (y [..., N], u0 [M, r])
+#   <bwd>(dy, x, weight, lora_A, lora_B, u0, scale, dropout_p, seed, needs[5]) -> (dx, dw, db, dA, dB)
+# with autograd on <fwd> whose backward calls <bwd> (derivation in reference.LoraLinearFunction).
+# Gradients not asked for in ``needs`` (x, weight, bias, lora_A, lora_B) come back as empty [0].
+def _fwd_fake(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed):
+    lead = tuple(x.shape[:-1])
+    return x.new_empty((*lead, weight.shape[0])), x.new_empty((math.prod(lead), lora_A.shape[0]))
+
+
+def _bwd_fake(dy, x, weight, lora_A, lora_B, u0, scale, dropout_p, seed, needs):
+    def grad(like, shape, need):
+        return like.new_empty(tuple(shape) if need else (0,))
+
+    return (grad(x, x.shape, needs[0]), grad(weight, weight.shape, needs[1]),
+            grad(weight, weight.shape[:1], needs[2]), grad(lora_A, lora_A.shape, needs[3]),
+            grad(lora_B, lora_B.shape, needs[4]))
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, lora_A, lora_B, scale, dropout_p, seed = inputs
+    ctx.save_for_backward(x, weight, lora_A, lora_B, output[1])  # x and u0 [M, r]: nothing else M-sized
+    ctx.scale, ctx.p, ctx.seed, ctx.has_bias = scale, dropout_p, seed, bias is not None
+    ctx.mark_non_differentiable(output[1])
+
+
+def _make_backward(bwd):
+    def backward(ctx, dy, du0):
+        x, weight, lora_A, lora_B, u0 = ctx.saved_tensors
+        n = ctx.needs_input_grad
+        needs = [bool(n[0]), bool(n[1]), bool(n[2] and ctx.has_bias), bool(n[3]), bool(n[4])]
+        grads = bwd(dy.to(x.dtype), x, weight, lora_A, lora_B, u0, ctx.scale, ctx.p, ctx.seed, needs)
+        return (*(g if need else None for g, need in zip(grads, needs)), None, None, None)
+
+    return backward
+
+
+# -- cpu (compiled: torch.ops.fastpeft.lora_linear_fwd / _bwd) ---------------------
+if _ext.load() is not None and hasattr(torch.ops.fastpeft, "lora_linear_fwd"):
+    torch.library.register_fake("fastpeft::lora_linear_fwd")(_fwd_fake)
+    torch.library.register_fake("fastpeft::lora_linear_bwd")(_bwd_fake)
+    torch.library.register_autograd(
+        "fastpeft::lora_linear_fwd",
+        _make_backward(lambda *a: torch.ops.fastpeft.lora_linear_bwd(*a)), setup_context=_setup_context)
+
+
+def _cpu_available():
+    reason = _ext.cpu_available()
+    if reason is None and not hasattr(torch.ops.fastpeft, "lora_linear_fwd"):
+        reason = "fastpeft._C was built without lora_linear (rebuild the extension)"
+    return reason
+
+
+def _cpu_supports(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed, forced):
+    return device_reason(x, "cpu", "cpu backend") or dtype_reason(x, CPU_DTYPES, "cpu backend")
+
+
+@OP.register("cpu", available=_cpu_available, supports=_cpu_supports)
+def _lora_linear_cpu(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed):
+    return torch.ops.fastpeft.lora_linear_fwd(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed)[0]
 
 __all__ = ["lora_linear", "lora_linear_plain", "OP"]

@@ -1,0 +1,172 @@
+#include "lora_linear_cpu.h"
+
+#include <vector>
+
+#include "../common/philox.h"
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define FASTPEFT_CLONES __attribute__((target_clones("avx2", "default")))
+#define FASTPEFT_HAVE_AVX2_PATH 1
+#include <immintrin.h>
+#else
+#define FASTPEFT_CLONES
+#endif
+
+namespace fastpeft {
+namespace {
+
+constexpr int kLanes = 8;  // Philox blocks computed side by side (one AVX2 register of counters)
+
+// Philox-4x32-10 of counters (g0 + i, row, stream, 0), i < kLanes: the arithmetic of
+// philox4x32 in philox.h, in structure-of-arrays form.  o[j][i] = word j of block i.
+void philox_lanes_scalar(uint64_t seed, uint32_t row, uint32_t stream, uint32_t g0, uint32_t (&o)[4][kLanes]) {
+  for (int i = 0; i < kLanes; ++i) {
+    const Philox4 r = philox4x32(seed, g0 + static_cast<uint32_t>(i), row, stream, 0u);
+    for (int j = 0; j < 4; ++j) o[j][i] = r.v[j];
+  }
+}
+
+#if defined(FASTPEFT_HAVE_AVX2_PATH)
+// The same with AVX2: 32x32->64 products with _mm256_mul_epu32 on even/odd lanes.
+__attribute__((target("avx2"))) inline void mul_hi_lo(__m256i a, __m256i c, __m256i& hi, __m256i& lo) {
+  const __m256i even = _mm256_mul_epu32(a, c);                            // lanes 0,2,4,6 as 64-bit
+  const __m256i odd = _mm256_mul_epu32(a, _mm256_srli_epi64(c, 32));     // lanes 1,3,5,7 as 64-bit
+  hi = _mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0xAA);
+  lo = _mm256_blend_epi32(even, _mm256_slli_epi64(odd, 32), 0xAA);
+}
+
+__attribute__((target("avx2"))) void philox_lanes_avx2(uint64_t seed, uint32_t row, uint32_t stream, uint32_t g0,
+                                                       uint32_t (&o)[4][kLanes]) {
+  __m256i c0 = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(g0)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  __m256i c1 = _mm256_set1_epi32(static_cast<int>(row));
+  __m256i c2 = _mm256_set1_epi32(static_cast<int>(stream));
+  __m256i c3 = _mm256_setzero_si256();
+  const __m256i ma = _mm256_set1_epi32(static_cast<int>(0xD2511F53u));
+  const __m256i mb = _mm256_set1_epi32(static_cast<int>(0xCD9E8D57u));
+  uint32_t k0 = static_cast<uint32_t>(seed & 0xffffffffu), k1 = static_cast<uint32_t>(seed >> 32);
+  for (int round = 0; round < 10; ++round) {
+    __m256i hb, lb, ha, la;
+    mul_hi_lo(mb, c2, hb, lb);
+    mul_hi_lo(ma, c0, ha, la);
+    c0 = _mm256_xor_si256(_mm256_xor_si256(hb, c1), _mm256_set1_epi32(static_cast<int>(k0)));
+    c2 = _mm256_xor_si256(_mm256_xor_si256(ha, c3), _mm256_set1_epi32(static_cast<int>(k1)));
+    c1 = lb;
+    c3 = la;
+    k0 += 0x9E3779B9u;
+    k1 += 0xBB67AE85u;
+  }
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(o[0]), c0);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(o[1]), c1);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(o[2]), c2);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(o[3]), c3);
+}
+
+bool cpu_has_avx2() {
+  static const bool has = __builtin_cpu_supports("avx2");
+  return has;
+}
+#endif
+
+inline void philox_lanes(uint64_t seed, uint32_t row, uint32_t stream, uint32_t g0, uint32_t (&o)[4][kLanes]) {
+#if defined(FASTPEFT_HAVE_AVX2_PATH)
+  if (cpu_has_avx2()) return philox_lanes_avx2(seed, row, stream, g0, o);
+#endif
+  philox_lanes_scalar(seed, row, stream, g0, o);
+}
+
+template <typename T>
+inline float load_f(const T& v) { return to_float(v); }
+inline double load_f(const double& v) { return v; }
+
+template <typename T> struct work { using type = float; };
+template <> struct work<double> { using type = double; };
+
+template <typename O> inline O store(float v) { return from_float<O>(v); }
+template <typename O> inline O store(double v) { return from_double<O>(v); }
+
+template <typename T, typename O>
+FASTPEFT_CLONES void apply_row(const T* xr, int64_t sx1, int64_t K, const uint8_t* keep,
+                               typename work<T>::type inv, O* out) {
+  using W = typename work<T>::type;
+  if (sx1 == 1) {
+    for (int64_t k = 0; k < K; ++k) {
+      const W v = static_cast<W>(load_f(xr[k])) * inv;
+      out[k] = store<O>(keep[k] ? v : W(0));
+    }
+  } else {
+    for (int64_t k = 0; k < K; ++k) {
+      const W v = static_cast<W>(load_f(xr[k * sx1])) * inv;
+      out[k] = store<O>(keep[k] ? v : W(0));
+    }
+  }
+}
+
+template <typename T, typename S>
+FASTPEFT_CLONES void accumulate_row(const S* src, const uint8_t* keep, int64_t K,
+                                    typename work<T>::type inv, T* dst) {
+  using W = typename work<T>::type;
+  for (int64_t k = 0; k < K; ++k) {
+    const W v = static_cast<W>(load_f(dst[k])) + (keep[k] ? static_cast<W>(load_f(src[k])) * inv : W(0));
+    dst[k] = store<T>(v);
+  }
+}
+
+}  // namespace
+
+void lora_keep_row(uint64_t seed, uint32_t stream, int64_t row, int64_t cols, uint32_t threshold,
+                   uint8_t* keep) {
+  uint32_t o[4][kLanes];
+  const int64_t groups = (cols + 3) / 4;
+  for (int64_t g0 = 0; g0 < groups; g0 += kLanes) {
+    philox_lanes(seed, static_cast<uint32_t>(row), stream, static_cast<uint32_t>(g0), o);
+    const int64_t base = g0 * 4;
+    if (base + 4 * kLanes <= cols) {
+      for (int i = 0; i < kLanes; ++i)
+        for (int j = 0; j < 4; ++j) keep[base + 4 * i + j] = (o[j][i] >> 8) >= threshold ? 1 : 0;
+    } else {
+      for (int64_t c = base; c < cols; ++c) {
+        const int64_t i = (c - base) >> 2, j = (c - base) & 3;
+        keep[c] = (o[j][i] >> 8) >= threshold ? 1 : 0;
+      }
+    }
+  }
+}
+
+template <typename T, typename O>
+void lora_dropout_rows(const T* x, int64_t sx0, int64_t sx1, int64_t row0, int64_t rows, int64_t K,
+                       uint64_t seed, uint32_t stream, uint32_t threshold, double inv_keep, O* out,
+                       uint8_t* keep_out) {
+  using W = typename work<T>::type;
+  const W inv = static_cast<W>(inv_keep);
+#pragma omp parallel if (rows * K > 16384)
+  {
+    std::vector<uint8_t> local(keep_out ? 0 : K);
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < rows; ++i) {
+      uint8_t* keep = keep_out ? keep_out + i * K : local.data();
+      lora_keep_row(seed, stream, row0 + i, K, threshold, keep);
+      apply_row<T, O>(x + (row0 + i) * sx0, sx1, K, keep, inv, out + i * K);
+    }
+  }
+}
+
+template <typename T, typename S>
+void lora_masked_accumulate(const S* src, const uint8_t* keep, int64_t rows, int64_t K, double inv_keep,
+                            T* dst, int64_t sd0) {
+  using W = typename work<T>::type;
+  const W inv = static_cast<W>(inv_keep);
+#pragma omp parallel for schedule(static) if (rows * K > 16384)
+  for (int64_t i = 0; i < rows; ++i) accumulate_row<T, S>(src + i * K, keep + i * K, K, inv, dst + i * sd0);
+}
+
+#define FASTPEFT_INSTANTIATE(T, O)                                                                        \
+  template void lora_dropout_rows<T, O>(const T*, int64_t, int64_t, int64_t, int64_t, int64_t, uint64_t, \
+                                        uint32_t, uint32_t, double, O*, uint8_t*);                        \
+  template void lora_masked_accumulate<T, O>(const O*, const uint8_t*, int64_t, int64_t, double, T*, int64_t);
+FASTPEFT_INSTANTIATE(float, float)
+FASTPEFT_INSTANTIATE(double, double)
+FASTPEFT_INSTANTIATE(bf16_t, bf16_t)
+FASTPEFT_INSTANTIATE(bf16_t, float)
+#undef FASTPEFT_INSTANTIATE
+
+}  // namespace fastpeft
