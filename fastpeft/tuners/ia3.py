@@ -108,7 +108,7 @@ class IA3Linear(nn.Module):
         p = torch.ones(shape) if init_ones else torch.randn(shape)
         self.ia3_l[adapter_name] = nn.Parameter(p.to(device=w.device, dtype=torch.float32
                                                     if not w.is_floating_point() else w.dtype))
-        if adapter_name not in self.active_adapters:
+        if not self.active_adapters:  # HF PEFT: a new layer activates it, an existing one keeps its choice
             self.active_adapters.append(adapter_name)
 
     @property
@@ -222,7 +222,19 @@ def inject(model: nn.Module, config: IA3Config, adapter_name: str = "default") -
             parent, child = _parent(model, name)
             setattr(parent, child, wrapper)
         touched.append(name)
+    _mark_trainable(model, config.inference_mode)
     return touched
+
+
+def _mark_trainable(model: nn.Module, inference_mode: bool) -> None:
+    """HF PEFT's rule: only the active adapters' (IA)³ vectors train; everything else is frozen
+    (``modules_to_save`` copies are PeftModel's business)."""
+    for n, p in model.named_parameters():
+        if ".ia3_l." not in n and "modules_to_save" not in n:
+            p.requires_grad_(False)
+    for _, m in iter_ia3_layers(model):
+        for k, p in m.ia3_l.items():
+            p.requires_grad_(k in m.active_adapters and not inference_mode)
 
 
 def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict:
@@ -280,10 +292,12 @@ def unmerge(model: nn.Module) -> None:
         m.unmerge()
 
 
-def set_adapter(model: nn.Module, adapter_names) -> None:
+def set_adapter(model: nn.Module, adapter_names, inference_mode: bool = False) -> None:
     names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
     for _, m in iter_ia3_layers(model):
         m.active_adapters = [n for n in names if n in m.ia3_l]
+        for k, p in m.ia3_l.items():
+            p.requires_grad_(k in names and not inference_mode)
 
 
 def enable_adapters(model: nn.Module, enabled: bool) -> None:

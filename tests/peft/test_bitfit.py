@@ -86,3 +86,25 @@ def test_bad_inputs():
         bitfit.load_adapter_state_dict(model, {**sd, k: torch.zeros(1)})
     with pytest.raises(ValueError, match="unexpected keys.*foo"):
         bitfit.load_adapter_state_dict(model, {**sd, "foo.bias": torch.zeros(1)})
+
+
+def test_through_get_peft_model_save_load(tmp_path):
+    import fastpeft
+    get_peft_model = getattr(fastpeft, "get_peft_model", None)
+    if get_peft_model is None:
+        from fastpeft.mapping import get_peft_model
+    from fastpeft.peft_model import PeftModel
+    base = tiny_bert_cls()
+    ids = torch.randint(0, 97, (2, 5))
+    model = get_peft_model(copy.deepcopy(base), bitfit.BitFitConfig(task_type="SEQ_CLS"))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert any("modules_to_save" in n for n in trainable)  # classifier head trains in full
+    assert all(n.endswith(".bias") or "modules_to_save" in n for n in trainable)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_(0.1 * torch.randn_like(p))
+    y = model(input_ids=ids).logits
+    model.save_pretrained(str(tmp_path))
+    again = PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path))
+    torch.testing.assert_close(again(input_ids=ids).logits, y)

@@ -126,3 +126,31 @@ def test_bad_configs_raise_clear_errors():
         ia3.load_adapter_state_dict(model, {})
     with pytest.raises(ValueError, match="no default for model_type"):
         ia3.inject(torch.nn.Sequential(torch.nn.Linear(3, 3)), ia3.IA3Config(), "default")
+
+
+def _get_peft_model():
+    import fastpeft
+    fn = getattr(fastpeft, "get_peft_model", None)
+    if fn is None:
+        from fastpeft.mapping import get_peft_model as fn
+    return fn
+
+
+def test_through_get_peft_model_round_trip_with_hf(tmp_path):
+    base = tiny_llama()
+    ids = torch.randint(0, 97, (2, 6))
+    model = _get_peft_model()(copy.deepcopy(base), ia3.IA3Config(init_ia3_weights=False))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".ia3_l.default" in n for n in trainable)
+    y = model(input_ids=ids).logits
+    model.save_pretrained(str(tmp_path / "ours"))
+    hf = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "ours"))
+    torch.testing.assert_close(hf(input_ids=ids).logits, y, atol=1e-5, rtol=1e-5)
+    # and back: HF-saved adapter loads in fastpeft
+    hf2 = peft.get_peft_model(copy.deepcopy(base), peft.IA3Config(init_ia3_weights=False))
+    hf2.save_pretrained(str(tmp_path / "hf"))
+    from fastpeft.peft_model import PeftModel
+    ours2 = PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "hf"))
+    torch.testing.assert_close(ours2(input_ids=ids).logits, hf2(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
+    with model.disable_adapter():
+        torch.testing.assert_close(model(input_ids=ids).logits, base(input_ids=ids).logits)
