@@ -85,6 +85,7 @@ def freelb_eager_update(delta: torch.Tensor, grad: torch.Tensor, mask: Optional[
         delta = delta * w
     (``linf``: ``delta + step * grad.sign()`` then ``clamp``; ``l2_token``: the
     per-token version with ``dim=-1``).  Masking is applied to the gradient first.
+    Like the FreeLB code, ``l2_example`` gives NaN for an all-padding example.
     """
     B = delta.shape[0]
     if mask is not None:
@@ -104,7 +105,7 @@ def freelb_eager_update(delta: torch.Tensor, grad: torch.Tensor, mask: Optional[
     denorm = torch.norm(grad, dim=-1, keepdim=True).clamp(min=NORM_FLOOR)
     delta = delta + step_size * grad / denorm
     if epsilon > 0:
-        dnorm = torch.norm(delta.float(), dim=-1, keepdim=True)
+        dnorm = torch.norm(delta.float(), dim=-1, keepdim=True).clamp_min(1e-30)  # padding tokens: 0
         exceed = (dnorm > epsilon).to(delta)
         delta = delta * (epsilon / dnorm * exceed + (1 - exceed))
     return delta
