@@ -7,8 +7,10 @@ from .scaled_add import scaled_add
 from .bottleneck_adapter import bottleneck_adapter
 from .lora_linear import lora_linear
 from .adv_perturb_update import adv_perturb_init, adv_perturb_update
+from .grad_tail import grad_tail, grad_tail_, grad_tail_apply_
 
-__all__ = ["scaled_add", "bottleneck_adapter", "lora_linear", "adv_perturb_update", "adv_perturb_init", "example_inputs"]
+__all__ = ["scaled_add", "bottleneck_adapter", "lora_linear", "adv_perturb_update", "adv_perturb_init",
+           "grad_tail", "grad_tail_", "grad_tail_apply_", "example_inputs"]
 
 
 def example_inputs(device: str = "cpu") -> dict:
@@ -26,4 +28,6 @@ def example_inputs(device: str = "cpu") -> dict:
         "adv_perturb_update": (torch.zeros(2, 3, 8, **f32), torch.zeros(2, 3, 8, **f32), torch.ones(2, 3, **f32),
                                "l2_example", 0.1, 1.0),
         "adv_perturb_init": (torch.zeros(2, 3, 8, **f32), torch.ones(2, 3, **f32), "uniform", "l2_example", 1.0, 0),
+        "grad_tail": ([torch.zeros(4, **f32)], torch.ones((), **f32), 1.0, 2.0, 1e-6),
+        "grad_tail_apply": ([torch.zeros(4, **f32)], torch.ones((), **f32)),
     }
