@@ -1,0 +1,45 @@
+"""Run base model + adapter (from ``fastpeft finetune``) on a file; writes one JSON line per example.
+
+Labels in the file are not needed. Sequence classification: {"text", "prediction"}; token
+classification: {"tokens", "tags"}; causal LM: {"text", "continuation"}.
+
+examples:
+  fastpeft predict --adapter runs/sst2/adapter --data dev.tsv --text-column content --output preds.jsonl
+  fastpeft predict --adapter runs/conll/adapter --data valid.txt --limit 5
+"""
+from __future__ import annotations
+
+import json
+import sys
+
+from .cli_evaluate import add_common, columns
+
+
+def _epilog(p) -> None:
+    p.epilog = __doc__.split("\n\n", 1)[1] if "\n\n" in __doc__ else None
+
+
+def add_arguments(p) -> None:
+    _epilog(p)
+    add_common(p)
+
+
+def run(args) -> int:
+    from .data import DataError
+    from .pipeline import run_on_file
+    try:
+        preds = run_on_file(args.adapter, args.data, mode="predict", model=args.model,
+                            batch_size=args.batch_size, columns=columns(args), limit=args.limit,
+                            max_length=args.max_length)
+    except (DataError, ValueError, FileNotFoundError) as e:
+        print(f"fastpeft predict: error: {e}", file=sys.stderr)
+        return 2
+    lines = [json.dumps(p) for p in preds]
+    if args.output:
+        from .checkpointing import atomic_write
+        with atomic_write(args.output) as f:
+            f.write("\n".join(lines) + "\n")
+        print(f"wrote {len(lines)} predictions to {args.output}", file=sys.stderr)
+    else:
+        print("\n".join(lines))
+    return 0

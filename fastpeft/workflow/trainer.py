@@ -1,0 +1,643 @@
+"""The training loop: :class:`Trainer` (and :func:`train`, its one-call form).
+
+Optimisers AdamW / SGD+momentum (fused kernels where torch has them, else foreach), schedules
+``linear`` (warm-up then linear decay to 0), ``cosine`` (warm-up then half-cosine to 0) and
+``constant`` (warm-up then flat); weight decay only on weight matrices (not on biases and norm
+parameters); gradient accumulation; mixed precision, loss scaling and clipping through ``fastpeft.amp``
+(fp32 by default); validation every N optimizer steps or each epoch; early stopping on a metric with
+patience / min-delta and the best trainable state restored at the end; atomic checkpoints with everything
+needed to resume exactly (``resume_from``); tqdm progress bar; JSONL metrics log; PNG curves; callbacks
+(data augmentation, custom losses, adversarial training). Deterministic for a fixed seed on CPU.
+
+Python use::
+
+    trainer = Trainer(peft_model, task, train_ds, eval_ds, TrainerConfig(lr=1e-3, epochs=1, batch_size=32,
+                      output_dir="runs/x", eval_every=100, patience=3), tokenizer=tok)
+    result = trainer.train()        # {"best_metric", "best_step", "steps", "history", ...}
+    trainer.evaluate()              # metrics on eval_ds
+
+Callbacks are objects with any of ``on_train_begin(trainer)``, ``on_batch(trainer, batch) -> batch``
+(data augmentation: return a modified batch), ``on_step_end(trainer, step, loss)``,
+``on_evaluate(trainer, step, metrics)``, ``on_train_end(trainer, result)``. ``loss_fn(outputs, batch) ->
+loss`` replaces the task's loss (custom losses). ``adversarial`` takes an object with
+``step(model, batch, forward_fn) -> detached loss`` (``fastpeft.adversarial`` methods) which does its own
+forward/backward passes; ``forward_fn(model, batch) -> (loss, logits)``.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import random
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from . import checkpointing as ckpt
+from . import distributed as D
+from .data import EncodedDataset, PaddingCollator, make_loader
+from .tasks import Task, model_inputs
+
+
+# --------------------------------------------------------------------------- configuration
+
+@dataclass
+class TrainerConfig:
+    """Trainer options (the ``trainer:`` section of a YAML config)."""
+    output_dir: str | None = None          # adapter, checkpoints, metrics.jsonl, curves.png go here
+    optimizer: str = "adamw"               # adamw | sgd (SGD with momentum)
+    lr: float = 1e-3
+    weight_decay: float = 0.0              # applied to weight matrices only (not biases / norms)
+    betas: tuple = (0.9, 0.999)
+    eps: float = 1e-8
+    momentum: float = 0.9                  # SGD
+    nesterov: bool = False                 # SGD
+    fused: bool | None = None              # None: fused optimizer kernel when torch has one for the device
+    scheduler: str = "linear"              # linear | cosine | constant (all after warm-up)
+    warmup_steps: int = 0
+    warmup_ratio: float = 0.0              # used when warmup_steps == 0
+    epochs: int = 1
+    max_steps: int | None = None           # optimizer steps; overrides epochs
+    batch_size: int = 32                   # per process and micro-batch
+    eval_batch_size: int = 64
+    grad_accum: int = 1                    # micro-batches per optimizer step
+    max_grad_norm: float | None = 1.0      # None or 0: no clipping
+    precision: str = "fp32"                # fp32 | bf16 | fp16 (fp16 uses dynamic loss scaling)
+    eval_every: int | None = None          # optimizer steps; None: at the end of each epoch
+    metric: str | None = None              # early-stopping / best-model metric (task default)
+    mode: str | None = None                # max | min (task default)
+    patience: int | None = None            # evaluations without improvement before stopping; None: never
+    min_delta: float = 0.0                 # improvement must exceed this
+    restore_best: bool = True              # load the best trainable state at the end
+    save_every: int | None = None          # checkpoint every N optimizer steps (also at each evaluation)
+    keep_checkpoints: int = 2
+    resume_from: str | None = None         # checkpoint dir, or "latest" (newest in output_dir)
+    seed: int = 0
+    bucket_size: int = 0                   # >1: length-bucketed batches (chunks of bucket_size batches)
+    drop_last: bool = False
+    num_workers: int = 0
+    progress: bool = True                  # tqdm bar
+    log_every: int = 1                     # train records in metrics.jsonl every N steps
+    plot: bool = True                      # curves.png at the end
+    device: str = "auto"                   # auto | cpu | cuda | cuda:N
+    distributed: str = "auto"              # auto (DDP when WORLD_SIZE>1) | none | ddp | fsdp
+    deterministic: bool = False            # torch.use_deterministic_algorithms(True)
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> "TrainerConfig":
+        def bad(name, expected):
+            raise ValueError(f"trainer.{name}: expected {expected}, got {getattr(self, name)!r}")
+        if self.optimizer not in ("adamw", "sgd"):
+            bad("optimizer", "'adamw' or 'sgd'")
+        if self.scheduler not in ("linear", "cosine", "constant"):
+            bad("scheduler", "'linear', 'cosine' or 'constant'")
+        if self.precision not in ("fp32", "bf16", "fp16"):
+            bad("precision", "'fp32', 'bf16' or 'fp16'")
+        if self.mode not in (None, "max", "min"):
+            bad("mode", "'max' or 'min'")
+        if self.distributed not in ("auto", "none", "ddp", "fsdp"):
+            bad("distributed", "'auto', 'none', 'ddp' or 'fsdp'")
+        if not (isinstance(self.lr, (int, float)) and self.lr > 0):
+            bad("lr", "a positive number")
+        for name in ("batch_size", "eval_batch_size", "grad_accum", "epochs", "log_every"):
+            if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 1):
+                bad(name, "an integer >= 1")
+        for name in ("max_steps", "eval_every", "save_every", "patience"):
+            v = getattr(self, name)
+            if v is not None and not (isinstance(v, int) and v >= 1):
+                bad(name, "None or an integer >= 1")
+        if not 0 <= self.warmup_ratio < 1:
+            bad("warmup_ratio", "a number in [0, 1)")
+        if self.warmup_steps < 0:
+            bad("warmup_steps", "an integer >= 0")
+        if self.weight_decay < 0:
+            bad("weight_decay", ">= 0")
+        self.betas = tuple(self.betas)
+        return self
+
+
+# --------------------------------------------------------------------------- building blocks
+
+def _no_decay(name: str, p: torch.nn.Parameter) -> bool:
+    lname = name.lower()
+    return p.ndim <= 1 or lname.endswith(".bias") or "norm" in lname or "layernorm" in lname
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Trainable parameters split into (decay, no-decay) groups; biases, norms and 1-D params get no decay."""
+    decay, no_decay = [], []
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if _no_decay(n, p) else decay).append(p)
+    if not decay and not no_decay:
+        raise ValueError("model has no trainable parameters (did you apply an adapter / unfreeze a head?)")
+    return [g for g in ({"params": decay, "weight_decay": weight_decay},
+                        {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+
+
+def build_optimizer(model: torch.nn.Module, cfg: TrainerConfig) -> torch.optim.Optimizer:
+    groups = param_groups(model, cfg.weight_decay)
+    if cfg.optimizer == "adamw":
+        cls, kw = torch.optim.AdamW, dict(lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+    else:
+        cls, kw = torch.optim.SGD, dict(lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
+    fused = cfg.fused
+    if fused is None or fused:
+        try:
+            return cls(groups, fused=True, **kw)
+        except (RuntimeError, TypeError, ValueError) as e:
+            if fused:
+                raise ValueError(f"trainer.fused: torch has no fused {cfg.optimizer} here ({e})") from None
+    return cls(groups, foreach=True, **kw) if fused is None else cls(groups, **kw)
+
+
+class Schedule:
+    """Multiplier of the base LR at optimizer step ``s`` (a picklable callable for ``LambdaLR``)."""
+
+    def __init__(self, kind: str, warmup: int, total: int):
+        self.kind, self.warmup, self.total = kind, int(warmup), max(int(total), 1)
+
+    def __call__(self, s: int) -> float:
+        if s < self.warmup:
+            return (s + 1) / (self.warmup + 1)
+        if self.kind == "constant":
+            return 1.0
+        frac = min(max((s - self.warmup) / max(self.total - self.warmup, 1), 0.0), 1.0)
+        if self.kind == "linear":
+            return 1.0 - frac
+        return 0.5 * (1.0 + math.cos(math.pi * frac))
+
+
+def build_scheduler(optimizer, cfg: TrainerConfig, total_steps: int):
+    warmup = cfg.warmup_steps or int(cfg.warmup_ratio * total_steps)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, Schedule(cfg.scheduler, warmup, total_steps))
+
+
+class _FallbackScaler:
+    """torch-only stand-in with the ``fastpeft.amp.GradScaler`` interface (used if that module is absent):
+    unscale, non-finite check (the step is skipped), clip, step."""
+
+    def __init__(self, precision: str = "fp32", init_scale: float = 2.0 ** 16, growth_interval: int = 2000):
+        self.precision = precision
+        self.enabled = precision == "fp16"
+        self._scale = float(init_scale) if self.enabled else 1.0
+        self.growth_interval = growth_interval
+        self._good = 0
+        self._found_inf = False
+
+    def scale(self, loss):
+        return loss * self._scale if self.enabled else loss
+
+    def step(self, optimizer, max_norm: float | None = None) -> bool:
+        params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        if self.enabled:
+            for p in params:
+                p.grad.mul_(1.0 / self._scale)
+        if max_norm:
+            norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        else:
+            norm = torch.linalg.vector_norm(torch.stack([p.grad.float().norm() for p in params])) if params \
+                else torch.zeros(())
+        self._found_inf = not bool(torch.isfinite(norm))
+        if self._found_inf:
+            return False
+        optimizer.step()
+        return True
+
+    def update(self):
+        if not self.enabled:
+            return
+        if self._found_inf:
+            self._scale /= 2.0
+            self._good = 0
+        else:
+            self._good += 1
+            if self._good >= self.growth_interval:
+                self._scale *= 2.0
+                self._good = 0
+
+    def state_dict(self):
+        return {"scale": self._scale, "good": self._good, "precision": self.precision}
+
+    def load_state_dict(self, sd):
+        self._scale, self._good = float(sd["scale"]), int(sd["good"])
+
+
+def _amp_api():
+    """(GradScaler class, autocast(device_type, dtype) factory) from fastpeft.amp, else the fallback."""
+    try:
+        from fastpeft import amp
+        if hasattr(amp, "GradScaler") and hasattr(amp, "autocast"):
+            return amp.GradScaler, amp.autocast
+    except ImportError:
+        pass
+    return _FallbackScaler, lambda device, dtype: torch.autocast(device_type=device, dtype=dtype)
+
+
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def _resolve_device(name: str, info: D.DistInfo) -> torch.device:
+    if name == "auto":
+        return torch.device(f"cuda:{info.local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    return torch.device(name)
+
+
+def _flatten_state(sd: dict, prefix: str) -> dict:
+    out = {}
+    for k, v in sd.items():
+        if torch.is_tensor(v):
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+# --------------------------------------------------------------------------- the trainer
+
+class EarlyStop(Exception):
+    pass
+
+
+class Trainer:
+    """Fine-tune the trainable parameters of ``model`` on ``train_data`` (see module docstring)."""
+
+    def __init__(self, model: torch.nn.Module, task: Task, train_data: EncodedDataset,
+                 eval_data: EncodedDataset | None = None, config: TrainerConfig | None = None, *,
+                 tokenizer=None, collator=None, callbacks: list | None = None,
+                 loss_fn: Callable | None = None, adversarial=None, save_adapter: Callable | None = None,
+                 extra_files: dict | None = None):
+        self.config = (config or TrainerConfig()).validate()
+        self.model = model
+        self.task = task
+        self.train_data = train_data
+        self.eval_data = eval_data
+        self.tokenizer = tokenizer
+        pad = getattr(tokenizer, "pad_token_id", None)
+        self.collator = collator or PaddingCollator(pad if pad is not None else 0)
+        self.callbacks = list(callbacks or [])
+        self.loss_fn = loss_fn
+        self.adversarial = adversarial
+        self._save_adapter = save_adapter
+        self.extra_files = extra_files or {}
+        self.history: list[dict] = []
+        self.state: dict[str, Any] = {}
+        self.wrapped = model
+        self.info = D.DistInfo()
+        self.device = torch.device("cpu")
+
+    # ---- helpers -------------------------------------------------------------------------
+    @property
+    def module(self) -> torch.nn.Module:
+        return D.unwrap(self.wrapped)
+
+    def trainable_state(self) -> dict:
+        """name -> detached CPU copy of every trainable parameter (names of the unwrapped model)."""
+        with D.full_params(self.wrapped, D.is_fsdp(self.wrapped)):
+            return {n: p.detach().cpu().clone() for n, p in self.module.named_parameters() if p.requires_grad}
+
+    def load_trainable_state(self, sd: dict) -> None:
+        params = dict(self.module.named_parameters())
+        missing = [n for n in sd if n not in params]
+        if missing:
+            raise ValueError(f"checkpoint has parameters the model lacks: {missing[:5]}")
+        with D.full_params(self.wrapped, D.is_fsdp(self.wrapped)), torch.no_grad():
+            for n, v in sd.items():
+                params[n].copy_(v.to(params[n].device, params[n].dtype))
+
+    def forward(self, model, batch):
+        """(loss, logits) of the task, with ``loss_fn`` replacing the task loss when given."""
+        if self.loss_fn is None:
+            return self.task.forward(model, batch)
+        out = model(**model_inputs(batch))
+        return self.loss_fn(out, batch), out.logits
+
+    def _callback(self, name: str, *args):
+        for cb in self.callbacks:
+            fn = getattr(cb, name, None)
+            if fn is not None:
+                r = fn(self, *args)
+                if name == "on_batch" and r is not None:
+                    args = (r,)
+        return args[0] if name == "on_batch" and args else None
+
+    def _log(self, record: dict) -> None:
+        self.history.append(record)
+        if self.info.is_main and self.config.output_dir:
+            with open(os.path.join(self.config.output_dir, "metrics.jsonl"), "a") as f:
+                f.write(json.dumps(ckpt._json_safe(record)) + "\n")
+
+    def _eval_loader(self, data):
+        return make_loader(data, self.collator, self.config.eval_batch_size, shuffle=False)
+
+    # ---- evaluation ----------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, data: EncodedDataset | None = None) -> dict:
+        """Task metrics on ``data`` (default: the validation set). Every rank evaluates the whole set."""
+        data = data if data is not None else self.eval_data
+        if data is None:
+            raise ValueError("evaluate: no evaluation data")
+        model = self.wrapped if D.is_fsdp(self.wrapped) else self.module
+        was = model.training
+        model.eval()
+        try:
+            dtype = _DTYPES[self.config.precision]
+            ctx = _amp_api()[1](self.device.type, dtype) if dtype != torch.float32 else contextlib.nullcontext()
+            with ctx:
+                return self.task.evaluate(model, self._eval_loader(data), data)
+        finally:
+            model.train(was)
+
+    # ---- checkpoints ---------------------------------------------------------------------
+    def _save_adapter_to(self, path: str) -> None:
+        mod = self.module
+        if self._save_adapter is not None:
+            self._save_adapter(mod, path)
+        elif hasattr(mod, "peft_config") and hasattr(mod, "save_pretrained"):
+            mod.save_pretrained(path)
+        else:
+            from safetensors.torch import save_file
+            os.makedirs(path, exist_ok=True)
+            save_file({k: v.contiguous() for k, v in self.trainable_state().items()},
+                      os.path.join(path, "trainable.safetensors"))
+        for name, content in self.extra_files.items():
+            with open(os.path.join(path, name), "w") as f:
+                f.write(content)
+
+    def save_checkpoint(self, path: str | None = None) -> str | None:
+        cfg = self.config
+        if not cfg.output_dir and path is None:
+            return None
+        path = path or os.path.join(cfg.output_dir, f"checkpoint-{self.state['step']}")
+        trainable = self.trainable_state()  # collective under FSDP: every rank calls it
+        if not self.info.is_main:
+            return path
+        tensors = _flatten_state(trainable, "model.")
+        if self.state.get("best_state") is not None:
+            tensors.update(_flatten_state(self.state["best_state"], "best."))
+        opt_t, opt_m = ckpt.optimizer_to_flat(self.optimizer.state_dict())
+        tensors.update(opt_t)
+        rng_t, rng_m = ckpt.rng_state()
+        tensors.update(rng_t)
+        scaler_sd = self.scaler.state_dict()
+        tensors.update({f"scaler.{k}": v for k, v in scaler_sd.items() if torch.is_tensor(v)})
+        meta = {k: v for k, v in self.state.items() if k != "best_state"}
+        meta.update(optimizer=opt_m, rng=rng_m, scheduler=self.scheduler.state_dict(),
+                    scaler={k: v for k, v in scaler_sd.items() if not torch.is_tensor(v)},
+                    history=self.history, config=dataclasses.asdict(cfg), world_size=self.info.world_size)
+        meta["scheduler"].pop("lr_lambdas", None)
+        ckpt.save_checkpoint(path, tensors=tensors, meta=meta, save_adapter=self._save_adapter_to)
+        ckpt.prune_checkpoints(cfg.output_dir if path.startswith(str(cfg.output_dir)) else os.path.dirname(path),
+                               cfg.keep_checkpoints)
+        return path
+
+    def _resume(self, path: str) -> None:
+        if path == "latest":
+            found = ckpt.latest_checkpoint(self.config.output_dir or "")
+            if found is None:
+                warnings.warn(f"resume_from='latest': no checkpoint in {self.config.output_dir!r}; starting fresh")
+                return
+            path = found
+        tensors, meta = ckpt.load_checkpoint(path)
+        self.load_trainable_state({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        best = {k[5:]: v for k, v in tensors.items() if k.startswith("best.")}
+        self.optimizer.load_state_dict(ckpt.optimizer_from_flat(tensors, meta["optimizer"]))
+        sched = dict(meta["scheduler"])
+        sched["lr_lambdas"] = [None] * len(self.optimizer.param_groups)
+        self.scheduler.load_state_dict(sched)
+        scaler_sd = dict(meta.get("scaler", {}))
+        scaler_sd.update({k[7:]: v for k, v in tensors.items() if k.startswith("scaler.")})
+        if scaler_sd:
+            self.scaler.load_state_dict(scaler_sd)
+        ckpt.set_rng_state(tensors, meta["rng"])
+        for k in ("step", "epoch", "batch_in_epoch", "best_metric", "best_step", "bad_evals", "examples"):
+            if k in meta:
+                self.state[k] = meta[k]
+        self.state["best_state"] = best or None
+        self.history = list(meta.get("history", []))
+        if self.info.is_main and self.config.output_dir:  # rewrite the log to match the checkpoint
+            with ckpt.atomic_write(os.path.join(self.config.output_dir, "metrics.jsonl")) as f:
+                for r in self.history:
+                    f.write(json.dumps(r) + "\n")
+        self.resumed_from = path
+
+    # ---- training ------------------------------------------------------------------------
+    def _improved(self, value: float) -> bool:
+        best = self.state["best_metric"]
+        if best is None:
+            return True
+        if self.mode == "max":
+            return value > best + self.config.min_delta
+        return value < best - self.config.min_delta
+
+    def _do_eval(self) -> bool:
+        """Evaluate, track the best state; True when early stopping says stop."""
+        if self.eval_data is None:
+            return False
+        metrics = self.evaluate()
+        step = self.state["step"]
+        if self.metric not in metrics:
+            raise ValueError(f"trainer.metric: {self.metric!r} is not among the task's metrics {sorted(metrics)}")
+        value = metrics[self.metric]
+        rec = {"type": "eval", "step": step, "epoch": self.state["epoch"], **metrics}
+        if value is not None and self._improved(value):
+            self.state.update(best_metric=value, best_step=step, bad_evals=0)
+            self.state["best_state"] = self.trainable_state()
+            rec["best"] = True
+        else:
+            self.state["bad_evals"] += 1
+        self._log(rec)
+        self._callback("on_evaluate", step, metrics)
+        if self.pbar is not None:
+            self.pbar.write(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()
+                                                         if isinstance(v, float)))
+        return self.config.patience is not None and self.state["bad_evals"] >= self.config.patience
+
+    def _train_step(self, micro: list[dict]) -> float:
+        cfg = self.config
+        model = self.wrapped
+        model.train()
+        n = len(micro)
+        dtype = _DTYPES[cfg.precision]
+        autocast = self._autocast
+        total = 0.0
+        for i, batch in enumerate(micro):
+            batch = self._callback("on_batch", batch)
+            batch = {k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+            last = i == n - 1
+            with D.no_sync(model, skip=self.info.enabled and not last):
+                if self.adversarial is not None:
+                    unit = float(self.scaler.scale(torch.ones((), device=self.device)))
+
+                    def fwd(m, b, _n=n):
+                        ctx = autocast(self.device.type, dtype) if dtype != torch.float32 else contextlib.nullcontext()
+                        with ctx:
+                            loss, logits = self.forward(m, b)
+                        return self.scaler.scale(loss.float()) / _n, logits
+
+                    loss = self.adversarial.step(model, batch, fwd)
+                    total += float(loss) * n / unit / n
+                else:
+                    ctx = autocast(self.device.type, dtype) if dtype != torch.float32 else contextlib.nullcontext()
+                    with ctx:
+                        loss, _ = self.forward(model, batch)
+                    self.scaler.scale(loss.float() / n).backward()
+                    total += float(loss.detach()) / n
+        stepped = self.scaler.step(self.optimizer, max_norm=cfg.max_grad_norm or None)
+        self.scaler.update()
+        if stepped is not False:
+            self.scheduler.step()
+        else:
+            self.state["skipped_steps"] = self.state.get("skipped_steps", 0) + 1
+        self.optimizer.zero_grad(set_to_none=True)
+        return total
+
+    def train(self) -> dict:
+        cfg = self.config
+        self.info = D.init_from_env() if cfg.distributed in ("auto", "ddp", "fsdp") else D.DistInfo()
+        if cfg.distributed in ("ddp", "fsdp") and not self.info.enabled:
+            warnings.warn(f"trainer.distributed={cfg.distributed!r} but WORLD_SIZE<=1: training on one process")
+        self.device = _resolve_device(cfg.device, self.info)
+        if cfg.precision != "fp32" and self.device.type == "cpu" and cfg.precision == "fp16":
+            warnings.warn("fp16 on CPU is slow and rarely useful; prefer bf16 or fp32")
+        if cfg.deterministic:
+            torch.use_deterministic_algorithms(True)
+        torch.manual_seed(cfg.seed)
+        random.seed(cfg.seed)
+        if cfg.output_dir and self.info.is_main:
+            os.makedirs(cfg.output_dir, exist_ok=True)
+        self.metric = cfg.metric or self.task.default_metric
+        self.mode = cfg.mode or (self.task.default_mode if cfg.metric is None else
+                                 ("min" if "loss" in self.metric or "perplexity" in self.metric else "max"))
+        self.model.to(self.device)
+        if self.info.enabled:
+            kind = "ddp" if cfg.distributed == "auto" else cfg.distributed
+            self.wrapped = D.wrap_model(self.model, kind, self.device)
+        else:
+            self.wrapped = self.model
+
+        loader = make_loader(self.train_data, self.collator, cfg.batch_size, shuffle=True, seed=cfg.seed,
+                             bucket_size=cfg.bucket_size, drop_last=cfg.drop_last, rank=self.info.rank,
+                             world_size=self.info.world_size, num_workers=cfg.num_workers)
+        sampler = loader.batch_sampler
+        batches_per_epoch = len(sampler.global_batches(0))
+        if batches_per_epoch == 0:
+            raise ValueError("training data gives no batch (fewer examples than processes, or drop_last)")
+        steps_per_epoch = math.ceil(batches_per_epoch / cfg.grad_accum)
+        total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
+
+        ScalerCls, self._autocast = _amp_api()
+        self.scaler = ScalerCls(precision=cfg.precision)
+        self.optimizer = build_optimizer(self.module, cfg)
+        self.scheduler = build_scheduler(self.optimizer, cfg, total_steps)
+        self.state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "best_metric": None, "best_step": None,
+                      "bad_evals": 0, "best_state": None, "examples": 0}
+        self.history = []
+        self.resumed_from = None
+        if self.info.is_main and cfg.output_dir and not cfg.resume_from:
+            open(os.path.join(cfg.output_dir, "metrics.jsonl"), "w").close()
+        if cfg.resume_from:
+            self._resume(cfg.resume_from)
+        self.optimizer.zero_grad(set_to_none=True)
+        self._callback("on_train_begin")
+
+        self.pbar = None
+        if cfg.progress and self.info.is_main:
+            from tqdm.auto import tqdm
+            self.pbar = tqdm(total=total_steps, initial=self.state["step"], desc="train", dynamic_ncols=True)
+        t0 = time.perf_counter()
+        ex_since, t_since = 0, t0
+        stop = False
+        try:
+            while self.state["step"] < total_steps and not stop:
+                sampler.set_epoch(self.state["epoch"], start_batch=self.state["batch_in_epoch"])
+                it = iter(loader)
+                epoch_done = False
+                while not stop:
+                    micro = []
+                    for _ in range(cfg.grad_accum):
+                        b = next(it, None)
+                        if b is None:
+                            break
+                        micro.append(b)
+                    if not micro:
+                        epoch_done = True
+                        break
+                    loss = self._train_step(micro)
+                    loss = D.all_reduce_mean(loss, self.info)
+                    n_ex = sum(len(b["input_ids"]) for b in micro) * self.info.world_size
+                    st = self.state
+                    st["step"] += 1
+                    st["batch_in_epoch"] += len(micro)
+                    st["examples"] += n_ex
+                    ex_since += n_ex
+                    at_epoch_end = st["batch_in_epoch"] >= batches_per_epoch
+                    if at_epoch_end:
+                        st["epoch"] += 1
+                        st["batch_in_epoch"] = 0
+                        epoch_done = True
+                    lr = self.optimizer.param_groups[0]["lr"]
+                    if st["step"] % cfg.log_every == 0 or st["step"] == total_steps:
+                        now = time.perf_counter()
+                        self._log({"type": "train", "step": st["step"], "epoch": st["epoch"], "loss": loss,
+                                   "lr": lr, "examples_per_s": ex_since / max(now - t_since, 1e-9)})
+                        ex_since, t_since = 0, now
+                    if self.pbar is not None:
+                        self.pbar.update(1)
+                        self.pbar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}",
+                                              ex_s=f"{st['examples'] / max(time.perf_counter() - t0, 1e-9):.1f}")
+                    last = st["step"] >= total_steps
+                    do_eval = (cfg.eval_every and st["step"] % cfg.eval_every == 0) or \
+                              (not cfg.eval_every and at_epoch_end) or last
+                    if do_eval and self.eval_data is not None:
+                        stop = self._do_eval() or stop
+                    if (cfg.save_every and st["step"] % cfg.save_every == 0) or \
+                            (do_eval and self.eval_data is not None and cfg.output_dir and not last):
+                        self.save_checkpoint()
+                    self._callback("on_step_end", st["step"], loss)
+                    if last or epoch_done:
+                        break
+                if not epoch_done and not stop and self.state["step"] < total_steps:
+                    break
+        finally:
+            if self.pbar is not None:
+                self.pbar.close()
+        elapsed = time.perf_counter() - t0
+        if stop:
+            self._log({"type": "early_stop", "step": self.state["step"], "best_step": self.state["best_step"],
+                       "best_metric": self.state["best_metric"]})
+        if cfg.output_dir:  # the final state (before restoring the best), to continue training later
+            self.save_checkpoint(os.path.join(cfg.output_dir, f"checkpoint-{self.state['step']}"))
+        if cfg.restore_best and self.state.get("best_state") is not None:
+            self.load_trainable_state(self.state["best_state"])
+        result = {"steps": self.state["step"], "epochs": self.state["epoch"], "metric": self.metric,
+                  "mode": self.mode, "best_metric": self.state["best_metric"], "best_step": self.state["best_step"],
+                  "early_stopped": stop, "train_seconds": elapsed, "examples": self.state["examples"],
+                  "skipped_steps": self.state.get("skipped_steps", 0), "resumed_from": self.resumed_from,
+                  "losses": [h["loss"] for h in self.history if h["type"] == "train"]}
+        if cfg.output_dir:
+            if self.info.is_main:
+                with ckpt.atomic_dir(os.path.join(cfg.output_dir, "adapter")) as tmp:
+                    self._save_adapter_to(tmp)
+                if cfg.plot:
+                    from .plotting import plot_curves
+                    result["curves"] = plot_curves(self.history, os.path.join(cfg.output_dir, "curves.png"),
+                                                   self.metric)
+                with ckpt.atomic_write(os.path.join(cfg.output_dir, "result.json")) as f:
+                    json.dump(ckpt._json_safe({k: v for k, v in result.items() if k != "losses"}), f, indent=1)
+        D.barrier(self.info)
+        result["history"] = self.history
+        self._callback("on_train_end", result)
+        return result
+
+
+def train(model, task, train_data, eval_data=None, config: TrainerConfig | dict | None = None, **kwargs) -> dict:
+    """One call: ``Trainer(model, task, train_data, eval_data, config, **kwargs).train()``."""
+    if isinstance(config, dict):
+        config = TrainerConfig(**config)
+    return Trainer(model, task, train_data, eval_data, config, **kwargs).train()

