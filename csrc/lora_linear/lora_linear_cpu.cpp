@@ -1,5 +1,6 @@
 #include "lora_linear_cpu.h"
 
+#include <cstring>
 #include <vector>
 
 #include "../common/philox.h"
@@ -61,73 +62,95 @@ __attribute__((target("avx2"))) void philox_lanes_avx2(uint64_t seed, uint32_t r
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(o[3]), c3);
 }
 
+// keep bytes of 8 Philox blocks (32 columns from 4 * g0): out[4 * i + j] = (word j of block i >> 8) >= thr.
+// The 4 x 8 compare masks are transposed with unpack and narrowed with saturating packs.
+__attribute__((target("avx2"))) void keep_block_avx2(uint64_t seed, uint32_t row, uint32_t stream, uint32_t g0,
+                                                     uint32_t threshold, uint8_t* out) {
+  uint32_t o[4][kLanes];
+  philox_lanes_avx2(seed, row, stream, g0, o);
+  const __m256i thr = _mm256_set1_epi32(static_cast<int>(threshold) - 1);
+  __m256i m[4];
+  for (int j = 0; j < 4; ++j)
+    m[j] = _mm256_cmpgt_epi32(_mm256_srli_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(o[j])), 8), thr);
+  const __m256i t0 = _mm256_unpacklo_epi32(m[0], m[1]), t1 = _mm256_unpackhi_epi32(m[0], m[1]);
+  const __m256i t2 = _mm256_unpacklo_epi32(m[2], m[3]), t3 = _mm256_unpackhi_epi32(m[2], m[3]);
+  const __m256i b04 = _mm256_unpacklo_epi64(t0, t2), b15 = _mm256_unpackhi_epi64(t0, t2);
+  const __m256i b26 = _mm256_unpacklo_epi64(t1, t3), b37 = _mm256_unpackhi_epi64(t1, t3);
+  const __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(b04, b15), _mm256_packs_epi32(b26, b37));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), _mm256_and_si256(bytes, _mm256_set1_epi8(1)));
+}
+
 bool cpu_has_avx2() {
   static const bool has = __builtin_cpu_supports("avx2");
   return has;
 }
 #endif
 
-inline void philox_lanes(uint64_t seed, uint32_t row, uint32_t stream, uint32_t g0, uint32_t (&o)[4][kLanes]) {
-#if defined(FASTPEFT_HAVE_AVX2_PATH)
-  if (cpu_has_avx2()) return philox_lanes_avx2(seed, row, stream, g0, o);
-#endif
-  philox_lanes_scalar(seed, row, stream, g0, o);
-}
-
-template <typename T>
-inline float load_f(const T& v) { return to_float(v); }
-inline double load_f(const double& v) { return v; }
 
 template <typename T> struct work { using type = float; };
 template <> struct work<double> { using type = double; };
 
-template <typename O> inline O store(float v) { return from_float<O>(v); }
-template <typename O> inline O store(double v) { return from_double<O>(v); }
+// Branch-free loads/stores (so the row loops vectorise); bf16 rounds to nearest even, NaN stays NaN.
+inline float load_w(float v) { return v; }
+inline double load_w(double v) { return v; }
+inline float load_w(bf16_t v) { return to_float(v); }
+template <typename O> inline O store_w(float v);
+template <> inline float store_w<float>(float v) { return v; }
+template <> inline bf16_t store_w<bf16_t>(float v) {
+  uint32_t u;
+  std::memcpy(&u, &v, sizeof u);
+  const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  const uint32_t quiet_nan = (u >> 16) | 0x40u;
+  return bf16_t{static_cast<uint16_t>((u & 0x7fffffffu) > 0x7f800000u ? quiet_nan : rounded)};
+}
+template <typename O> inline O store_w(double v);
+template <> inline double store_w<double>(double v) { return v; }
 
+// The dropped elements are multiplied by 0 (like F.dropout), the kept ones by 1 / (1 - p).
 template <typename T, typename O>
-FASTPEFT_CLONES void apply_row(const T* xr, int64_t sx1, int64_t K, const uint8_t* keep,
-                               typename work<T>::type inv, O* out) {
+FASTPEFT_CLONES void apply_row(const T* __restrict xr, int64_t sx1, int64_t K, const uint8_t* __restrict keep,
+                               typename work<T>::type inv, O* __restrict out) {
   using W = typename work<T>::type;
   if (sx1 == 1) {
-    for (int64_t k = 0; k < K; ++k) {
-      const W v = static_cast<W>(load_f(xr[k])) * inv;
-      out[k] = store<O>(keep[k] ? v : W(0));
-    }
+    for (int64_t k = 0; k < K; ++k) out[k] = store_w<O>(static_cast<W>(load_w(xr[k])) * (static_cast<W>(keep[k]) * inv));
   } else {
-    for (int64_t k = 0; k < K; ++k) {
-      const W v = static_cast<W>(load_f(xr[k * sx1])) * inv;
-      out[k] = store<O>(keep[k] ? v : W(0));
-    }
+    for (int64_t k = 0; k < K; ++k)
+      out[k] = store_w<O>(static_cast<W>(load_w(xr[k * sx1])) * (static_cast<W>(keep[k]) * inv));
   }
 }
 
 template <typename T, typename S>
-FASTPEFT_CLONES void accumulate_row(const S* src, const uint8_t* keep, int64_t K,
-                                    typename work<T>::type inv, T* dst) {
+FASTPEFT_CLONES void accumulate_row(const S* __restrict src, const uint8_t* __restrict keep, int64_t K,
+                                    typename work<T>::type inv, T* __restrict dst) {
   using W = typename work<T>::type;
-  for (int64_t k = 0; k < K; ++k) {
-    const W v = static_cast<W>(load_f(dst[k])) + (keep[k] ? static_cast<W>(load_f(src[k])) * inv : W(0));
-    dst[k] = store<T>(v);
-  }
+  for (int64_t k = 0; k < K; ++k)
+    dst[k] = store_w<T>(static_cast<W>(load_w(dst[k])) + static_cast<W>(load_w(src[k])) * (static_cast<W>(keep[k]) * inv));
 }
 
 }  // namespace
 
 void lora_keep_row(uint64_t seed, uint32_t stream, int64_t row, int64_t cols, uint32_t threshold,
                    uint8_t* keep) {
-  uint32_t o[4][kLanes];
   const int64_t groups = (cols + 3) / 4;
+#if defined(FASTPEFT_HAVE_AVX2_PATH)
+  if (cpu_has_avx2()) {
+    int64_t g0 = 0;
+    for (; (g0 + kLanes) * 4 <= cols; g0 += kLanes)
+      keep_block_avx2(seed, static_cast<uint32_t>(row), stream, static_cast<uint32_t>(g0), threshold, keep + g0 * 4);
+    if (g0 < groups) {
+      uint8_t tail[4 * kLanes];
+      keep_block_avx2(seed, static_cast<uint32_t>(row), stream, static_cast<uint32_t>(g0), threshold, tail);
+      std::memcpy(keep + g0 * 4, tail, static_cast<size_t>(cols - g0 * 4));
+    }
+    return;
+  }
+#endif
+  uint32_t o[4][kLanes];
   for (int64_t g0 = 0; g0 < groups; g0 += kLanes) {
-    philox_lanes(seed, static_cast<uint32_t>(row), stream, static_cast<uint32_t>(g0), o);
-    const int64_t base = g0 * 4;
-    if (base + 4 * kLanes <= cols) {
-      for (int i = 0; i < kLanes; ++i)
-        for (int j = 0; j < 4; ++j) keep[base + 4 * i + j] = (o[j][i] >> 8) >= threshold ? 1 : 0;
-    } else {
-      for (int64_t c = base; c < cols; ++c) {
-        const int64_t i = (c - base) >> 2, j = (c - base) & 3;
-        keep[c] = (o[j][i] >> 8) >= threshold ? 1 : 0;
-      }
+    philox_lanes_scalar(seed, static_cast<uint32_t>(row), stream, static_cast<uint32_t>(g0), o);
+    for (int64_t c = g0 * 4; c < cols && c < (g0 + kLanes) * 4; ++c) {
+      const int64_t i = (c - g0 * 4) >> 2, j = (c - g0 * 4) & 3;
+      keep[c] = (o[j][i] >> 8) >= threshold ? 1 : 0;
     }
   }
 }
