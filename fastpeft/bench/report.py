@@ -41,7 +41,7 @@ def fmt_ratio(r: Optional[float]) -> str:
     return "-" if r is None else f"{r:.2f}"
 
 
-def _throughput(v: dict) -> str:
+def fmt_throughput(v: dict) -> str:
     parts = []
     if v.get("tokens_per_s") is not None:
         parts.append(f"{v['tokens_per_s']:.4g} tok/s")
@@ -62,7 +62,7 @@ def _target_text(t: dict) -> str:
     return f"{'PASS' if t['passed'] else 'FAIL'} {t['label']} ({t['value']:.2f})"
 
 
-def _memory(v: dict) -> str:
+def fmt_memory(v: dict) -> str:
     if v.get("peak_total_bytes") is not None:
         return fmt_bytes(v["peak_total_bytes"])
     if v.get("peak_bytes") is not None:
@@ -94,7 +94,7 @@ def case_rows(c: dict) -> list[list[str]]:
             continue
         iqr = f"{fmt_time(v['q1_s'])}-{fmt_time(v['q3_s'])}"
         rows.append([label, name, fmt_time(v["median_s"]), iqr, fmt_ratio(v.get("ratio_to_floor")),
-                     fmt_ratio(v.get("ratio_to_baseline")), _memory(v), _throughput(v),
+                     fmt_ratio(v.get("ratio_to_baseline")), fmt_memory(v), fmt_throughput(v),
                      "; ".join(targets.get(name, []))])
     return rows
 
@@ -145,12 +145,12 @@ def format_summary(result: dict) -> str:
             st = c["status"] if c["status"] != "ok" else (v or {}).get("status", "ok")
             if c["group"] == "ceiling" and c["status"] == "ok":
                 vv = next(iter(c["variants"].values()))
-                rows.append([c["name"], fmt_time(vv.get("median_s")), "", "", _throughput(vv), ""])
+                rows.append([c["name"], fmt_time(vv.get("median_s")), "", "", fmt_throughput(vv), ""])
                 continue
             rows.append([c["name"], st.upper(), "", "", "", why[:100]])
             continue
         rows.append([c["name"], fmt_time(v["median_s"]), fmt_ratio(v.get("ratio_to_floor")),
-                     fmt_ratio(v.get("ratio_to_baseline")), _throughput(v),
+                     fmt_ratio(v.get("ratio_to_baseline")), fmt_throughput(v),
                      "; ".join(_target_text(t) for t in c.get("targets", []))])
     return "\n".join([format_header(result), "", _render(rows, ["case", "fastpeft", "×floor", "×base", "throughput",
                                                                  "targets / reason"]), "", format_counts(result)])
