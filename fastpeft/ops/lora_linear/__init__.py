@@ -175,4 +175,41 @@ def _cpu_supports(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed, force
 def _lora_linear_cpu(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed):
     return torch.ops.fastpeft.lora_linear_fwd(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed)[0]
 
+
+# -- triton (custom ops + fake + autograd, so opcheck and torch.compile work) -------
+@torch.library.custom_op("fastpeft::lora_linear_triton_fwd", mutates_args=())
+def _lora_linear_triton_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                            lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float, dropout_p: float,
+                            seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    from .triton_kernel import lora_linear_fwd_triton
+
+    return lora_linear_fwd_triton(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed)
+
+
+@torch.library.custom_op("fastpeft::lora_linear_triton_bwd", mutates_args=())
+def _lora_linear_triton_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor,
+                            lora_B: torch.Tensor, u0: torch.Tensor, scale: float, dropout_p: float, seed: int,
+                            needs: list[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                                        torch.Tensor]:
+    from .triton_kernel import lora_linear_bwd_triton
+
+    return lora_linear_bwd_triton(dy, x, weight, lora_A, lora_B, u0, scale, dropout_p, seed, needs)
+
+
+_lora_linear_triton_fwd.register_fake(_fwd_fake)
+_lora_linear_triton_bwd.register_fake(_bwd_fake)
+_lora_linear_triton_fwd.register_autograd(_make_backward(_lora_linear_triton_bwd), setup_context=_setup_context)
+
+
+def _triton_supports(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed, forced):
+    reason = _triton.supports_device(x.device, forced) or dtype_reason(x, GPU_DTYPES, "triton backend")
+    if reason is None and lora_A.shape[0] > MAX_TRITON_RANK:
+        reason = f"triton backend supports ranks up to {MAX_TRITON_RANK}, got {lora_A.shape[0]}"
+    return reason
+
+
+@OP.register("triton", available=_triton.available, supports=_triton_supports)
+def _lora_linear_triton(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed):
+    return _lora_linear_triton_fwd(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed)[0]
+
 __all__ = ["lora_linear", "lora_linear_plain", "OP"]
