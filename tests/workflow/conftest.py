@@ -72,3 +72,20 @@ def write_conll(path, sents, docstart=True):
 def tiny_conll_files(tmp_path_factory):
     d = tmp_path_factory.mktemp("conll")
     return write_conll(d / "train.txt", NER_SENTS * 6), write_conll(d / "valid.txt", NER_SENTS)
+
+
+def make_cls_setup(model_dir, files, *, lora_dropout=0.0, r=4, seed=0, max_length=32, backend="auto"):
+    """(peft model, task, train_ds, val_ds, tokenizer) for the tiny sentiment data."""
+    from fastpeft.workflow import get_task, load_tokenizer
+    from fastpeft.workflow.pipeline import apply_method
+
+    task = get_task("sequence_classification")
+    tok = load_tokenizer(model_dir)
+    tr = task.read(files[0], {"text_column": "sentence"})
+    task.fit_labels(tr)
+    dev = task.read(files[1], {"text_column": "content"})
+    torch.manual_seed(seed)
+    model = apply_method(task.build_model(model_dir),
+                         {"name": "lora", "backend": backend, "r": r, "lora_alpha": 8, "lora_dropout": lora_dropout,
+                          "target_modules": ["query", "value"]}, task)
+    return model, task, task.encode(tr, tok, max_length), task.encode(dev, tok, max_length), tok
