@@ -64,11 +64,18 @@ struct Chunk {
   int64_t start, len;
 };
 
-std::vector<Chunk> make_chunks(int64_t n_tensors, const int64_t* numels) {
+// Below this many elements a pass runs on one thread: an OpenMP fork/join (and, on a busy
+// machine, waiting for the team to be scheduled) costs more than the pass itself.
+constexpr int64_t kParallelMinElements = int64_t(1) << 18;
+
+std::vector<Chunk> make_chunks(int64_t n_tensors, const int64_t* numels, int64_t* total) {
   std::vector<Chunk> chunks;
-  for (int64_t t = 0; t < n_tensors; ++t)
+  *total = 0;
+  for (int64_t t = 0; t < n_tensors; ++t) {
+    *total += numels[t];
     for (int64_t s = 0; s < numels[t]; s += GRAD_TAIL_CPU_CHUNK)
       chunks.push_back({static_cast<int32_t>(t), s, std::min(GRAD_TAIL_CPU_CHUNK, numels[t] - s)});
+  }
   return chunks;
 }
 
@@ -105,11 +112,12 @@ void chunk_scale<double>(double* p, int64_t n, float m) {
 
 GradTailResult grad_tail_stats_cpu(int64_t n_tensors, void* const* ptrs, const int64_t* numels,
                                    const int32_t* dtypes, float inv_scale, double max_norm, double eps) {
-  const std::vector<Chunk> chunks = make_chunks(n_tensors, numels);
+  int64_t total = 0;
+  const std::vector<Chunk> chunks = make_chunks(n_tensors, numels, &total);
   const int64_t n_chunks = static_cast<int64_t>(chunks.size());
   std::vector<double> partial(n_chunks, 0.0);
   std::vector<unsigned char> bad(n_chunks, 0);
-#pragma omp parallel for schedule(dynamic, 4) if (n_chunks > 2)
+#pragma omp parallel for schedule(dynamic, 2) if (total >= kParallelMinElements)
   for (int64_t c = 0; c < n_chunks; ++c) {
     const Chunk& k = chunks[c];
     void* base = ptrs[k.tensor];
@@ -143,9 +151,10 @@ GradTailResult grad_tail_stats_cpu(int64_t n_tensors, void* const* ptrs, const i
 void grad_tail_apply_cpu(int64_t n_tensors, void* const* ptrs, const int64_t* numels, const int32_t* dtypes,
                          float multiplier) {
   if (multiplier == 1.0f) return;  // g * 1 == g exactly: no write pass
-  const std::vector<Chunk> chunks = make_chunks(n_tensors, numels);
+  int64_t total = 0;
+  const std::vector<Chunk> chunks = make_chunks(n_tensors, numels, &total);
   const int64_t n_chunks = static_cast<int64_t>(chunks.size());
-#pragma omp parallel for schedule(dynamic, 4) if (n_chunks > 2)
+#pragma omp parallel for schedule(dynamic, 2) if (total >= kParallelMinElements)
   for (int64_t c = 0; c < n_chunks; ++c) {
     const Chunk& k = chunks[c];
     void* base = ptrs[k.tensor];

@@ -10,6 +10,8 @@
 #include <random>
 #include <vector>
 
+#include <omp.h>
+
 #include "../common/dtypes.h"
 #include "grad_tail_cpu.h"
 
@@ -135,9 +137,26 @@ static void test_stats_and_apply() {
   CHECK(er.total_norm == 0.f && er.multiplier == 0.5f && er.found_inf == 0.f, "empty list");
 }
 
+// The reduction order is fixed by the chunking, not by the threads: bitwise equal results.
+static void test_deterministic_across_thread_counts() {
+  std::mt19937 rng(7);
+  List l;
+  for (int i = 0; i < 40; ++i) l.add(i % 4, 20000 + static_cast<int64_t>(rng() % 30000), rng, 3.0);
+  const int64_t n = static_cast<int64_t>(l.ptrs.size());
+  GradTailResult ref{};
+  for (int threads : {1, 2, 3, 8}) {
+    omp_set_num_threads(threads);
+    GradTailResult r = grad_tail_stats_cpu(n, l.ptrs.data(), l.numels.data(), l.dtypes.data(), 0.7f, 1.0, 1e-6);
+    if (threads == 1) ref = r;
+    CHECK(r.total_norm == ref.total_norm && r.multiplier == ref.multiplier,
+          "%d threads: norm %.9g vs %.9g", threads, r.total_norm, ref.total_norm);
+  }
+}
+
 int main() {
   test_half_conversions();
   test_stats_and_apply();
+  test_deterministic_across_thread_counts();
   if (failures) {
     std::fprintf(stderr, "grad_tail_test: %d failure(s)\n", failures);
     return 1;
