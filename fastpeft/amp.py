@@ -228,6 +228,10 @@ class GradScaler:
         if state["stage"] == _STEPPED:
             raise RuntimeError("unscale_() is being called after step().")
         grads = collect_grads(_optimizer_params(optimizer))
+        if self._scaling and any(g.dtype == torch.float16 for g in grads):
+            raise ValueError("GradScaler(precision='fp16'): the optimizer holds float16 gradients; unscaled in "
+                             "float16 they underflow (torch's GradScaler refuses them too). Keep fp32 master "
+                             "weights: fastpeft.amp.MasterWeights(model) and step(..., master_weights=master).")
         device = grads[0].device if grads else (self._scale.device if self._scale is not None else torch.device("cpu"))
         stats = grad_tail(grads, inv_scale=self._inv_scale(device), max_norm=max_norm)
         grad_tail_apply_(grads, stats.multiplier)

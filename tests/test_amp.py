@@ -205,6 +205,24 @@ def test_misuse_raises_clear_errors():
     scaler.update()
 
 
+def test_fp16_model_grads_need_master_weights():
+    model = tiny_model(dtype=torch.float16)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = amp.GradScaler("fp16", init_scale=64.0)
+    scaler.scale(model(torch.randn(2, 6, dtype=torch.float16)).float().sum()).backward()
+    with pytest.raises(ValueError, match="MasterWeights"):
+        scaler.step(opt)
+    master = amp.MasterWeights(model)
+    opt = torch.optim.SGD(master.parameters(), lr=0.1)
+    scaler = amp.GradScaler("fp16", init_scale=64.0)
+    before = [p.detach().clone() for p in model.parameters()]
+    scaler.scale(model(torch.randn(2, 6, dtype=torch.float16)).float().sum()).backward()
+    assert scaler.step(opt, master_weights=master)
+    scaler.update()
+    assert any(not torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    assert all(p.dtype == torch.float16 for p in model.parameters())
+
+
 def test_disabled_scaler_passes_through_and_always_steps():
     model = tiny_model()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
