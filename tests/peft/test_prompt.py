@@ -121,11 +121,16 @@ def test_pretrained_minilm_text_init_matches_hf_peft():
                                ours.prompt_encoder["default"].embedding.weight)
 
 
-def _greedy_no_cache(model, ids, mask, steps):
+def _greedy_no_cache(model, ids, mask, steps, positions_from_mask=False):
+    """Greedy decoding by full recomputation (no KV cache); ``positions_from_mask``: pass
+    position ids as ``generate`` builds them (left padding skipped)."""
     seq, m = ids, mask
     with torch.no_grad():
         for _ in range(steps):
-            nxt = model(input_ids=seq, attention_mask=m, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
+            kw = {}
+            if positions_from_mask:
+                kw["position_ids"] = (m.cumsum(-1) - 1).masked_fill(m == 0, 0)
+            nxt = model(input_ids=seq, attention_mask=m, use_cache=False, **kw).logits[:, -1].argmax(-1, keepdim=True)
             seq = torch.cat([seq, nxt], 1)
             m = torch.cat([m, torch.ones_like(nxt)], 1)
     return seq
