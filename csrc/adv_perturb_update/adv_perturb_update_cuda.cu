@@ -2,6 +2,8 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <cstdint>
+
 #include "../common/philox.h"
 #include "adv_perturb_update_cuda.h"
 
@@ -51,57 +53,87 @@ __device__ __forceinline__ float2 l2_coefs(float gg, float dg, float dd, float s
   return make_float2(a, s);
 }
 
-// (|g|^2, <d,g>, |d|^2) of one row by the whole block.
-template <typename T>
+// N consecutive elements moved as one 16-byte access when N * sizeof(T) == 16 (N = 1: scalar).
+template <typename T, int N>
+struct alignas(sizeof(T) * N) Pack {
+  T v[N];
+};
+
+// (|g|^2, <d,g>, |d|^2) of one row by the whole block (H is a multiple of N).
+template <typename T, int N>
 __device__ __forceinline__ float3 row_stats(const T* __restrict__ d, const T* __restrict__ g, int64_t H) {
-  float3 v = make_float3(0.f, 0.f, 0.f);
-  for (int64_t h = threadIdx.x; h < H; h += kThreads) {
-    const float gv = ld(g[h]), dv = ld(d[h]);
-    v.x += gv * gv; v.y += dv * gv; v.z += dv * dv;
+  float3 acc = make_float3(0.f, 0.f, 0.f);
+  const Pack<T, N>* dp = reinterpret_cast<const Pack<T, N>*>(d);
+  const Pack<T, N>* gp = reinterpret_cast<const Pack<T, N>*>(g);
+  for (int64_t i = threadIdx.x; i < H / N; i += kThreads) {
+    const Pack<T, N> dv = dp[i], gv = gp[i];
+#pragma unroll
+    for (int j = 0; j < N; ++j) {
+      const float a = ld(gv.v[j]), b = ld(dv.v[j]);
+      acc.x += a * a; acc.y += b * a; acc.z += b * b;
+    }
   }
-  return block_sum3(v);
+  return block_sum3(acc);
 }
 
-// One block per row.  linf: sign step + clamp.  l2_token: stats then update of the row.
-// l2_example: coefficients per example from `coef` ([B, 2] = a, s).
-template <typename T>
-__global__ void update_rows_kernel(T* __restrict__ delta, const T* __restrict__ grad, const float* __restrict__ mask,
-                                   int64_t L, int64_t H, int norm, float step, float eps,
-                                   const float* __restrict__ coef) {
+// One block per row.  linf: sign step + clamp.  l2_token: stats then update of the row (the
+// second read hits the cache).  l2_example: coefficients per example from `coef` ([B, 2] = a, s).
+template <typename T, int N>
+__global__ void __launch_bounds__(kThreads) update_rows_kernel(T* __restrict__ delta, const T* __restrict__ grad,
+                                                               const float* __restrict__ mask, int64_t L, int64_t H,
+                                                               int norm, float step, float eps,
+                                                               const float* __restrict__ coef) {
   const int64_t row = blockIdx.x;
-  T* d = delta + row * H;
-  const T* g = grad + row * H;
+  Pack<T, N>* dp = reinterpret_cast<Pack<T, N>*>(delta + row * H);
+  const Pack<T, N>* gp = reinterpret_cast<const Pack<T, N>*>(grad + row * H);
+  const int64_t n = H / N;
   if (!active(mask, row)) {
-    for (int64_t h = threadIdx.x; h < H; h += kThreads) d[h] = st<T>(0.f);
+    Pack<T, N> z;
+#pragma unroll
+    for (int j = 0; j < N; ++j) z.v[j] = st<T>(0.f);
+    for (int64_t i = threadIdx.x; i < n; i += kThreads) dp[i] = z;
     return;
   }
   if (norm == kLinf) {
-    for (int64_t h = threadIdx.x; h < H; h += kThreads) {
-      const float gv = ld(g[h]);
-      float v = ld(d[h]) + (gv > 0.f ? step : (gv < 0.f ? -step : 0.f));
-      if (eps > 0.f) v = fminf(fmaxf(v, -eps), eps);
-      d[h] = st<T>(v);
+    for (int64_t i = threadIdx.x; i < n; i += kThreads) {
+      Pack<T, N> dv = dp[i];
+      const Pack<T, N> gv = gp[i];
+#pragma unroll
+      for (int j = 0; j < N; ++j) {
+        const float gx = ld(gv.v[j]);
+        float v = ld(dv.v[j]) + (gx > 0.f ? step : (gx < 0.f ? -step : 0.f));
+        if (eps > 0.f) v = fminf(fmaxf(v, -eps), eps);
+        dv.v[j] = st<T>(v);
+      }
+      dp[i] = dv;
     }
     return;
   }
   float2 as;
   if (norm == kL2Token) {
-    const float3 s = row_stats(d, g, H);
+    const float3 s = row_stats<T, N>(delta + row * H, grad + row * H, H);
     as = l2_coefs(s.x, s.y, s.z, step, eps);
   } else {
     const int64_t b = row / L;
     as = make_float2(coef[2 * b], coef[2 * b + 1]);
   }
-  for (int64_t h = threadIdx.x; h < H; h += kThreads) d[h] = st<T>(as.y * (ld(d[h]) + as.x * ld(g[h])));
+  for (int64_t i = threadIdx.x; i < n; i += kThreads) {
+    Pack<T, N> dv = dp[i];
+    const Pack<T, N> gv = gp[i];
+#pragma unroll
+    for (int j = 0; j < N; ++j) dv.v[j] = st<T>(as.y * (ld(dv.v[j]) + as.x * ld(gv.v[j])));
+    dp[i] = dv;
+  }
 }
 
 // l2_example pass 1: per-row partial stats [rows, 3] (zeros for padding rows).
-template <typename T>
-__global__ void row_stats_kernel(const T* __restrict__ delta, const T* __restrict__ grad,
-                                 const float* __restrict__ mask, int64_t H, float* __restrict__ part) {
+template <typename T, int N>
+__global__ void __launch_bounds__(kThreads) row_stats_kernel(const T* __restrict__ delta, const T* __restrict__ grad,
+                                                             const float* __restrict__ mask, int64_t H,
+                                                             float* __restrict__ part) {
   const int64_t row = blockIdx.x;
   float3 s = make_float3(0.f, 0.f, 0.f);
-  if (active(mask, row)) s = row_stats(delta + row * H, grad + row * H, H);
+  if (active(mask, row)) s = row_stats<T, N>(delta + row * H, grad + row * H, H);
   if (threadIdx.x == 0) {
     part[3 * row] = s.x; part[3 * row + 1] = s.y; part[3 * row + 2] = s.z;
   }
@@ -174,23 +206,35 @@ __global__ void init_kernel(T* __restrict__ delta, const float* __restrict__ mas
   }
 }
 
+template <typename T, int N>
+void launch_update_n(T* delta, const T* grad, const float* mask, int64_t B, int64_t L, int64_t H, int norm,
+                     float step, float eps, float* ws, cudaStream_t s) {
+  const int64_t rows = B * L;
+  float* coef = nullptr;
+  if (norm == kL2Example) {
+    float* part = ws;
+    coef = ws + 3 * rows;
+    row_stats_kernel<T, N><<<(unsigned)rows, kThreads, 0, s>>>(delta, grad, mask, H, part);
+    example_coef_kernel<<<(unsigned)B, kThreads, 0, s>>>(part, L, step, eps, coef);
+  }
+  update_rows_kernel<T, N><<<(unsigned)rows, kThreads, 0, s>>>(delta, grad, mask, L, H, norm, step, eps, coef);
+}
+
 template <typename T>
 int launch_update(void* delta_, const void* grad_, const float* mask, int64_t B, int64_t L, int64_t H, int norm,
                   double step, double eps, float* ws, cudaStream_t s) {
   const int64_t rows = B * L;
   if (rows == 0 || H == 0) return 0;
+  if (rows > 2147483647LL) return (int)cudaErrorInvalidValue;
   T* delta = static_cast<T*>(delta_);
   const T* grad = static_cast<const T*>(grad_);
-  const float fs = (float)step, fe = (float)eps;
-  if (rows > 2147483647LL) return (int)cudaErrorInvalidValue;
-  float* coef = nullptr;
-  if (norm == kL2Example) {
-    float* part = ws;
-    coef = ws + 3 * rows;
-    row_stats_kernel<T><<<(unsigned)rows, kThreads, 0, s>>>(delta, grad, mask, H, part);
-    example_coef_kernel<<<(unsigned)B, kThreads, 0, s>>>(part, L, fs, fe, coef);
-  }
-  update_rows_kernel<T><<<(unsigned)rows, kThreads, 0, s>>>(delta, grad, mask, L, H, norm, fs, fe, coef);
+  constexpr int N = 16 / sizeof(T);
+  const bool vec = H % N == 0 && reinterpret_cast<uintptr_t>(delta) % 16 == 0 &&
+                   reinterpret_cast<uintptr_t>(grad) % 16 == 0;
+  if (vec)
+    launch_update_n<T, N>(delta, grad, mask, B, L, H, norm, (float)step, (float)eps, ws, s);
+  else
+    launch_update_n<T, 1>(delta, grad, mask, B, L, H, norm, (float)step, (float)eps, ws, s);
   return (int)cudaGetLastError();
 }
 

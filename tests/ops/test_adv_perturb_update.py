@@ -274,8 +274,9 @@ def test_torch_compile_fullgraph(backend):
 @pytest.mark.gpu
 @pytest.mark.parametrize("norm", NORMS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
-def test_cuda_update_and_init_match_reference(norm, dtype):
-    shape = (3, 37, 4099)
+@pytest.mark.parametrize("H", [4096, 4099, 1])  # 16-byte vector path, scalar path
+def test_cuda_update_and_init_match_reference(norm, dtype, H):
+    shape = (3, 37, H)
     mask = _mask(3, 37).cuda()
     delta = (0.05 * torch.randn(shape)).to(dtype).cuda()
     grad = torch.randn(shape).to(dtype).cuda()
@@ -283,11 +284,11 @@ def test_cuda_update_and_init_match_reference(norm, dtype):
     with fastpeft.use_backend("cuda"):
         adv_perturb_update(delta, grad, norm=norm, step_size=0.2, epsilon=0.5, mask=mask)
         torch.cuda.synchronize()
-        init = adv_perturb_init((3, 37, 4099), kind="normal", scale=0.3, norm=norm, mask=mask, seed=5,
+        init = adv_perturb_init((3, 37, H), kind="normal", scale=0.3, norm=norm, mask=mask, seed=5,
                                 dtype=dtype, device="cuda")
     assert_close(delta, expected, dtype, norm, scale=4)
     assert (delta[mask == 0] == 0).all()
     with fastpeft.use_backend("torch"):
-        ref_init = adv_perturb_init((3, 37, 4099), kind="normal", scale=0.3, norm=norm, mask=mask.cpu(), seed=5,
+        ref_init = adv_perturb_init((3, 37, H), kind="normal", scale=0.3, norm=norm, mask=mask.cpu(), seed=5,
                                     dtype=dtype)
     assert_close(init.cpu(), ref_init.double(), dtype, "init")
