@@ -236,7 +236,8 @@ def cases(suite: str, device: torch.device) -> list[Case]:
         out.append(Case(f"e2e/minilm_seqcls_b{mb}x{ms}_r8_p{p:g}_float32", "e2e",
                         minilm_build(mb, ms, 8, p, torch.float32),
                         {"model": "all-MiniLM-L6-v2", "batch": mb, "seq": ms, "r": 8, "dropout": p, "dtype": "float32"},
-                        targets, ours=("fastpeft", "fastpeft_accelerate"), warmup=2, budget_s=None if gpu else 20.0))
+                        targets, ours=("fastpeft", "fastpeft_accelerate"), warmup=2 if gpu else 1,
+                        budget_s=None if gpu else 15.0))
     # Llama-style decoder, causal LM
     if suite == "smoke":
         grid = [("tiny", 2, 32, (0.1,), torch.float32)]
@@ -255,6 +256,6 @@ def cases(suite: str, device: torch.device) -> list[Case]:
                             llama_build(size, b, s, 16, p, dtype),
                             {"model": f"llama-{size} (random init)", "batch": b, "seq": s, "r": 16, "dropout": p,
                              "dtype": _dt(dtype)},
-                            targets, ours=("fastpeft", "fastpeft_accelerate"), warmup=2,
-                            budget_s=None if gpu else 20.0))
+                            targets, ours=("fastpeft", "fastpeft_accelerate"), warmup=2 if gpu else 1,
+                            budget_s=None if gpu else 15.0))
     return out

@@ -53,7 +53,7 @@ class Settings:
         gpu = device.type == "cuda"
         table = {
             "smoke": (1, 3, 0.001, 2.0),
-            "quick": (3, 15, 0.005, 3.0) if gpu else (2, 7, 0.02, 6.0),
+            "quick": (3, 15, 0.005, 3.0) if gpu else (2, 7, 0.02, 5.0),
             "full": (3, 25, 0.005, 4.0) if gpu else (2, 11, 0.02, 10.0),
         }
         w, r, m, b = table[suite]

@@ -28,8 +28,11 @@ Peak memory (:func:`peak_memory`), measured in one extra call after timing:
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 import statistics
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -147,11 +150,30 @@ def measure(variants: dict[str, Callable[[], object]], device: torch.device, *, 
     return out
 
 
+@contextlib.contextmanager
+def quiet_profiler():
+    """Silence the C-level 'profiler_start/stop' lines kineto writes to fd 2 on
+    every profile (they would flood the table); Python exceptions still propagate."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):
+        yield
+        return
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def _cpu_peak_extra_bytes(fn: Callable[[], object]) -> int:
     from torch.profiler import ProfilerActivity, profile
     from torch._C._profiler import _EventType
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with quiet_profiler(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     events = []
     stack = list(prof.profiler.kineto_results.experimental_event_tree())
@@ -191,7 +213,7 @@ def count_launches(fn: Callable[[], object], device: torch.device) -> dict:
     device = torch.device(device)
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     synchronize(device)
-    with profile(activities=acts) as prof:
+    with quiet_profiler(), profile(activities=acts) as prof:
         fn()
         synchronize(device)
     events = prof.events()

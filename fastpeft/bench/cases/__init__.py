@@ -116,6 +116,10 @@ def all_cases(suite: str, device: torch.device) -> list[Case]:
     out: list[Case] = []
     for mod in PROVIDERS:
         out.extend(importlib.import_module(mod).cases(suite, torch.device(device)))
+    if suite == "full":  # headline (quick-suite) cases first, so a time cap cuts the rest
+        quick = {c.name for mod in PROVIDERS for c in importlib.import_module(mod).cases("quick", torch.device(device))}
+        out = ([c for c in out if c.group == "ceiling"] + [c for c in out if c.group != "ceiling" and c.name in quick]
+               + [c for c in out if c.group != "ceiling" and c.name not in quick])
     names = [c.name for c in out]
     dup = {n for n in names if names.count(n) > 1}
     if dup:
