@@ -221,8 +221,14 @@ class PeftModel(nn.Module):
         elif len(self.peft_config) > 1:
             raise NotImplementedError(f"{self._tuner.peft_type}: switching between several adapters is not "
                                       "supported by this method")
+        for key, w in self._mts_wrappers():
+            present = [n for n in names if n in w.modules_to_save]
+            if len(present) > 1:
+                raise ValueError(f"set_adapter: adapters {present} each have their own copy of {key} "
+                                 "(modules_to_save); only one of them can be active at a time")
         for _, w in self._mts_wrappers():
-            w.set_adapter(names[0], inference_mode=inference)
+            present = [n for n in names if n in w.modules_to_save]
+            w.set_adapter(present[0] if present else names[0], inference_mode=inference)
         self.active_adapter = names[0] if len(names) == 1 else list(names)
 
     def add_adapter(self, adapter_name: str, peft_config: PeftConfig) -> None:
@@ -241,6 +247,11 @@ class PeftModel(nn.Module):
         self._set_active(names)
 
     def delete_adapter(self, adapter_name: str) -> None:
+        """Delete an adapter.  As in HF PEFT, an adapter layer left without adapters stays in
+        place (it then runs its base layer only), so state_dict keys match PEFT's."""
+        self._delete(adapter_name, unwrap_empty=False)
+
+    def _delete(self, adapter_name: str, unwrap_empty: bool) -> None:
         if adapter_name not in self.peft_config:
             raise ValueError(f"adapter_name: unknown adapter {adapter_name!r}; this model has "
                              f"{list(self.peft_config)}")
@@ -248,7 +259,7 @@ class PeftModel(nn.Module):
             raise NotImplementedError(f"{self._tuner.peft_type}: deleting an adapter is not supported")
         if self._tuner.unmerge is not None:
             self._tuner.unmerge(self._model)
-        self._tuner.remove(self._model, adapter_name)
+        self._tuner.remove(self._model, adapter_name, **_opt_kw(self._tuner.remove, unwrap_empty=unwrap_empty))
         for key, w in self._mts_wrappers():
             if adapter_name in w.modules_to_save:
                 del w.modules_to_save[adapter_name]
@@ -296,7 +307,7 @@ class PeftModel(nn.Module):
             self._tuner.unmerge(self._model)
         model = self._model
         for name in list(self.peft_config):
-            self._tuner.remove(model, name)
+            self._tuner.remove(model, name, **_opt_kw(self._tuner.remove, unwrap_empty=True))
         for key, w in self._mts_wrappers():
             parent, child = _parent(model, key)
             setattr(parent, child, w._current() if merge else w.original_module)
@@ -413,7 +424,7 @@ class PeftModel(nn.Module):
         try:
             self.load_adapter_state_dict(state, adapter_name)
         except Exception:
-            self.delete_adapter(adapter_name)
+            self._delete(adapter_name, unwrap_empty=True)
             raise
         self._set_active(active)
 

@@ -27,7 +27,9 @@ A tuner module (``fastpeft/tuners/<method>.py``) registers itself at import with
   (same convention as above), validates them (missing / unexpected keys, shapes:
   the error names them) and loads them; nothing is changed when it raises.
 * ``remove(model, adapter_name)``: undoes ``inject`` for that adapter (used by
-  ``delete_adapter``, ``merge_and_unload`` and ``unload``).
+  ``delete_adapter``, ``merge_and_unload`` and ``unload``).  It may accept a keyword
+  ``unwrap_empty`` (PeftModel passes False from ``delete_adapter``, where HF PEFT keeps
+  adapter layers that have no adapter left, and True when unloading).
 * ``merge(model, adapter_names)`` / ``unmerge(model)``: fold the adapter into the
   base weights and back (methods that cannot merge leave them None; PeftModel
   then raises a clear error).

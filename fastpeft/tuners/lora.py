@@ -683,10 +683,13 @@ def load_adapter_state_dict(model: nn.Module, state: dict, adapter_name: str,
         m._dora_norm_cache.clear()
 
 
-def remove(model: nn.Module, adapter_name: str) -> None:
+def remove(model: nn.Module, adapter_name: str, unwrap_empty: bool = True) -> None:
+    """Delete ``adapter_name`` from every LoRA layer; a layer left without adapters is
+    replaced by its base layer unless ``unwrap_empty`` is False (HF PEFT's delete_adapter
+    keeps it)."""
     for name, m in list(lora_layers(model, adapter_name)):
         m.delete_adapter(adapter_name)
-        if not m.r:
+        if unwrap_empty and not m.r:
             parent, child = get_submodule_parent(model, name)
             setattr(parent, child, m.base_layer)
 
