@@ -4,8 +4,9 @@
   returns ``DistInfo(rank, world_size, local_rank)``.
 * :func:`wrap_model` wraps in ``DistributedDataParallel`` -- which registers gradient hooks only for
   parameters with ``requires_grad``, so with an adapter only the trainable parameters (adapter + head)
-  are all-reduced; the frozen base is never communicated after the initial broadcast -- or in
-  ``FullyShardedDataParallel(use_orig_params=True)`` (needed with frozen and trainable parameters mixed).
+  are all-reduced; the frozen base is never communicated after the initial broadcast -- or shards it
+  with FSDP2 (``torch.distributed.fsdp.fully_shard``, per-parameter DTensor sharding, which works on CPU
+  with gloo and with frozen and trainable parameters mixed; FSDP1 refuses CPU-only machines).
 * The trainer uses ``model.no_sync()`` on all but the last micro-batch of an accumulation group,
   logs / checkpoints on rank 0 only, and shards each global batch across ranks with
   :class:`fastpeft.workflow.data.BatchSampler` (``global_batch[rank::world_size]``, the split
@@ -58,10 +59,30 @@ def wrap_model(model: torch.nn.Module, kind: str, device: torch.device):
         ids = [device.index] if device.type == "cuda" else None
         return DDP(model, device_ids=ids)
     if kind == "fsdp":
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-        kw = {"device_id": device} if device.type == "cuda" else {}
-        return FSDP(model, use_orig_params=True, **kw)
+        # FSDP2 (per-parameter sharding, DTensor): runs on CPU/gloo too, and mixes frozen and trainable
+        # parameters freely. Each block named in the model's _no_split_modules is its own shard unit.
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+        mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+        blocks = set(getattr(unwrap_base(model), "_no_split_modules", None) or [])
+        for m in model.modules():
+            if type(m).__name__ in blocks:
+                fully_shard(m, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        model._fastpeft_fsdp = True
+        return model
     raise ValueError(f"distributed: expected 'ddp' or 'fsdp', got {kind!r}")
+
+
+def unwrap_base(model):
+    """The transformers model under PEFT wrappers (for attributes like ``_no_split_modules``)."""
+    for attr in ("get_base_model",):
+        if hasattr(model, attr):
+            try:
+                return getattr(model, attr)()
+            except Exception:
+                pass
+    return model
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -79,25 +100,45 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def is_fsdp(model) -> bool:
+    return bool(getattr(model, "_fastpeft_fsdp", False))
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor (FSDP2 shard) gathered to the full tensor (a collective); plain tensors unchanged."""
     try:
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-        return isinstance(model, FSDP)
+        from torch.distributed.tensor import DTensor
     except ImportError:
-        return False
+        return t
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def like_param(value: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """``value`` (a full tensor) laid out like ``param`` (sharded again when ``param`` is a DTensor)."""
+    try:
+        from torch.distributed.tensor import DTensor, distribute_tensor
+    except ImportError:
+        return value
+    if isinstance(param, DTensor) and not isinstance(value, DTensor) and value.shape == param.shape:
+        return distribute_tensor(value.to(param.device, param.dtype), param.device_mesh, param.placements)
+    return value
+
+
+@contextlib.contextmanager
+def _fsdp2_no_sync(model):
+    model.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
 
 
 def no_sync(model, skip: bool):
-    """``model.no_sync()`` when ``skip`` and the model has it (DDP/FSDP), else a null context."""
+    """Skip gradient reduction for this micro-batch when ``skip``: DDP ``no_sync()``, FSDP2
+    ``set_requires_gradient_sync(False)``; a null context otherwise."""
+    if skip and is_fsdp(model) and hasattr(model, "set_requires_gradient_sync"):
+        return _fsdp2_no_sync(model)
     if skip and hasattr(model, "no_sync"):
         return model.no_sync()
-    return contextlib.nullcontext()
-
-
-def full_params(model, enabled: bool):
-    """Context in which an FSDP model's full (unsharded) parameters are visible on every rank."""
-    if enabled and is_fsdp(model):
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-        return FSDP.summon_full_params(model, writeback=True)
     return contextlib.nullcontext()
 
 

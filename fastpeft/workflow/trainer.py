@@ -205,6 +205,8 @@ class _FallbackScaler:
         else:
             norm = torch.linalg.vector_norm(torch.stack([p.grad.float().norm() for p in params])) if params \
                 else torch.zeros(())
+        if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor norm
+            norm = norm.full_tensor()
         self._found_inf = not bool(torch.isfinite(norm))
         if self._found_inf:
             return False
@@ -298,17 +300,17 @@ class Trainer:
 
     def trainable_state(self) -> dict:
         """name -> detached CPU copy of every trainable parameter (names of the unwrapped model)."""
-        with D.full_params(self.wrapped, D.is_fsdp(self.wrapped)):
-            return {n: p.detach().cpu().clone() for n, p in self.module.named_parameters() if p.requires_grad}
+        return {n: D.full_tensor(p.detach()).cpu().clone() for n, p in self.module.named_parameters()
+                if p.requires_grad}
 
     def load_trainable_state(self, sd: dict) -> None:
         params = dict(self.module.named_parameters())
         missing = [n for n in sd if n not in params]
         if missing:
             raise ValueError(f"checkpoint has parameters the model lacks: {missing[:5]}")
-        with D.full_params(self.wrapped, D.is_fsdp(self.wrapped)), torch.no_grad():
+        with torch.no_grad():
             for n, v in sd.items():
-                params[n].copy_(v.to(params[n].device, params[n].dtype))
+                params[n].copy_(D.like_param(v.to(params[n].device, params[n].dtype), params[n]))
 
     def forward(self, model, batch):
         """(loss, logits) of the task, with ``loss_fn`` replacing the task loss when given."""
@@ -354,9 +356,32 @@ class Trainer:
             model.train(was)
 
     # ---- checkpoints ---------------------------------------------------------------------
-    def _save_adapter_to(self, path: str) -> None:
+    def _gathered_adapter_state(self) -> dict | None:
+        """Under FSDP2: the adapter state dict (PEFT on-disk keys) gathered to full tensors. A collective:
+        every rank calls it. None when not sharded (save_pretrained then reads the model directly)."""
+        if not D.is_fsdp(self.wrapped):
+            return None
         mod = self.module
-        if self._save_adapter is not None:
+        if hasattr(mod, "get_adapter_state_dict"):
+            sd = mod.get_adapter_state_dict()
+        else:
+            from peft import get_peft_model_state_dict
+            sd = get_peft_model_state_dict(mod)
+        return {k: D.full_tensor(v.detach()).cpu().contiguous() for k, v in sd.items()}
+
+    def _save_adapter_to(self, path: str, gathered: dict | None = None) -> None:
+        mod = self.module
+        if gathered is not None:  # FSDP2: write the gathered tensors in the PEFT layout ourselves
+            from safetensors.torch import save_file
+            os.makedirs(path, exist_ok=True)
+            save_file(gathered, os.path.join(path, "adapter_model.safetensors"), metadata={"format": "pt"})
+            cfg = mod.peft_config["default"]
+            cfg.inference_mode = True
+            try:
+                cfg.save_pretrained(path)
+            finally:
+                cfg.inference_mode = False
+        elif self._save_adapter is not None:
             self._save_adapter(mod, path)
         elif hasattr(mod, "peft_config") and hasattr(mod, "save_pretrained"):
             mod.save_pretrained(path)
@@ -375,12 +400,17 @@ class Trainer:
             return None
         path = path or os.path.join(cfg.output_dir, f"checkpoint-{self.state['step']}")
         trainable = self.trainable_state()  # collective under FSDP: every rank calls it
+        opt_sd = self.optimizer.state_dict()
+        opt_sd = {"param_groups": opt_sd["param_groups"],
+                  "state": {i: {k: (D.full_tensor(v) if torch.is_tensor(v) else v) for k, v in st.items()}
+                            for i, st in opt_sd["state"].items()}}
+        gathered = self._gathered_adapter_state()
         if not self.info.is_main:
             return path
         tensors = _flatten_state(trainable, "model.")
         if self.state.get("best_state") is not None:
             tensors.update(_flatten_state(self.state["best_state"], "best."))
-        opt_t, opt_m = ckpt.optimizer_to_flat(self.optimizer.state_dict())
+        opt_t, opt_m = ckpt.optimizer_to_flat(opt_sd)
         tensors.update(opt_t)
         rng_t, rng_m = ckpt.rng_state()
         tensors.update(rng_t)
@@ -391,7 +421,8 @@ class Trainer:
                     scaler={k: v for k, v in scaler_sd.items() if not torch.is_tensor(v)},
                     history=self.history, config=dataclasses.asdict(cfg), world_size=self.info.world_size)
         meta["scheduler"].pop("lr_lambdas", None)
-        ckpt.save_checkpoint(path, tensors=tensors, meta=meta, save_adapter=self._save_adapter_to)
+        ckpt.save_checkpoint(path, tensors=tensors, meta=meta,
+                             save_adapter=lambda d: self._save_adapter_to(d, gathered))
         ckpt.prune_checkpoints(cfg.output_dir if path.startswith(str(cfg.output_dir)) else os.path.dirname(path),
                                cfg.keep_checkpoints)
         return path
@@ -406,7 +437,13 @@ class Trainer:
         tensors, meta = ckpt.load_checkpoint(path)
         self.load_trainable_state({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
         best = {k[5:]: v for k, v in tensors.items() if k.startswith("best.")}
-        self.optimizer.load_state_dict(ckpt.optimizer_from_flat(tensors, meta["optimizer"]))
+        opt_sd = ckpt.optimizer_from_flat(tensors, meta["optimizer"])
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        for i, st in opt_sd["state"].items():  # re-shard state of FSDP2 (DTensor) parameters
+            for k, v in st.items():
+                if torch.is_tensor(v) and i < len(params):
+                    st[k] = D.like_param(v, params[i])
+        self.optimizer.load_state_dict(opt_sd)
         sched = dict(meta["scheduler"])
         sched["lr_lambdas"] = [None] * len(self.optimizer.param_groups)
         self.scheduler.load_state_dict(sched)
@@ -532,6 +569,8 @@ class Trainer:
         total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
 
         ScalerCls, self._autocast = _amp_api()
+        if D.is_fsdp(self.wrapped):  # the fused grad-tail op has no DTensor sharding rule: torch's clip
+            ScalerCls = _FallbackScaler
         self.scaler = ScalerCls(precision=cfg.precision)
         self.optimizer = build_optimizer(self.module, cfg)
         self.scheduler = build_scheduler(self.optimizer, cfg, total_steps)
@@ -621,9 +660,10 @@ class Trainer:
                   "skipped_steps": self.state.get("skipped_steps", 0), "resumed_from": self.resumed_from,
                   "losses": [h["loss"] for h in self.history if h["type"] == "train"]}
         if cfg.output_dir:
+            gathered = self._gathered_adapter_state()
             if self.info.is_main:
                 with ckpt.atomic_dir(os.path.join(cfg.output_dir, "adapter")) as tmp:
-                    self._save_adapter_to(tmp)
+                    self._save_adapter_to(tmp, gathered)
                 if cfg.plot:
                     from .plotting import plot_curves
                     result["curves"] = plot_curves(self.history, os.path.join(cfg.output_dir, "curves.png"),
