@@ -33,7 +33,13 @@ Equivalent PyTorch (what the tests compare with)::
     norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
     for g in grads: g.mul_(min(1, max_norm / (norm + 1e-6)))              # clip_grad_norm_
 
-Gradients may be fp32, fp16, bf16 (and fp64) mixed in one call, of any shapes, contiguous
+Launches per call, whatever the number of tensors: CPU, one dispatcher op per pass
+(``fastpeft::grad_tail_stats``, ``fastpeft::grad_tail_apply_``); CUDA, per pass one async
+host-to-device copy of the packed tensor table + one kernel (plus one fill when ``inv_scale``
+is a Python float).  PyTorch's ``unscale_`` + ``clip_grad_norm_`` issue per-tensor ops (or
+foreach launches chunked by tensor count) and read the gradients three times.
+
+Gradients may be fp32, fp16, bf16 (and fp64; read as fp32 on CUDA) mixed in one call, of any shapes, contiguous
 or not (non-contiguous ones are read through a copy and scaled one by one), any number of
 tensors including zero and empty tensors.  ``norm_type`` other than 2 runs on the torch backend.
 
