@@ -1,5 +1,5 @@
 """Bottleneck adapters (Houlsby et al. 2019; Pfeiffer et al. 2021; parallel, He et al. 2022)
-inserted into the transformer blocks of BERT-like, Llama-like and GPT-2-like models.
+inserted into the transformer blocks of BERT-like, Llama-like, GPT-2-like and ViT models.
 
 Every adapter computes, through the fused op :func:`fastpeft.ops.bottleneck_adapter`::
 
@@ -21,6 +21,7 @@ block          attention output           FFN output         parallel (input -> 
 BERT/ViT-like  ``attention.output.dense``  ``output.dense``    ``intermediate`` -> ``output.dense``
 Llama-like     ``self_attn.o_proj``        ``mlp.down_proj``   ``mlp`` -> ``mlp``
 GPT-2-like     ``attn.c_proj``             ``mlp.c_proj``      ``mlp`` -> ``mlp``
+ViT (tf 5)     ``attention.o_proj``        ``mlp.fc2``         ``mlp`` -> ``mlp``
 =============  =========================  =================  ==========================
 
 Parameters live on the block: ``<block>.bottleneck_adapter_attn.<adapter>.adapter_down.weight``
@@ -138,6 +139,7 @@ _ARCHS = {
     "bert": ("attention.output.dense", "output.dense", "intermediate", "output.dense"),
     "llama": ("self_attn.o_proj", "mlp.down_proj", "mlp", "mlp"),
     "gpt2": ("attn.c_proj", "mlp.c_proj", "mlp", "mlp"),
+    "vit": ("attention.o_proj", "mlp.fc2", "mlp", "mlp"),  # transformers 5 ViTLayer
 }
 
 

@@ -40,7 +40,6 @@ DEFAULT_TARGETS = {
     "gpt2": (["c_attn", "mlp.c_proj"], ["mlp.c_proj"]),
     "llama": (["k_proj", "v_proj", "down_proj"], ["down_proj"]),
     "mistral": (["k_proj", "v_proj", "down_proj"], ["down_proj"]),
-    "vit": (["query", "value", "output.dense"], ["output.dense"]),
 }
 
 

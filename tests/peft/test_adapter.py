@@ -235,3 +235,17 @@ def test_bad_configs():
     assert {k.split(".")[2] for k in model.state_dict() if "bottleneck" in k} == {"1"}
     with pytest.raises(ValueError, match="already exists"):
         ba.inject(model, ba.BottleneckAdapterConfig(), "default")
+
+
+def test_vit_blocks_houlsby_identity_and_training():
+    cfg = transformers.ViTConfig(image_size=8, patch_size=4, num_channels=3, hidden_size=32, num_hidden_layers=2,
+                                 num_attention_heads=4, intermediate_size=37, num_labels=2)
+    torch.manual_seed(0)
+    model = transformers.ViTForImageClassification(cfg).eval()
+    x = torch.randn(2, 3, 8, 8)
+    y0 = model(pixel_values=x).logits
+    touched = ba.inject(model, ba.BottleneckAdapterConfig(reduction_factor=4), "default")
+    assert len(touched) == 4
+    torch.testing.assert_close(model(pixel_values=x).logits, y0)
+    _randomize(model)
+    assert not torch.allclose(model(pixel_values=x).logits, y0)
