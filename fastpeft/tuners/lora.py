@@ -91,6 +91,18 @@ class LoraConfig(PeftConfig):
             self.alpha_pattern = {}
 
 
+def _lora_from_dict(cls, d: dict):
+    # A saved adapter's init scheme (pissa, olora, loftq, ...) does not matter once its
+    # weights are loaded from the file: read it as a plain LoRA adapter.
+    d = dict(d)
+    if d.get("init_lora_weights", True) not in (True, False, "gaussian"):
+        d["init_lora_weights"] = True
+    return PeftConfig.from_dict.__func__(cls, d)
+
+
+LoraConfig.from_dict = classmethod(_lora_from_dict)
+
+
 def _check_rank(name, r):
     if isinstance(r, bool) or not isinstance(r, int):
         raise TypeError(f"{name}: expected a positive int, got {r!r}")

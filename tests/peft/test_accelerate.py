@@ -154,3 +154,19 @@ def test_accelerate_rejects_non_peft_models():
         fastpeft.accelerate(builder("bert")())
     with pytest.raises(TypeError, match="peft_model"):
         fastpeft.accelerate("model")
+
+
+def test_accelerate_model_loaded_with_peft_from_pretrained(tmp_path, monkeypatch):
+    base, hf = _hf("gpt2", target_modules=["c_attn", "c_proj"], fan_in_fan_out=True)
+    hf.save_pretrained(tmp_path)
+    x = inputs_for("gpt2")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded = peft.PeftModel.from_pretrained(builder("gpt2")(), str(tmp_path)).eval()
+    with torch.no_grad():
+        ref = run(loaded, x)
+        s = fastpeft.accelerate(loaded)
+        assert s.accelerated == 6, str(s)  # c_attn, attn.c_proj, mlp.c_proj x 2 blocks
+        c = FusedCallCounter(monkeypatch)
+        torch.testing.assert_close(run(loaded, x), ref, atol=1e-5, rtol=1e-4)
+        assert c.n == 6

@@ -183,3 +183,25 @@ def test_failure_half_way_leaves_model_unchanged():
         fastpeft.get_peft_model(base, fastpeft.LoraConfig(target_modules=["fc", "pw"], use_dora=True))
     assert [type(m) for m in base.modules()] == types
     assert all(torch.equal(v, before[k]) for k, v in base.state_dict().items())
+
+
+def test_bfloat16_model_fused_path_close_to_hf(monkeypatch):
+    _, hf, fp = hf_and_fast("llama", dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    hf.to(torch.bfloat16), fp.to(torch.bfloat16)
+    c = FusedCallCounter(monkeypatch)
+    x = inputs_for("llama")
+    o1, o2 = run(hf, x), run(fp, x)
+    assert c.n == 4
+    torch.testing.assert_close(o2.float(), o1.float(), atol=5e-2, rtol=5e-2)
+    (o1.float() ** 2).mean().backward()
+    (o2.float() ** 2).mean().backward()
+    for (n1, p1), (n2, p2) in zip(hf.named_parameters(), fp.named_parameters()):
+        if p1.grad is not None:
+            torch.testing.assert_close(p2.grad.float(), p1.grad.float(), atol=5e-2, rtol=1e-1,
+                                       msg=lambda m: f"{n1}: {m}")
+
+
+def test_config_from_hf_file_with_other_init_scheme_loads_as_lora():
+    c = fastpeft.LoraConfig.from_dict({"peft_type": "LORA", "r": 4, "target_modules": ["q"],
+                                       "init_lora_weights": "pissa", "loftq_config": {}, "eva_config": None})
+    assert c.r == 4 and c.init_lora_weights is True
