@@ -16,7 +16,7 @@ with a number of launches that does not depend on the number of parameters::
 API (``torch.amp.GradScaler`` names where they exist):
 
 * ``GradScaler(precision="fp16", init_scale=2**16, growth_factor=2.0, backoff_factor=0.5,
-  growth_interval=2000, enabled=True)``.
+  growth_interval=2000, enabled=True, device=None, fuse_into_optimizer=True)``.
   - ``"fp16"``: dynamic loss scaling: the loss is multiplied by ``scale``; a step whose
     gradients hold inf/NaN is skipped and the scale is multiplied by ``backoff_factor``;
     after ``growth_interval`` consecutive clean steps it is multiplied by ``growth_factor``
@@ -35,6 +35,10 @@ API (``torch.amp.GradScaler`` names where they exist):
   unless a gradient was non-finite (one host sync on the overflow flag, as torch's
   GradScaler).  With ``master_weights`` (a :class:`MasterWeights`) the model grads are
   moved to the fp32 masters first and the stepped masters are copied back to the model.
+  Optimizers with a fused kernel that honours torch's ``grad_scale`` / ``found_inf`` contract
+  (``_step_supports_amp_scaling``: ``torch.optim.AdamW(fused=True)``, ``Adam``/``SGD(fused=True)``)
+  get ``grad_scale = 1/multiplier`` and ``found_inf`` directly, so only pass 1 runs (the optimizer
+  applies the multiplier and skips itself on overflow); ``fuse_into_optimizer=False`` disables that.
 * ``update(new_scale=None)``: updates the scale from the overflow flags of this iteration.
 * ``get_scale()``, ``get_growth_factor()``, ``get_backoff_factor()``, ``get_growth_interval()``,
   ``is_enabled()``, ``state_dict()``, ``load_state_dict(sd)`` (accepts torch GradScaler state dicts).
@@ -165,7 +169,8 @@ class GradScaler:
 
     def __init__(self, precision: Union[str, torch.dtype] = "fp16", init_scale: float = 2.0 ** 16,
                  growth_factor: float = 2.0, backoff_factor: float = 0.5, growth_interval: int = 2000,
-                 enabled: bool = True, device: Optional[Union[str, torch.device]] = None):
+                 enabled: bool = True, device: Optional[Union[str, torch.device]] = None,
+                 fuse_into_optimizer: bool = True):
         self.precision = normalize_precision(precision)
         if not (isinstance(init_scale, (int, float)) and math.isfinite(init_scale) and init_scale > 0):
             raise ValueError(f"init_scale: expected a finite number > 0, got {init_scale!r}")
@@ -186,6 +191,7 @@ class GradScaler:
         self._scale: Optional[torch.Tensor] = None
         self._growth_tracker: Optional[torch.Tensor] = None
         self._per_optimizer: dict[int, dict] = {}
+        self.fuse_into_optimizer = bool(fuse_into_optimizer)
         self.last_stats: Optional[GradTailStats] = None
         self.num_skipped_steps = 0
 
@@ -260,6 +266,9 @@ class GradScaler:
                 raise RuntimeError("step(master_weights=...): call it without a prior unscale_(), which would "
                                    "have run on the model's gradients instead of the masters'")
             master_weights.grads_to_master()
+        if state["stage"] == _READY and self._enabled and self.fuse_into_optimizer \
+                and getattr(optimizer, "_step_supports_amp_scaling", False):
+            return self._fused_optimizer_step(optimizer, state, max_norm, master_weights, args, kwargs)
         if state["stage"] == _READY:
             self.unscale_(optimizer, max_norm=max_norm)
         elif max_norm is not None:
@@ -274,6 +283,33 @@ class GradScaler:
         if master_weights is not None:
             master_weights.master_to_model()
         return True
+
+    def _fused_optimizer_step(self, optimizer, state, max_norm, master_weights, args, kwargs) -> bool:
+        """Pass 1 only; the optimizer's fused kernel divides the grads by ``1/multiplier`` and skips
+        the update when ``found_inf`` is set (torch's ``grad_scale`` / ``found_inf`` contract of
+        optimizers with ``_step_supports_amp_scaling``, e.g. ``AdamW(fused=True)``): no apply pass."""
+        grads = collect_grads(_optimizer_params(optimizer))
+        if self._scaling and any(g.dtype == torch.float16 for g in grads):
+            raise ValueError("GradScaler(precision='fp16'): the optimizer holds float16 gradients; use "
+                             "fastpeft.amp.MasterWeights(model) and step(..., master_weights=master).")
+        device = grads[0].device if grads else (self._scale.device if self._scale is not None else torch.device("cpu"))
+        stats = grad_tail(grads, inv_scale=self._inv_scale(device), max_norm=max_norm)
+        state["stats"] = stats
+        state["stage"] = _STEPPED
+        self.last_stats = stats
+        optimizer.grad_scale = stats.multiplier.reciprocal()  # 1/0 = inf only when found_inf (step skipped)
+        optimizer.found_inf = stats.found_inf
+        try:
+            optimizer.step(*args, **kwargs)
+        finally:
+            del optimizer.grad_scale
+            del optimizer.found_inf
+        stepped = not bool(stats.found_inf.item())  # the host sync, after the step was issued
+        if not stepped:
+            self.num_skipped_steps += 1
+        elif master_weights is not None:
+            master_weights.master_to_model()
+        return stepped
 
     def update(self, new_scale: Optional[Union[float, torch.Tensor]] = None) -> None:
         """Update the loss scale (fp16): back off if any step of this iteration overflowed,

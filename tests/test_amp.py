@@ -73,6 +73,35 @@ def test_fp16_scaler_matches_torch_gradscaler_step_for_step(opt_name, max_norm):
     assert scales[2] == 2.0 ** 11 and scales[5] == 2.0 ** 12 and scales[8] == 2.0 ** 10 and scales[11] == 2.0 ** 11
 
 
+@pytest.mark.parametrize("max_norm", [None, 0.05])
+def test_fused_optimizer_path_matches_unfused(max_norm):
+    """AdamW(fused=True) gets grad_scale/found_inf (no apply pass) and ends where the two-pass path does."""
+    overflow = {1, 4}
+    models = [tiny_model(), tiny_model()]
+    opts = [torch.optim.AdamW(models[0].parameters(), lr=1e-2, fused=True),
+            torch.optim.AdamW(models[1].parameters(), lr=1e-2)]
+    scalers = [amp.GradScaler("fp16", init_scale=2.0 ** 10, growth_interval=2) for _ in range(2)]
+    for step in range(7):
+        stepped = []
+        for model, opt, scaler in zip(models, opts, scalers):
+            scaler.scale(loss_fn(model, step)).backward()
+            poison(model, step, overflow)
+            if opt is opts[0]:
+                with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                    stepped.append(scaler.step(opt, max_norm=max_norm))
+                names = [e.name for e in prof.events() if e.name.startswith("fastpeft::")]
+                assert "fastpeft::grad_tail_apply_" not in names
+            else:
+                stepped.append(scaler.step(opt, max_norm=max_norm))
+            scaler.update()
+            opt.zero_grad()
+        assert stepped == [step not in overflow] * 2
+        assert scalers[0].get_scale() == scalers[1].get_scale()
+        for p, q in zip(*(m.parameters() for m in models)):
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=lambda m: f"step {step}: {m}")
+    assert opts[0].state[next(models[0].parameters())]["step"].item() == 5
+
+
 def test_step_skips_and_leaves_params_on_overflow():
     model = tiny_model()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
