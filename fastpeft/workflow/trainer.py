@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import json
 import math
 import os
@@ -495,6 +496,29 @@ class Trainer:
                                                          if isinstance(v, float)))
         return self.config.patience is not None and self.state["bad_evals"] >= self.config.patience
 
+    def _adversarial_step(self, model, batch, n: int, dtype) -> float:
+        """``adversarial.step(model, batch, forward_fn, backward=...)``: the method runs its own forward /
+        backward passes; ``backward`` applies loss scaling and the 1/n accumulation factor."""
+        autocast = self._autocast
+
+        def forward_fn(m, b):
+            ctx = autocast(self.device.type, dtype) if dtype != torch.float32 else contextlib.nullcontext()
+            with ctx:
+                loss, logits = self.forward(m, b)
+            return loss.float(), logits
+
+        step = self.adversarial.step
+        if "backward" in inspect.signature(step).parameters:
+            return float(step(model, batch, forward_fn, backward=lambda l: self.scaler.scale(l / n).backward()))
+        # methods without a backward hook call loss.backward() themselves: fold the factors into the loss
+        unit = float(self.scaler.scale(torch.ones((), device=self.device))) / n
+
+        def scaled_forward(m, b):
+            loss, logits = forward_fn(m, b)
+            return loss * unit, logits
+
+        return float(step(model, batch, scaled_forward)) / unit
+
     def _train_step(self, micro: list[dict]) -> float:
         cfg = self.config
         model = self.wrapped
@@ -509,16 +533,7 @@ class Trainer:
             last = i == n - 1
             with D.no_sync(model, skip=self.info.enabled and not last):
                 if self.adversarial is not None:
-                    unit = float(self.scaler.scale(torch.ones((), device=self.device)))
-
-                    def fwd(m, b, _n=n):
-                        ctx = autocast(self.device.type, dtype) if dtype != torch.float32 else contextlib.nullcontext()
-                        with ctx:
-                            loss, logits = self.forward(m, b)
-                        return self.scaler.scale(loss.float()) / _n, logits
-
-                    loss = self.adversarial.step(model, batch, fwd)
-                    total += float(loss) * n / unit / n
+                    total += self._adversarial_step(model, batch, n, dtype) / n
                 else:
                     ctx = autocast(self.device.type, dtype) if dtype != torch.float32 else contextlib.nullcontext()
                     with ctx:

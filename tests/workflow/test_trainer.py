@@ -210,6 +210,14 @@ def test_callbacks_augmentation_custom_loss_and_adversarial_hook(tiny_model_dir,
     torch.testing.assert_close(torch.tensor(r2["losses"]), torch.tensor(r3["losses"]))
 
 
+def test_fastpeft_adversarial_method_plugs_in(tiny_model_dir, tiny_cls_files):
+    adv = pytest.importorskip("fastpeft.adversarial")
+    _, r = _run(tiny_model_dir, tiny_cls_files, _cfg(max_steps=2), adversarial=adv.build("fgm", epsilon=1.0))
+    _, plain = _run(tiny_model_dir, tiny_cls_files, _cfg(max_steps=2))
+    assert r["losses"][0] == pytest.approx(plain["losses"][0], rel=1e-5)  # FGM reports the clean loss
+    assert r["losses"][1] != pytest.approx(plain["losses"][1], rel=1e-7)  # ... but trained on more
+
+
 def test_bf16_autocast_runs(tiny_model_dir, tiny_cls_files):
     # HF peft layers: fastpeft's fused lora_linear does not take bf16 activations with fp32 weights
     # under CPU autocast yet (reported to the patching / op owners)
