@@ -12,8 +12,8 @@ no extra forward arguments (e.g. ``adapter_names`` for a mixed-adapter batch),
 adapters enabled, nothing merged, exactly one active adapter on the layer, no LoRA
 variant (DoRA, ...), no ``lora_bias``, dropout is ``nn.Dropout`` / ``nn.Identity``,
 the base layer is a plain ``nn.Linear`` or transformers ``Conv1D`` (not quantised)
-with ``fan_in_fan_out`` matching it, and x / weight / bias / LoRA weights share one
-floating dtype.  Otherwise PEFT's forward runs, so results are always PEFT's.
+with ``fan_in_fan_out`` matching it, x / weight / bias / LoRA weights share one
+floating dtype, and autocast is off.  Otherwise PEFT's forward runs, so results are always PEFT's.
 
 Note: with ``lora_dropout > 0`` in training mode the fused op draws its mask from
 fastpeft's Philox RNG (seeded from torch's generator), not from ``nn.Dropout``'s, so
@@ -114,6 +114,10 @@ def _dynamic_reason(layer, x=None, args=(), kwargs=None) -> str | None:
         return "base bias dtype differs from weight"
     if x is not None and x.dtype != w.dtype:
         return "input dtype differs from the weight"
+    if x is not None:
+        from .tuners.lora import autocast_on
+        if autocast_on(x):
+            return "autocast enabled"
     return None
 
 

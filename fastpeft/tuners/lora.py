@@ -103,6 +103,13 @@ def _lora_from_dict(cls, d: dict):
 LoraConfig.from_dict = classmethod(_lora_from_dict)
 
 
+def autocast_on(x: torch.Tensor) -> bool:
+    try:
+        return torch.is_autocast_enabled(x.device.type)
+    except TypeError:  # older torch: no device argument
+        return torch.is_autocast_enabled() if x.is_cuda else torch.is_autocast_cpu_enabled()
+
+
 def _check_rank(name, r):
     if isinstance(r, bool) or not isinstance(r, int):
         raise TypeError(f"{name}: expected a positive int, got {r!r}")
@@ -329,6 +336,8 @@ class Linear(nn.Module, LoraLayer):
             return None
         w = self.base_layer.weight
         if not (x.dtype == w.dtype == self.lora_A[a].weight.dtype) or not x.dtype.is_floating_point:
+            return None
+        if autocast_on(x):  # PEFT's path lets autocast pick each matmul's dtype
             return None
         b = self.base_layer.bias
         if b is not None and b.dtype != x.dtype:

@@ -205,3 +205,13 @@ def test_config_from_hf_file_with_other_init_scheme_loads_as_lora():
     c = fastpeft.LoraConfig.from_dict({"peft_type": "LORA", "r": 4, "target_modules": ["q"],
                                        "init_lora_weights": "pissa", "loftq_config": {}, "eva_config": None})
     assert c.r == 4 and c.init_lora_weights is True
+
+
+def test_autocast_takes_the_plain_path(monkeypatch):
+    _, hf, fp = hf_and_fast("bert", dict(r=2, target_modules=["query"]))
+    c = FusedCallCounter(monkeypatch)
+    x = inputs_for("bert")
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        o1, o2 = run(hf, x), run(fp, x)
+    assert c.n == 0
+    torch.testing.assert_close(o2, o1)
