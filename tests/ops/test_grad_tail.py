@@ -10,7 +10,7 @@ import fastpeft
 from fastpeft.backends import BackendError
 from fastpeft.ops import grad_tail, grad_tail_, grad_tail_apply_
 
-from ..helpers import assert_close, runnable_backends
+from ..helpers import TOL, assert_close, runnable_backends
 
 EXAMPLE = ([torch.zeros(3)], torch.ones(()), 1.0, 2.0, 1e-6)
 BACKENDS = runnable_backends("grad_tail", *EXAMPLE)
@@ -95,6 +95,33 @@ def test_matches_torch_gradscaler_unscale_and_clip(backend):
     assert stats.found_inf.item() == 0.0
     for p, q in zip(model.parameters(), twin):
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-9)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("n", [1, 61, 500])
+@pytest.mark.parametrize("dtypes", [(torch.float32,), DTYPES], ids=["fp32", "mixed"])
+def test_matches_torch_unscale_and_clip_on_random_parameter_sets(backend, n, dtypes):
+    """The ops GradScaler.unscale_ runs (``_amp_foreach_non_finite_check_and_unscale_``) followed by
+    ``clip_grad_norm_``, on n random parameters.  torch rounds the per-tensor norms of half
+    grads to their dtype, hence the looser norm tolerance for mixed sets."""
+    scale = 256.0
+    grads = make_grads(n, seed=100 + n, scale=scale, dtypes=dtypes)
+    params = [torch.nn.Parameter(torch.zeros(g.shape, dtype=g.dtype)) for g in grads]
+    for p, g in zip(params, grads):
+        p.grad = g.clone()
+    found = torch.zeros(1)
+    torch._amp_foreach_non_finite_check_and_unscale_([p.grad for p in params], found, torch.tensor(1 / scale))
+    ref_norm = torch.nn.utils.clip_grad_norm_(params, 0.3)
+    with fastpeft.use_backend(backend):
+        stats = grad_tail_(grads, inv_scale=torch.tensor(1 / scale), max_norm=0.3)
+    assert stats.found_inf.item() == found.item() == 0.0
+    rel = NORM_RTOL if dtypes == (torch.float32,) else 1e-2
+    assert stats.total_norm.item() == pytest.approx(ref_norm.item(), rel=rel)
+    # torch's clip coefficient inherits its norm error (rel), so the grads may differ by that much too
+    for i, (g, p) in enumerate(zip(grads, params)):
+        atol, rtol = TOL[g.dtype]
+        torch.testing.assert_close(g.double(), p.grad.double(), atol=atol * 1e-2, rtol=max(rtol, 2 * rel),
+                                   msg=lambda m: f"grads[{i}] vs torch ({g.dtype}): {m}")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
