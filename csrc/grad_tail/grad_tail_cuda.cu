@@ -42,22 +42,24 @@ template <> __device__ __forceinline__ __nv_bfloat16 st<__nv_bfloat16>(float v) 
 
 template <typename T>
 __device__ __forceinline__ void accumulate(const T* __restrict__ p, int64_t n, float s, float& acc, bool& bad) {
-  float a0 = 0.f, a1 = 0.f;
+  float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;
   int64_t i = threadIdx.x;
-  for (; i + kThreads < n; i += 2 * kThreads) {  // two independent loads in flight per thread
-    const float v0 = ld(p[i]), v1 = ld(p[i + kThreads]);
-    bad |= !isfinite(v0) | !isfinite(v1);
-    const float u0 = v0 * s, u1 = v1 * s;
+  for (; i + 3 * kThreads < n; i += 4 * kThreads) {  // four independent loads in flight per thread
+    const float v0 = ld(p[i]), v1 = ld(p[i + kThreads]), v2 = ld(p[i + 2 * kThreads]), v3 = ld(p[i + 3 * kThreads]);
+    bad |= !isfinite(v0) | !isfinite(v1) | !isfinite(v2) | !isfinite(v3);
+    const float u0 = v0 * s, u1 = v1 * s, u2 = v2 * s, u3 = v3 * s;
     a0 = fmaf(u0, u0, a0);
     a1 = fmaf(u1, u1, a1);
+    a2 = fmaf(u2, u2, a2);
+    a3 = fmaf(u3, u3, a3);
   }
-  if (i < n) {
+  for (; i < n; i += kThreads) {
     const float v = ld(p[i]);
     bad |= !isfinite(v);
     const float u = v * s;
     a0 = fmaf(u, u, a0);
   }
-  acc += a0 + a1;
+  acc += (a0 + a1) + (a2 + a3);
 }
 
 template <typename A>
@@ -145,6 +147,7 @@ __global__ void __launch_bounds__(kThreads) stats_kernel(unsigned char* buf, int
 
 template <typename T>
 __device__ __forceinline__ void scale(T* __restrict__ p, int64_t n, float m) {
+#pragma unroll 4
   for (int64_t i = threadIdx.x; i < n; i += kThreads) p[i] = st<T>(ld(p[i]) * m);
 }
 template <>

@@ -19,7 +19,7 @@
 
 namespace fastpeft {
 
-constexpr int64_t GRAD_TAIL_CUDA_CHUNK = 1 << 16;
+constexpr int64_t GRAD_TAIL_CUDA_CHUNK = 1 << 14;  // 32 elements per thread of a 512-thread block
 
 // Number of chunks (blocks of the stats/apply kernels) for this tensor list.
 int64_t grad_tail_cuda_num_chunks(int64_t n_tensors, const int64_t* numels);
