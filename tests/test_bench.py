@@ -336,3 +336,27 @@ def test_readme_generator_needs_markers(tmp_path, capsys):
     md.write_text("# no markers\n")
     assert readme.main(["--results", str(tmp_path), "--readme", str(md)]) == 2
     assert "markers" in capsys.readouterr().err and md.read_text() == "# no markers\n"
+
+
+# -- GPU run script (what can be checked without a GPU) -----------------------------------
+GPU_RUN = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "gpu_run.sh")
+
+
+def test_gpu_run_script_parses_and_dry_runs(tmp_path):
+    import shutil
+    import subprocess
+
+    bash = shutil.which("bash")
+    if bash is None:
+        pytest.skip("bash not found")
+    subprocess.run([bash, "-n", GPU_RUN], check=True)
+    out = subprocess.run([bash, GPU_RUN, str(tmp_path / "out"), "--dry-run"], capture_output=True, text=True,
+                         timeout=120, env={**os.environ, "FASTPEFT_CUDA_ARCHS": "90"})
+    assert out.returncode == 0, out.stderr
+    steps = [line for line in out.stdout.splitlines() if line.startswith("+ ")]
+    joined = "\n".join(steps)
+    assert "setup.py build_ext --inplace" in joined
+    assert "pytest -m gpu tests/" in joined
+    assert "fastpeft bench --suite full --device cuda" in joined and "--strict" in joined
+    usage = subprocess.run([bash, GPU_RUN], capture_output=True, text=True, timeout=60)
+    assert usage.returncode == 2 and "usage" in usage.stderr

@@ -54,6 +54,9 @@ def render_one(path: str, r: dict, relto: str) -> str:
              f"at `{commit}`, torch {v['torch']}" + (f", CUDA {v['cuda']}" if v.get("cuda") else "")
              + (f", triton {v['triton']}" if v.get("triton") else "") + (f", peft {v['peft']}" if v.get("peft") else "")
              + f" (`{src}`)", ""]
+    warn = report.busy_warning(r).strip()
+    if warn:
+        lines += [f"> {warn}", ""]
     ceil = r.get("ceilings") or {}
     if ceil.get("tflops") or ceil.get("gbs"):
         lines += [f"Ceilings measured in the same run: {ceil.get('tflops', 0):.3g} TFLOP/s (matmul), "

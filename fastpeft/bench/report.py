@@ -121,9 +121,20 @@ def format_header(result: dict) -> str:
             f"{ceil['tflops']:.3g} TFLOP/s" if ceil.get("tflops") else "",
             f"{ceil['gbs']:.3g} GB/s" if ceil.get("gbs") else "") if x)
     commit = (v.get("git_commit") or "?")[:10] + ("+dirty" if v.get("git_dirty") else "")
-    return (f"fastpeft bench ({result['suite']} suite) on {d['type']}: {d.get('name')}  [{result['date']}]\n"
+    return busy_warning(result) + (f"fastpeft bench ({result['suite']} suite) on {d['type']}: {d.get('name')}  [{result['date']}]\n"
             f"fastpeft {v['fastpeft']} ({commit})  torch {v['torch']}  triton {v.get('triton') or '-'}  "
             f"CUDA {v.get('cuda') or '-'}  peft {v.get('peft') or '-'}{c}")
+
+
+def busy_warning(result: dict) -> str:
+    """A line warning that the CPU was busy (load above half the cores) during the run."""
+    d = result.get("device", {})
+    loads = [x[0] for x in (d.get("loadavg_start"), d.get("loadavg_end")) if x]
+    n = d.get("cpu_count") or 1
+    if d.get("type") == "cpu" and loads and max(loads) > 0.5 * n + 0.5:
+        return (f"WARNING: the machine was busy (load average {max(loads):.1f} on {n} cores): "
+                "CPU timings are not representative\n")
+    return ""
 
 
 def format_counts(result: dict) -> str:

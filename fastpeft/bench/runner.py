@@ -228,6 +228,7 @@ def run(cases: Iterable[Case], device: torch.device, settings: Settings, suite: 
     out = {"schema": SCHEMA, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "suite": suite}
     out.update(environment(device))
     out["settings"] = {k: getattr(settings, k) for k in Settings.__dataclass_fields__}
+    out["device"]["loadavg_start"] = _loadavg()
     out["ceilings"] = {}
     out["cases"] = []
     cases = list(cases)
@@ -253,4 +254,14 @@ def run(cases: Iterable[Case], device: torch.device, settings: Settings, suite: 
         if on_case:
             on_case(res)
     out["elapsed_s"] = round(time.perf_counter() - start, 3)
+    out["device"]["loadavg_end"] = _loadavg()
     return out
+
+
+def _loadavg() -> Optional[list[float]]:
+    """1/5/15-minute load averages: other work on the machine skews CPU timings
+    (OpenMP regions stall when their threads are descheduled), so runs record it."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (OSError, AttributeError):
+        return None

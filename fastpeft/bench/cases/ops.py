@@ -291,7 +291,7 @@ def grad_tail_build(shapes: list[tuple[int, ...]], dtype: torch.dtype):
         return Built({"fastpeft": fused, "torch_amp": torch_amp, "floor": floor},
                      floor="floor", baseline="torch_amp", bytes=float(numel * esize), launches=True,
                      notes={"fastpeft": "fastpeft.ops.grad_tail_ (norm + overflow check, then in-place unscale+clip) "
-                                        f"(backend: {selected_backend('grad_tail', grads)})",
+                                        f"(backend: {selected_backend('grad_tail', grads, inv.reshape(()), max_norm, 2.0, 1e-6)})",
                             "torch_amp": "GradScaler.unscale_ (_amp_foreach_non_finite_check_and_unscale_) "
                                          "+ clip_grad_norm_",
                             "floor": "torch._foreach_norm: one read pass (GB/s counts one read of every gradient)"},
