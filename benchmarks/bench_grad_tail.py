@@ -9,6 +9,10 @@ Groups (``benchmark.group``) are one parameter set each, so these compare side b
   ``torch._amp_foreach_non_finite_check_and_unscale_`` then ``torch.nn.utils.clip_grad_norm_``
   (foreach where available);
 * ``floor``     — the same bytes as ONE flat tensor: ``vector_norm`` + ``mul_`` (read, read+write).
+* ``scaler_fastpeft`` / ``scaler_torch`` — the whole AMP tail of a training step with an optimizer
+  whose ``step`` does nothing: ``fastpeft.amp.GradScaler.step(opt, max_norm) + update()`` vs
+  ``torch.amp.GradScaler``'s ``unscale_ + clip_grad_norm_ + step + update`` (host sync included in both;
+  scale held at 1 so values stay stable over the rounds).
 
 Parameter sets (issue 5):
 
@@ -37,7 +41,7 @@ import torch
 import fastpeft
 from fastpeft.ops import grad_tail_
 
-VARIANTS = ("fused", "reference", "torch_amp", "floor")
+VARIANTS = ("fused", "reference", "torch_amp", "floor", "scaler_fastpeft", "scaler_torch")
 LLAMA7B = dict(hidden=4096, intermediate=11008, layers=32)
 
 
@@ -91,6 +95,41 @@ def run_floor(flat: torch.Tensor, max_norm: float):
     return norm
 
 
+class NullOptimizer(torch.optim.Optimizer):
+    """An optimizer whose step does nothing: isolates the AMP tail in the scaler benchmarks."""
+
+    def __init__(self, params):
+        super().__init__(params, {})
+
+    def step(self, closure=None):
+        return None
+
+
+def make_scaler_case(kind: str, params, max_norm: float, device: str):
+    """One AMP tail per call: ``kind`` "fastpeft" or "torch" (see the module doc)."""
+    opt = NullOptimizer(params)
+    if kind == "fastpeft":
+        from fastpeft import amp
+
+        scaler = amp.GradScaler("fp16", init_scale=1.0, growth_interval=10 ** 9)
+        scaler.scale(torch.ones((), device=device))  # creates the scale tensor, as a backward would
+
+        def run():
+            stepped = scaler.step(opt, max_norm=max_norm)
+            scaler.update()
+            return stepped
+        return run
+    scaler = torch.amp.GradScaler(device, init_scale=1.0, growth_interval=10 ** 9)
+    scaler.scale(torch.ones((), device=device))
+
+    def run_torch():
+        scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_(params, max_norm)
+        scaler.step(opt)
+        scaler.update()
+    return run_torch
+
+
 def make_case(variant: str, shapes, dtypes=(torch.float32,), device="cpu"):
     """A zero-argument callable running one variant once on a fresh gradient set."""
     grads = make_grads(shapes, dtypes, device)
@@ -100,11 +139,13 @@ def make_case(variant: str, shapes, dtypes=(torch.float32,), device="cpu"):
         return lambda: run_fused(grads, inv_scale, max_norm)
     if variant == "reference":
         return lambda: run_fused(grads, inv_scale, max_norm, backend="torch")
-    if variant == "torch_amp":
+    if variant in ("torch_amp", "scaler_fastpeft", "scaler_torch"):
         params = [torch.nn.Parameter(torch.empty(0, device=device, dtype=g.dtype)) for g in grads]
         for p, g in zip(params, grads):
             p.data = torch.empty_like(g)
             p.grad = g
+        if variant != "torch_amp":
+            return make_scaler_case(variant.split("_")[1], params, max_norm, device)
         found = torch.zeros(1, device=device)
         return lambda: run_torch_amp(params, found, inv_scale, max_norm)
     if variant == "floor":
@@ -147,6 +188,8 @@ def cases(device: str) -> list:
 
 def _run(benchmark, variant, case, device):
     name, shapes, dtypes = case
+    if variant.startswith("scaler_") and torch.float16 in dtypes:
+        pytest.skip("GradScalers (torch's and fastpeft's) refuse fp16 grads under fp16 scaling (master weights)")
     fn = make_case(variant, shapes, dtypes, device)
     benchmark.group = f"grad_tail-{device}-{name}"
     benchmark.extra_info.update(variant=variant, tensors=len(shapes),
