@@ -198,35 +198,59 @@ def _replace_out(output, y):
     return (y,) + tuple(output[1:]) if isinstance(output, tuple) else y
 
 
-def _serial_hook(st: _State, container: nn.ModuleDict, name: str):
+# Hooks keep no references of their own: they find (state, container, slot) in the hooked
+# module's ``__dict__`` under _CTX_ATTR[adapter], so ``copy.deepcopy(model)`` gives a copy
+# whose hooks use the copy's adapters (deepcopy's memo maps those references).
+_CTX_ATTR = "_fastpeft_bottleneck_ctx"
+
+
+def _set_ctx(module: nn.Module, name: str, ctx: tuple) -> None:
+    d = module.__dict__.get(_CTX_ATTR)
+    if d is None:
+        d = {}
+        object.__setattr__(module, _CTX_ATTR, d)
+    d[name] = ctx
+
+
+def _ctx(module: nn.Module, name: str):
+    st, container, slot = module.__dict__[_CTX_ATTR][name]
+    return st, container, slot
+
+
+def _first_arg(args, kwargs):
+    if args:
+        return args[0]
+    return kwargs.get("hidden_states", next(iter(kwargs.values()), None))
+
+
+def _serial_hook(name: str):
     def hook(module, args, output):
+        st, container, _ = _ctx(module, name)
         if not st.enabled or name not in st.active:
             return None
         return _replace_out(output, container[name](_tensor_out(output), residual=True))
     return hook
 
 
-def _parallel_hooks(st: _State, container: nn.ModuleDict, name: str, same_module: bool):
-    slot = {}
+def _parallel_same_module_hook(name: str):  # Llama / GPT-2 / ViT: y = mlp(x) + adapter(x)
+    def hook(module, args, kwargs, output):
+        st, container, _ = _ctx(module, name)
+        if not st.enabled or name not in st.active:
+            return None
+        return _replace_out(output, _tensor_out(output) + container[name](_first_arg(args, kwargs), residual=False))
+    return hook
 
-    def first_arg(args, kwargs):
-        if args:
-            return args[0]
-        return kwargs.get("hidden_states", next(iter(kwargs.values()), None))
 
-    if same_module:  # Llama / GPT-2: y = mlp(x) + adapter(x)
-        def hook(module, args, kwargs, output):
-            if not st.enabled or name not in st.active:
-                return None
-            x = first_arg(args, kwargs)
-            return _replace_out(output, _tensor_out(output) + container[name](x, residual=False))
-        return [(hook, "fwd_kw")]
-
-    def capture(module, args, kwargs):  # BERT: x = input of `intermediate`
-        slot["x"] = first_arg(args, kwargs)
+def _parallel_capture_hook(name: str):  # BERT: x = input of `intermediate`
+    def capture(module, args, kwargs):
+        _ctx(module, name)[2]["x"] = _first_arg(args, kwargs)
         return None
+    return capture
 
+
+def _parallel_add_hook(name: str):  # BERT: output.dense(...) + adapter(x)
     def add(module, args, output):
+        st, container, slot = _ctx(module, name)
         x = slot.pop("x", None)
         if not st.enabled or name not in st.active:
             return None
@@ -234,7 +258,7 @@ def _parallel_hooks(st: _State, container: nn.ModuleDict, name: str, same_module
             raise RuntimeError("bottleneck adapter (parallel): the FFN input was not captured; the block "
                                "did not call its `intermediate` module before `output.dense`")
         return _replace_out(output, _tensor_out(output) + container[name](x, residual=False))
-    return [(capture, "pre_kw"), (add, "fwd")]
+    return add
 
 
 def inject(model: nn.Module, config: BottleneckAdapterConfig, adapter_name: str = "default") -> list:
@@ -270,7 +294,7 @@ def inject(model: nn.Module, config: BottleneckAdapterConfig, adapter_name: str 
             ref = next(size_src.parameters())
             dtype = ref.dtype if ref.is_floating_point() else None
             plan.append((path, block, kind, k, site, H, ref.device, dtype))
-    created, handles, touched = [], [], []
+    created, handles, touched, ctx_mods = [], [], [], []
     try:
         for path, block, kind, k, site, H, device, dtype in plan:
             cname = _CONTAINERS[k]
@@ -284,22 +308,32 @@ def inject(model: nn.Module, config: BottleneckAdapterConfig, adapter_name: str 
                                                         device=device, dtype=dtype)
             if config.adapter_type == "parallel":
                 _, _, par_in, par_add = _ARCHS[kind]
-                for fn, how in _parallel_hooks(st, container, adapter_name, par_in == par_add):
-                    target = block.get_submodule(par_in if how == "pre_kw" else par_add)
-                    if how == "pre_kw":
-                        handles.append(target.register_forward_pre_hook(fn, with_kwargs=True))
-                    elif how == "fwd_kw":
-                        handles.append(target.register_forward_hook(fn, with_kwargs=True))
-                    else:
-                        handles.append(target.register_forward_hook(fn))
+                slot = {}
+                add_mod = block.get_submodule(par_add)
+                _set_ctx(add_mod, adapter_name, (st, container, slot))
+                ctx_mods.append(add_mod)
+                if par_in == par_add:
+                    handles.append(add_mod.register_forward_hook(_parallel_same_module_hook(adapter_name),
+                                                                 with_kwargs=True))
+                else:
+                    in_mod = block.get_submodule(par_in)
+                    _set_ctx(in_mod, adapter_name, (st, container, slot))
+                    ctx_mods.append(in_mod)
+                    handles.append(in_mod.register_forward_pre_hook(_parallel_capture_hook(adapter_name),
+                                                                    with_kwargs=True))
+                    handles.append(add_mod.register_forward_hook(_parallel_add_hook(adapter_name)))
                 touched.append(f"{path}.{par_add}")
             else:
-                handles.append(block.get_submodule(site).register_forward_hook(
-                    _serial_hook(st, container, adapter_name)))
+                site_mod = block.get_submodule(site)
+                _set_ctx(site_mod, adapter_name, (st, container, None))
+                ctx_mods.append(site_mod)
+                handles.append(site_mod.register_forward_hook(_serial_hook(adapter_name)))
                 touched.append(f"{path}.{site}")
     except Exception:
         for h in handles:
             h.remove()
+        for m in ctx_mods:
+            m.__dict__.get(_CTX_ATTR, {}).pop(adapter_name, None)
         for path, block, kind, k, *_ in plan:
             c = getattr(block, _CONTAINERS[k], None)
             if c is not None and adapter_name in c:
@@ -366,6 +400,12 @@ def remove(model: nn.Module, adapter_name: str = "default") -> None:
         raise ValueError(f"adapter_name: no bottleneck adapter {adapter_name!r} (present: {sorted(st.configs)})")
     for h in st.handles.pop(adapter_name):
         h.remove()
+    for m in model.modules():
+        ctx = m.__dict__.get(_CTX_ATTR)
+        if ctx is not None:
+            ctx.pop(adapter_name, None)
+            if not ctx:
+                object.__delattr__(m, _CTX_ATTR)
     del st.configs[adapter_name]
     if adapter_name in st.active:
         st.active.remove(adapter_name)

@@ -32,9 +32,9 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .prompt import (CACHE_NAMES, PromptLearningConfig, _PLState, bind_args, cache_len, check_state_common,
+from .prompt import (CACHE_NAMES, PromptLearningConfig, bind_args, cache_len, check_state_common,
                      enable_common, extend_mask, freeze_all_but_encoder, get_cache, input_len_and_batch,
-                     install_state, model_dims, pl_state, remove_common, set_adapter_common)
+                     install_state, model_dims, owner_of, pl_state, remove_common, set_adapter_common)
 
 PEFT_TYPE = "PREFIX_TUNING"
 
@@ -120,40 +120,40 @@ def prefix_key_values(enc: PrefixEncoder, cfg: PrefixTuningConfig, batch: int, d
     return [(P[2 * i], P[2 * i + 1]) for i in range(Lr)]
 
 
-def _prefix_hook(model: nn.Module, target: nn.Module, cache_name: str):
-    def make(st: _PLState):
-        def pre(module, args, kwargs):
-            if not st.enabled or not st.active:
-                return None
-            name = st.active[0]
-            cfg = st.configs[name]
-            n = cfg.num_virtual_tokens
-            kw = bind_args(module, args, kwargs)
-            L, B = input_len_and_batch(kw)
-            found, cache = get_cache(kw)
-            past = cache_len(cache)
-            if past == 0:
-                emb = model.get_input_embeddings()
-                dtype = emb.weight.dtype if emb is not None and emb.weight.is_floating_point() else torch.float32
-                kv = prefix_key_values(model.prompt_encoder[name], cfg, B, dtype)
-                if cache is None:
-                    from transformers import DynamicCache
-                    cache = DynamicCache(kv)
-                else:  # an empty cache handed in (e.g. by generate): fill it in place
-                    for i, (k, v) in enumerate(kv):
-                        cache.update(k, v, i)
-                if found is not None and found != cache_name:
-                    kw.pop(found)
-                kw[cache_name] = cache
-                needed = n + L
-            else:
-                needed = past + L
-            kw["attention_mask"] = extend_mask(kw.get("attention_mask"), n, needed)
-            if kw.get("position_ids") is not None:
-                kw["position_ids"] = kw["position_ids"] + n
-            return (), kw
-        return pre
-    return make
+def _prefix_hook(cache_name: str):
+    """The pre-hook (holds only the cache argument name; see install_state)."""
+    def pre(module, args, kwargs):
+        model, st = owner_of(module)
+        if st is None or not st.enabled or not st.active:
+            return None
+        name = st.active[0]
+        cfg = st.configs[name]
+        n = cfg.num_virtual_tokens
+        kw = bind_args(module, args, kwargs)
+        L, B = input_len_and_batch(kw)
+        found, cache = get_cache(kw)
+        past = cache_len(cache)
+        if past == 0:
+            emb = model.get_input_embeddings()
+            dtype = emb.weight.dtype if emb is not None and emb.weight.is_floating_point() else torch.float32
+            kv = prefix_key_values(model.prompt_encoder[name], cfg, B, dtype)
+            if cache is None:
+                from transformers import DynamicCache
+                cache = DynamicCache(kv)
+            else:  # an empty cache handed in (e.g. by generate): fill it in place
+                for i, (k, v) in enumerate(kv):
+                    cache.update(k, v, i)
+            if found is not None and found != cache_name:
+                kw.pop(found)
+            kw[cache_name] = cache
+            needed = n + L
+        else:
+            needed = past + L
+        kw["attention_mask"] = extend_mask(kw.get("attention_mask"), n, needed)
+        if kw.get("position_ids") is not None:
+            kw["position_ids"] = kw["position_ids"] + n
+        return (), kw
+    return pre
 
 
 def _fill_config(model: nn.Module, config: PrefixTuningConfig) -> None:
@@ -201,7 +201,7 @@ def inject(model: nn.Module, config: PrefixTuningConfig, adapter_name: str = "de
     if not hasattr(model, "prompt_encoder"):
         model.add_module("prompt_encoder", nn.ModuleDict())
     model.prompt_encoder[adapter_name] = enc
-    st = install_state(model, "prefix", target, _prefix_hook(model, target, _cache_param(target)))
+    st = install_state(model, "prefix", target, _prefix_hook(_cache_param(target)))
     st.configs[adapter_name] = config
     if not st.active:
         st.active = [adapter_name]

@@ -154,15 +154,30 @@ def extend_mask(mask, n: int, needed_len: int):
     return mask
 
 
+_OWNER_ATTR = "_fastpeft_pl_owner"
+
+
 def install_state(model: nn.Module, kind: str, hook_module: nn.Module, hook) -> _PLState:
+    """Attach the state to ``model`` and the pre-hook to ``hook_module`` (the model or its
+    backbone).  The hook holds no references: it finds the model (owner of the state and of
+    ``prompt_encoder``) from the hooked module, so ``copy.deepcopy`` yields an independent copy."""
     st = pl_state(model)
     if st is None:
         st = _PLState(kind)
-        st.handle = hook_module.register_forward_pre_hook(hook(st), with_kwargs=True)
+        if hook_module is not model:
+            object.__setattr__(hook_module, _OWNER_ATTR, model)
+        st.handle = hook_module.register_forward_pre_hook(hook, with_kwargs=True)
+        st.hook_module_is_model = hook_module is model
         object.__setattr__(model, _STATE_ATTR, st)
     elif st.kind != kind:
         raise ValueError(f"model already holds {st.kind} tuning adapters; cannot add {kind} tuning")
     return st
+
+
+def owner_of(hooked: nn.Module):
+    """``(model, state)`` for a hooked module (the model itself or its backbone)."""
+    model = hooked.__dict__.get(_OWNER_ATTR, hooked)
+    return model, model.__dict__.get(_STATE_ATTR)
 
 
 def freeze_all_but_encoder(model: nn.Module, st: _PLState, inference_mode: bool) -> None:
@@ -187,6 +202,9 @@ def remove_common(model: nn.Module, adapter_name: str) -> None:
         st.handle.remove()
         del model.prompt_encoder
         object.__delattr__(model, _STATE_ATTR)
+        for m in model.modules():
+            if m.__dict__.get(_OWNER_ATTR) is model:
+                object.__delattr__(m, _OWNER_ATTR)
 
 
 def set_adapter_common(model: nn.Module, adapter_names, inference_mode: bool = False) -> None:
@@ -296,40 +314,37 @@ def _init_token_ids(config: PromptTuningConfig, total: int, vocab: int) -> Optio
     return ids
 
 
-def _prompt_hook(model: nn.Module):
-    def make(st: _PLState):
-        def pre(module, args, kwargs):
-            if not st.enabled or not st.active:
-                return None
-            name = st.active[0]
-            cfg = st.configs[name]
-            n = cfg.num_virtual_tokens * (cfg.num_transformer_submodules or 1)
-            kw = bind_args(module, args, kwargs)
-            L, B = input_len_and_batch(kw)
-            _, cache = get_cache(kw)
-            past = cache_len(cache)
-            if past == 0:
-                emb = kw.get("inputs_embeds")
-                if emb is None:
-                    emb = module.get_input_embeddings()(kw["input_ids"])
-                prompt = model.prompt_encoder[name].embedding.weight
-                kw["inputs_embeds"] = torch.cat([prompt.unsqueeze(0).expand(B, -1, -1).to(emb.dtype), emb], 1)
-                kw["input_ids"] = None
-                labels = kw.get("labels")
-                if isinstance(labels, torch.Tensor) and labels.dim() >= 2 and labels.shape[1] == L:
-                    kw["labels"] = torch.cat([labels.new_full((B, n), -100), labels], 1)
-                tt = kw.get("token_type_ids")
-                if isinstance(tt, torch.Tensor) and tt.dim() == 2 and tt.shape[1] == L:
-                    kw["token_type_ids"] = torch.cat([tt.new_zeros(B, n), tt], 1)
-                needed = n + L
-            else:
-                needed = past + L
-            kw["attention_mask"] = extend_mask(kw.get("attention_mask"), n, needed)
-            if kw.get("position_ids") is not None:
-                kw["position_ids"] = None  # as HF PEFT: recomputed by the model from the cache length
-            return (), kw
-        return pre
-    return make
+def _prompt_pre_hook(module, args, kwargs):
+    model, st = owner_of(module)
+    if st is None or not st.enabled or not st.active:
+        return None
+    name = st.active[0]
+    cfg = st.configs[name]
+    n = cfg.num_virtual_tokens * (cfg.num_transformer_submodules or 1)
+    kw = bind_args(module, args, kwargs)
+    L, B = input_len_and_batch(kw)
+    _, cache = get_cache(kw)
+    past = cache_len(cache)
+    if past == 0:
+        emb = kw.get("inputs_embeds")
+        if emb is None:
+            emb = module.get_input_embeddings()(kw["input_ids"])
+        prompt = model.prompt_encoder[name].embedding.weight
+        kw["inputs_embeds"] = torch.cat([prompt.unsqueeze(0).expand(B, -1, -1).to(emb.dtype), emb], 1)
+        kw["input_ids"] = None
+        labels = kw.get("labels")
+        if isinstance(labels, torch.Tensor) and labels.dim() >= 2 and labels.shape[1] == L:
+            kw["labels"] = torch.cat([labels.new_full((B, n), -100), labels], 1)
+        tt = kw.get("token_type_ids")
+        if isinstance(tt, torch.Tensor) and tt.dim() == 2 and tt.shape[1] == L:
+            kw["token_type_ids"] = torch.cat([tt.new_zeros(B, n), tt], 1)
+        needed = n + L
+    else:
+        needed = past + L
+    kw["attention_mask"] = extend_mask(kw.get("attention_mask"), n, needed)
+    if kw.get("position_ids") is not None:
+        kw["position_ids"] = None  # as HF PEFT: recomputed by the model from the cache length
+    return (), kw
 
 
 def inject(model: nn.Module, config: PromptTuningConfig, adapter_name: str = "default") -> list:
@@ -367,7 +382,7 @@ def inject(model: nn.Module, config: PromptTuningConfig, adapter_name: str = "de
     if not hasattr(model, "prompt_encoder"):
         model.add_module("prompt_encoder", nn.ModuleDict())
     model.prompt_encoder[adapter_name] = enc
-    st = install_state(model, "prompt", model, _prompt_hook(model))
+    st = install_state(model, "prompt", model, _prompt_pre_hook)
     st.configs[adapter_name] = config
     if not st.active:
         st.active = [adapter_name]

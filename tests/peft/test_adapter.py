@@ -249,3 +249,22 @@ def test_vit_blocks_houlsby_identity_and_training():
     torch.testing.assert_close(model(pixel_values=x).logits, y0)
     _randomize(model)
     assert not torch.allclose(model(pixel_values=x).logits, y0)
+
+
+@pytest.mark.parametrize("kind", ["houlsby", "parallel"])
+def test_deepcopy_gives_an_independent_model(kind):
+    model = tiny_bert()
+    ba.inject(model, ba.BottleneckAdapterConfig(adapter_type=kind, reduction_factor=4), "default")
+    _randomize(model)
+    y = _logits(model)
+    twin = copy.deepcopy(model)
+    torch.testing.assert_close(_logits(twin), y)
+    with torch.no_grad():
+        for n, p in twin.named_parameters():
+            if "adapter_up" in n:
+                p.zero_()
+    torch.testing.assert_close(_logits(model), y)  # the original still uses its own adapters
+    ba.enable_adapters(twin, False)
+    torch.testing.assert_close(_logits(model), y)
+    ba.remove(twin, "default")
+    torch.testing.assert_close(_logits(model), y)

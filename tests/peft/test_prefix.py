@@ -158,3 +158,21 @@ def test_bad_configs_and_inputs():
     px.inject(model, px.PrefixTuningConfig(num_virtual_tokens=2), "default")
     with pytest.raises(ValueError, match="shape mismatches"):
         px.load_adapter_state_dict(model, {"prompt_embeddings": torch.zeros(2, 3)})
+
+
+def test_deepcopy_of_backbone_hooked_model_is_independent():
+    cfg = transformers.BertConfig(vocab_size=97, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                  intermediate_size=37, max_position_embeddings=64, num_labels=2)
+    torch.manual_seed(0)
+    model = transformers.BertForSequenceClassification(cfg).eval()
+    px.inject(model, px.PrefixTuningConfig(num_virtual_tokens=2), "default")
+    ids, mask = _inputs()
+    y = model(input_ids=ids, attention_mask=mask).logits
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        twin.prompt_encoder["default"].embedding.weight.mul_(10)
+    assert not torch.allclose(twin(input_ids=ids, attention_mask=mask).logits, y)
+    torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).logits, y)
+    px.remove(twin, "default")
+    assert not twin.bert._forward_pre_hooks and "_fastpeft_pl_owner" not in twin.bert.__dict__
+    torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).logits, y)

@@ -238,3 +238,17 @@ def test_bad_configs():
         pt.load_adapter_state_dict(model, {"prompt_embeddings": torch.zeros(3, 32)})
     with pytest.raises(ValueError, match="missing keys"):
         pt.load_adapter_state_dict(model, {})
+
+
+def test_deepcopy_gives_an_independent_model():
+    model = tiny_gpt2()
+    pt.inject(model, pt.PromptTuningConfig(num_virtual_tokens=2), "default")
+    ids, _ = _inputs()
+    y = model(input_ids=ids).logits
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        twin.prompt_encoder["default"].embedding.weight.zero_()
+    assert not torch.allclose(twin(input_ids=ids).logits, y)
+    torch.testing.assert_close(model(input_ids=ids).logits, y)
+    pt.remove(twin, "default")
+    torch.testing.assert_close(model(input_ids=ids).logits, y)
