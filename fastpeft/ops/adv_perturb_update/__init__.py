@@ -34,7 +34,7 @@ Same seed, same values on every backend (up to the rounding of log/cos for
 ``normal``).
 
 Files: ``reference.py`` (torch backend, oracle, the eager FreeLB baseline),
-``csrc/adv_perturb_update/`` (C++ CPU, CUDA, binding, C++ test),
+``triton_kernel.py``, ``csrc/adv_perturb_update/`` (C++ CPU, CUDA, binding, C++ test),
 ``tests/ops/test_adv_perturb_update.py``, ``benchmarks/bench_adv_perturb_update.py``.
 """
 from __future__ import annotations
@@ -43,7 +43,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from ... import _ext
+from ... import _ext, _triton
 from ...backends import define_op
 from ...kernels.philox import check_seed
 from .._checks import check_float, check_same_device, check_tensor, device_reason, dtype_reason
@@ -194,6 +194,41 @@ INIT_OP.register("cpu", available=_compiled_ops_reason,
                  supports=_supports("cpu", CPU_DTYPES, "cpu backend"))(_init_compiled)
 INIT_OP.register("cuda", available=_cuda_reason,
                  supports=_supports("cuda", GPU_DTYPES, "cuda backend"))(_init_compiled)
+
+
+# -- triton (custom_op + fake, so opcheck and torch.compile work) -------------
+@torch.library.custom_op("fastpeft::adv_perturb_update_triton", mutates_args=("delta",))
+def _update_triton(delta: torch.Tensor, grad: torch.Tensor, mask: Optional[torch.Tensor], norm: str,
+                   step_size: float, epsilon: float) -> None:
+    from .triton_kernel import update_triton
+
+    update_triton(delta, grad, mask, norm, step_size, epsilon)
+
+
+@_update_triton.register_fake
+def _(delta, grad, mask, norm, step_size, epsilon):
+    return None
+
+
+@torch.library.custom_op("fastpeft::adv_perturb_init_triton", mutates_args=("delta",))
+def _init_triton(delta: torch.Tensor, mask: Optional[torch.Tensor], kind: str, norm: str, scale: float,
+                 seed: int) -> None:
+    from .triton_kernel import init_triton
+
+    init_triton(delta, mask, kind, norm, scale, seed, INIT_STREAM)
+
+
+@_init_triton.register_fake
+def _(delta, mask, kind, norm, scale, seed):
+    return None
+
+
+def _triton_supports(delta, *args, forced):
+    return _triton.supports_device(delta.device, forced) or dtype_reason(delta, GPU_DTYPES, "triton backend")
+
+
+UPDATE_OP.register("triton", available=_triton.available, supports=_triton_supports)(_update_triton)
+INIT_OP.register("triton", available=_triton.available, supports=_triton_supports)(_init_triton)
 
 __all__ = ["adv_perturb_update", "adv_perturb_init", "freelb_eager_update", "UPDATE_OP", "INIT_OP", "NORMS",
            "INIT_KINDS", "INIT_STREAM"]
