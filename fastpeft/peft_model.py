@@ -20,6 +20,7 @@ import copy
 import inspect
 import os
 import re
+import types
 import warnings
 from typing import Optional, Union
 
@@ -118,6 +119,22 @@ class PeftModel(nn.Module):
         self.active_adapter = adapter_name
         self._add(adapter_name, peft_config)
         self._set_active([adapter_name])
+        self._expose_forward_signature(model)
+
+    def _expose_forward_signature(self, model: nn.Module) -> None:
+        """Give ``forward`` the wrapped model's signature, so tools that inspect it (HF
+        ``Trainer`` dropping unused dataset columns) see the real argument names."""
+        try:
+            sig = inspect.signature(type(model).forward)
+        except (TypeError, ValueError):
+            return
+
+        def forward(self_, *args, **kwargs):
+            return self_.base_model(*args, **kwargs)
+
+        forward.__signature__ = sig
+        forward.__doc__ = type(model).forward.__doc__
+        self.forward = types.MethodType(forward, self)
 
     # -- attribute forwarding ---------------------------------------------------------
     def __getattr__(self, name: str):

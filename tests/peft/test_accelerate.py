@@ -131,15 +131,27 @@ def test_dora_and_merged_layers_are_reported_and_fall_back(monkeypatch):
 
 
 def test_accelerate_torch_compile_runs():
-    _, hf = _hf("gpt2", target_modules=["c_attn"], fan_in_fan_out=True)
-    x = inputs_for("gpt2")
-    with torch.no_grad():
-        ref = run(hf, x)
-    fastpeft.accelerate(hf)
-    compiled = torch.compile(hf.base_model.model, backend="eager")
-    with torch.no_grad():
-        out = compiled(**x).logits
+    class MLP(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.up = torch.nn.Linear(12, 20)
+            self.down = torch.nn.Linear(20, 5)
+
+        def forward(self, x):
+            return self.down(torch.relu(self.up(x)))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf = peft.get_peft_model(MLP(), peft.LoraConfig(r=2, target_modules=["up", "down"],
+                                                        init_lora_weights=False))
+    x = torch.randn(3, 12)
+    ref = hf(x)
+    assert fastpeft.accelerate(hf).accelerated == 2
+    out = torch.compile(hf, backend="eager")(x)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
+    out.sum().backward()
+    assert hf.base_model.model.up.lora_A["default"].weight.grad is not None
 
 
 def test_accelerate_fastpeft_model_is_a_noop():

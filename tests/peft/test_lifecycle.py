@@ -152,31 +152,43 @@ def _train(model, steps=24, lr=0.05):
     return losses
 
 
-def test_short_training_lowers_loss_equally_across_backends_and_hf():
+def _tiny_bert_and_init(kw):
     from transformers import BertConfig, BertForSequenceClassification
     torch.manual_seed(0)
     cfg = BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                      intermediate_size=24, num_labels=3, hidden_dropout_prob=0.0,
                      attention_probs_dropout_prob=0.0)
     base = BertForSequenceClassification(cfg)
-    kw = dict(r=4, lora_alpha=8, target_modules=["query", "value", "dense"], modules_to_save=["classifier"])
     torch.manual_seed(1)
     fp = fastpeft.get_peft_model(copy.deepcopy(base), fastpeft.LoraConfig(**kw))
-    init = copy.deepcopy(fp.state_dict())
+    return base, fp, copy.deepcopy(fp.state_dict())
+
+
+_TRAIN_KW = dict(r=4, lora_alpha=8, target_modules=["query", "value", "dense"], modules_to_save=["classifier"])
+
+
+def test_short_training_lowers_loss_equally_on_default_and_torch_backends():
+    base, fp, init = _tiny_bert_and_init(_TRAIN_KW)
     default_losses = _train(fp)
-    fp.load_state_dict(init)
-    fp_torch = fastpeft.get_peft_model(copy.deepcopy(base), fastpeft.LoraConfig(**kw))
+    fp_torch = fastpeft.get_peft_model(copy.deepcopy(base), fastpeft.LoraConfig(**_TRAIN_KW))
     fp_torch.load_state_dict(init)
     with fastpeft.use_backend("torch", op="lora_linear"):
         torch_losses = _train(fp_torch)
+    assert default_losses[-1] < 0.8 * default_losses[0]
+    torch.testing.assert_close(torch.tensor(default_losses), torch.tensor(torch_losses), atol=2e-3, rtol=2e-3)
+
+
+@pytest.mark.slow
+def test_training_run_matches_hf_peft():
+    base, fp, init = _tiny_bert_and_init(_TRAIN_KW)
+    fp_losses = _train(fp)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        hf = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**kw))
+        hf = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**_TRAIN_KW))
     hf.load_state_dict(init)
     hf_losses = _train(hf)
-    assert default_losses[-1] < 0.8 * default_losses[0]
-    for other in (torch_losses, hf_losses):
-        torch.testing.assert_close(torch.tensor(default_losses), torch.tensor(other), atol=2e-3, rtol=2e-3)
+    assert fp_losses[-1] < 0.8 * fp_losses[0]
+    torch.testing.assert_close(torch.tensor(fp_losses), torch.tensor(hf_losses), atol=2e-3, rtol=2e-3)
 
 
 def test_training_with_fused_dropout_lowers_loss():
@@ -189,3 +201,29 @@ def test_training_with_fused_dropout_lowers_loss():
                                                      modules_to_save=["classifier"]))
     losses = _train(fp, steps=12, lr=0.1)
     assert sum(losses[-3:]) / 3 < 0.8 * sum(losses[:3]) / 3
+
+
+def test_hf_trainer_trains_a_fastpeft_model(tmp_path):
+    from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainingArguments
+    cfg = BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                     intermediate_size=24, num_labels=3)
+    fp = fastpeft.get_peft_model(BertForSequenceClassification(cfg),
+                                 fastpeft.LoraConfig(r=2, target_modules=["query", "value"],
+                                                     modules_to_save=["classifier"]))
+    before = {k: v.clone() for k, v in fp.state_dict().items()}
+
+    class DS(torch.utils.data.Dataset):
+        def __len__(self):
+            return 8
+
+        def __getitem__(self, i):
+            g = torch.Generator().manual_seed(i)
+            return {"input_ids": torch.randint(0, 64, (6,), generator=g), "labels": torch.tensor(i % 3),
+                    "unused_text": "dropped by Trainer"}
+
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4, report_to=[],
+                             use_cpu=True, save_strategy="no")
+    Trainer(model=fp, args=args, train_dataset=DS()).train()
+    after = fp.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(("lora_" in k or "modules_to_save" in k) for k in changed)
