@@ -112,9 +112,9 @@ def test_generate_matches_no_cache_greedy(factory):
     with torch.no_grad():
         model.prompt_encoder["default"].embedding.weight.mul_(5.0)
     ids, mask = _inputs()
-    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False)
-    assert out.shape == (2, 10)
-    torch.testing.assert_close(out, _greedy_no_cache(model, ids, mask, 5, positions_from_mask=True))
+    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
+    assert out.shape == (2, 9)
+    torch.testing.assert_close(out, _greedy_no_cache(model, ids, mask, 4, positions_from_mask=True))
 
 
 def test_get_peft_model_round_trip_with_hf(tmp_path):
