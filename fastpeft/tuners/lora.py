@@ -460,7 +460,12 @@ class Embedding(nn.Module, LoraLayer):
             if a not in self.lora_embedding_A:
                 continue
             after_A = self._embed(x, self.lora_embedding_A[a].T)
-            result = result + (after_A @ self.lora_embedding_B[a].T) * self.scaling[a]
+            out = (after_A @ self.lora_embedding_B[a].T) * self.scaling[a]
+            embed_scale = getattr(self.base_layer, "embed_scale", None)
+            if isinstance(embed_scale, (int, float, torch.Tensor)):
+                # scaled embeddings (e.g. Gemma) scale in forward: the LoRA term gets the same factor
+                out = out * (embed_scale.to(out.dtype) if isinstance(embed_scale, torch.Tensor) else embed_scale)
+            result = result + out
         return result.to(dtype)
 
     def _merge_one(self, a, safe_merge):

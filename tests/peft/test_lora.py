@@ -215,3 +215,30 @@ def test_autocast_takes_the_plain_path(monkeypatch):
         o1, o2 = run(hf, x), run(fp, x)
     assert c.n == 0
     torch.testing.assert_close(o2, o1)
+
+
+def test_scaled_embedding_lora_matches_hf():
+    class Scaled(nn.Embedding):
+        def __init__(self):
+            super().__init__(20, 6)
+            self.embed_scale = 2.5
+
+        def forward(self, x):
+            return super().forward(x) * self.embed_scale
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.emb = Scaled()
+
+        def forward(self, x):
+            return self.emb(x)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf = peft.get_peft_model(M(), peft.LoraConfig(r=2, target_modules=["emb"], init_lora_weights=False))
+    fp = fastpeft.get_peft_model(M(), fastpeft.LoraConfig(r=2, target_modules=["emb"], init_lora_weights=False))
+    fp.load_state_dict(hf.state_dict())
+    x = torch.randint(0, 20, (3, 4))
+    torch.testing.assert_close(fp(x), hf(x))
