@@ -118,13 +118,17 @@ class IA3Linear(nn.Module):
         # weight is [out, in] (Linear) or [in, out] (Conv1D); vec is [out, 1] or [1, in]
         return vec.t() if self.fan_in_fan_out else vec
 
-    def merge(self, adapter_names=None) -> None:
+    def merge(self, adapter_names=None, safe_merge: bool = False) -> None:
         names = [n for n in (adapter_names or self.active_adapters)
                  if n in self.ia3_l and n not in self.merged_adapters]
         base = self.base_layer
         with torch.no_grad():
             for n in names:
                 vec = self.ia3_l[n].detach()
+                if safe_merge and not (torch.isfinite(base.weight * self._weight_scale(vec)).all()
+                                       and torch.isfinite(vec).all()):
+                    raise ValueError(f"IA3 merge: adapter {n!r} gives non-finite merged weights; nothing merged "
+                                     f"for this layer")
                 base.weight.mul_(self._weight_scale(vec).to(base.weight.dtype))
                 if not self.is_feedforward and base.bias is not None:
                     base.bias.mul_(vec.reshape(base.bias.shape).to(base.bias.dtype))
@@ -281,8 +285,18 @@ def remove(model: nn.Module, adapter_name: str = "default") -> None:
             setattr(parent, child, m.base_layer)
 
 
-def merge(model: nn.Module, adapter_names=None) -> None:
-    for _, m in iter_ia3_layers(model):
+def merge(model: nn.Module, adapter_names=None, safe_merge: bool = False) -> None:
+    """Fold the (active or named) adapters into the base weights.  ``safe_merge`` checks every
+    layer first and raises, with nothing merged, when a merged weight would be non-finite."""
+    layers = [m for _, m in iter_ia3_layers(model)]
+    if safe_merge:
+        for m in layers:
+            for n in (adapter_names or m.active_adapters):
+                if n in m.ia3_l and n not in m.merged_adapters:
+                    w = m.base_layer.weight.detach() * m._weight_scale(m.ia3_l[n].detach())
+                    if not torch.isfinite(w).all():
+                        raise ValueError(f"IA3 merge: adapter {n!r} would give non-finite weights; nothing merged")
+    for m in layers:
         m.merge(adapter_names)
 
 

@@ -268,3 +268,20 @@ def test_deepcopy_gives_an_independent_model(kind):
     torch.testing.assert_close(_logits(model), y)
     ba.remove(twin, "default")
     torch.testing.assert_close(_logits(model), y)
+
+
+def test_short_training_lowers_loss_through_fused_op():
+    torch.manual_seed(0)
+    model = tiny_gpt2()
+    ba.inject(model, ba.BottleneckAdapterConfig(adapter_type="houlsby", reduction_factor=4), "default")
+    model.train()
+    ids = torch.randint(0, 97, (4, 8), generator=torch.Generator().manual_seed(3))
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(12):
+        loss = model(input_ids=ids, labels=ids).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.1

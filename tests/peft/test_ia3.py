@@ -154,3 +154,17 @@ def test_through_get_peft_model_round_trip_with_hf(tmp_path):
     torch.testing.assert_close(ours2(input_ids=ids).logits, hf2(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
     with model.disable_adapter():
         torch.testing.assert_close(model(input_ids=ids).logits, base(input_ids=ids).logits)
+
+
+def test_safe_merge_refuses_non_finite_and_merges_nothing():
+    model = tiny_llama()
+    ia3.inject(model, ia3.IA3Config(), "default")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    layer = next(m for _, m in ia3.iter_ia3_layers(model))
+    with torch.no_grad():
+        layer.ia3_l["default"][0] = float("inf")
+    with pytest.raises(ValueError, match="non-finite"):
+        ia3.merge(model, safe_merge=True)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]) or "ia3_l" in k, k
+    assert not any(m.merged for _, m in ia3.iter_ia3_layers(model))

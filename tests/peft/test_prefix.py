@@ -176,3 +176,17 @@ def test_deepcopy_of_backbone_hooked_model_is_independent():
     px.remove(twin, "default")
     assert not twin.bert._forward_pre_hooks and "_fastpeft_pl_owner" not in twin.bert.__dict__
     torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).logits, y)
+
+
+def test_hf_prefix_projection_adapter_loads_for_inference(tmp_path):
+    from fastpeft.peft_model import PeftModel
+    base = tiny_gpt2()
+    ids, mask = _inputs()
+    hf = peft.get_peft_model(copy.deepcopy(base), peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2,
+                                                                          prefix_projection=True,
+                                                                          encoder_hidden_size=16))
+    hf.save_pretrained(str(tmp_path))
+    ours = PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path))  # inference: the saved prefix itself
+    torch.testing.assert_close(ours(input_ids=ids, attention_mask=mask).logits,
+                               hf(input_ids=ids, attention_mask=mask).logits, atol=1e-5, rtol=1e-5)
+    assert not any(p.requires_grad for p in ours.parameters())
