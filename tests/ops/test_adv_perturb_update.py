@@ -315,3 +315,18 @@ def test_cuda_update_and_init_match_reference(norm, dtype, H):
         ref_init = adv_perturb_init((3, 37, H), kind="normal", scale=0.3, norm=norm, mask=mask.cpu(), seed=5,
                                     dtype=dtype)
     assert_close(init.cpu(), ref_init.double(), dtype, "init")
+
+
+@pytest.mark.parametrize("backend", UPDATE_BACKENDS)
+@pytest.mark.parametrize("norm", NORMS)
+def test_non_finite_values_at_padding_do_not_leak(backend, norm):
+    """Garbage (inf/nan) in padded positions of grad or delta never reaches real tokens."""
+    delta, grad = 0.1 * torch.randn(2, 4, 6), torch.randn(2, 4, 6)
+    mask = torch.ones(2, 4)
+    mask[0, 2:] = 0
+    delta[0, 3], grad[0, 2], grad[0, 3, 1] = float("nan"), float("inf"), float("nan")
+    expected = adv_perturb_update_value(delta.double(), grad.double(), mask, norm, 0.1, 0.3)
+    with fastpeft.use_backend(backend):
+        adv_perturb_update(delta, grad, norm=norm, step_size=0.1, epsilon=0.3, mask=mask)
+    assert torch.isfinite(expected).all() and torch.isfinite(delta).all()
+    assert_close(delta, expected, torch.float32, norm)

@@ -38,10 +38,11 @@ def _compute_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float32 if t.dtype in (torch.float16, torch.bfloat16) else t.dtype
 
 
-def _active(mask: Optional[torch.Tensor], delta: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
+def _active(mask: Optional[torch.Tensor], delta: torch.Tensor) -> torch.Tensor:
+    """Bool [B, L, 1]: real tokens (where, not a product, so non-finite padding values never leak)."""
     if mask is None:
-        return torch.ones(delta.shape[:2] + (1,), dtype=dt, device=delta.device)
-    return (mask != 0).to(dt).unsqueeze(-1)
+        return torch.ones(delta.shape[:2] + (1,), dtype=torch.bool, device=delta.device)
+    return (mask != 0).unsqueeze(-1)
 
 
 def adv_perturb_update_reference(delta: torch.Tensor, grad: torch.Tensor, mask: Optional[torch.Tensor],
@@ -53,8 +54,9 @@ def adv_perturb_update_reference(delta: torch.Tensor, grad: torch.Tensor, mask: 
 def adv_perturb_update_value(delta, grad, mask, norm, step_size, epsilon) -> torch.Tensor:
     """The updated delta as a new tensor of delta's dtype."""
     dt = _compute_dtype(delta)
-    m = _active(mask, delta, dt)
-    d, g = delta.to(dt), grad.to(dt) * m
+    m = _active(mask, delta)
+    zero = torch.zeros((), dtype=dt, device=delta.device)
+    d, g = torch.where(m, delta.to(dt), zero), torch.where(m, grad.to(dt), zero)
     if norm == "linf":
         new = d + step_size * torch.sign(g)
         if epsilon > 0:
@@ -63,13 +65,13 @@ def adv_perturb_update_value(delta, grad, mask, norm, step_size, epsilon) -> tor
         dims = (-1,) if norm == "l2_token" else (-2, -1)
         gn = g.square().sum(dims, keepdim=True).sqrt()
         a = step_size / gn.clamp_min(NORM_FLOOR)
-        new = (d * m) + a * g
+        new = d + a * g
         if epsilon > 0:
             nn_ = new.square().sum(dims, keepdim=True).sqrt()
             new = torch.where(nn_ > epsilon, new * (epsilon / nn_.clamp_min(1e-30)), new)
     else:
         raise ValueError(f"norm: expected one of {NORMS}, got {norm!r}")
-    return (new * m).to(delta.dtype)
+    return torch.where(m, new, zero).to(delta.dtype)
 
 
 def freelb_eager_update(delta: torch.Tensor, grad: torch.Tensor, mask: Optional[torch.Tensor],

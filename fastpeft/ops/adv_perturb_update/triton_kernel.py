@@ -41,14 +41,15 @@ def _coefs(gg, dg, dd, step, eps):
 @triton.jit
 def _stats_kernel(d_ptr, g_ptr, m_ptr, part_ptr, H, HAS_MASK: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
-    act = True
-    if HAS_MASK:
-        act = tl.load(m_ptr + row) != 0.0
     gg, dg, dd = _row_stats(d_ptr + row * H, g_ptr + row * H, H, BLOCK)
-    zero = gg * 0.0
-    tl.store(part_ptr + 3 * row, tl.where(act, gg, zero))
-    tl.store(part_ptr + 3 * row + 1, tl.where(act, dg, zero))
-    tl.store(part_ptr + 3 * row + 2, tl.where(act, dd, zero))
+    if HAS_MASK:
+        act = tl.load(m_ptr + row) != 0.0  # padding rows do not count (even if they hold inf/nan)
+        gg = tl.where(act, gg, 0.0)
+        dg = tl.where(act, dg, 0.0)
+        dd = tl.where(act, dd, 0.0)
+    tl.store(part_ptr + 3 * row, gg)
+    tl.store(part_ptr + 3 * row + 1, dg)
+    tl.store(part_ptr + 3 * row + 2, dd)
 
 
 @triton.jit
@@ -57,9 +58,8 @@ def _update_kernel(d_ptr, g_ptr, m_ptr, coef_ptr, L, H, step, eps, MODE: tl.cons
     row = tl.program_id(0).to(tl.int64)
     d_row = d_ptr + row * H
     g_row = g_ptr + row * H
-    keep = 1.0
     if HAS_MASK:
-        keep = tl.where(tl.load(m_ptr + row) != 0.0, 1.0, 0.0)
+        keep = tl.load(m_ptr + row) != 0.0  # padding rows are written as exact zeros
     if MODE == 0:
         for h0 in range(0, H, BLOCK):
             offs = h0 + tl.arange(0, BLOCK)
@@ -69,7 +69,9 @@ def _update_kernel(d_ptr, g_ptr, m_ptr, coef_ptr, L, H, step, eps, MODE: tl.cons
             v = d + tl.where(g > 0.0, step, tl.where(g < 0.0, -step, 0.0))
             if eps > 0.0:
                 v = tl.minimum(tl.maximum(v, -eps), eps)
-            tl.store(d_row + offs, (v * keep).to(d_ptr.dtype.element_ty), mask=m)
+            if HAS_MASK:
+                v = tl.where(keep, v, 0.0)
+            tl.store(d_row + offs, v.to(d_ptr.dtype.element_ty), mask=m)
     else:
         if MODE == 1:
             gg, dg, dd = _row_stats(d_row, g_row, H, BLOCK)
@@ -83,7 +85,9 @@ def _update_kernel(d_ptr, g_ptr, m_ptr, coef_ptr, L, H, step, eps, MODE: tl.cons
             m = offs < H
             g = tl.load(g_row + offs, mask=m, other=0.0).to(tl.float32)
             d = tl.load(d_row + offs, mask=m, other=0.0).to(tl.float32)
-            v = s * (d + a * g) * keep
+            v = s * (d + a * g)
+            if HAS_MASK:
+                v = tl.where(keep, v, 0.0)
             tl.store(d_row + offs, v.to(d_ptr.dtype.element_ty), mask=m)
 
 
