@@ -11,11 +11,13 @@ def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str 
     """Inject ``peft_config``'s adapter (named ``adapter_name``) into ``model`` in place and
     return the :class:`~fastpeft.PeftModel` wrapping it.  Same call as ``peft.get_peft_model``.
 
+    ``peft_config`` may also be an HF PEFT config (e.g. ``peft.LoraConfig``): it is converted.
+
     Raises ValueError (listing candidate module names) when the config targets nothing,
     and leaves ``model`` unchanged when it fails."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
-    return PeftModel(model, peft_config, adapter_name=adapter_name)
+    return PeftModel(model, peft_config, adapter_name=adapter_name)  # (HF PEFT configs are converted)
 
 
 __all__ = ["get_peft_model"]

@@ -29,7 +29,7 @@ import torch.nn as nn
 
 from .checkpoint import SAFETENSORS_NAME, load_adapter_weights, save_safetensors
 from .tuners import get_tuner
-from .tuners.base import PeftConfig
+from .tuners.base import PeftConfig, as_fastpeft_config
 
 PREFIX = "base_model.model."
 _TASK_HEADS = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score")}
@@ -107,9 +107,7 @@ class PeftModel(nn.Module):
 
     def __init__(self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default"):
         super().__init__()
-        if not isinstance(peft_config, PeftConfig):
-            raise TypeError(f"peft_config: expected a fastpeft PeftConfig (e.g. LoraConfig), got "
-                            f"{type(peft_config).__name__}")
+        peft_config = as_fastpeft_config(peft_config)
         if isinstance(model, PeftModel):
             raise TypeError("model: already a fastpeft PeftModel; use add_adapter to add another adapter")
         if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
@@ -253,7 +251,7 @@ class PeftModel(nn.Module):
         if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
             raise ValueError(f"adapter_name: expected a non-empty str without dots, got {adapter_name!r}")
         active = self.active_adapters
-        self._add(adapter_name, peft_config)
+        self._add(adapter_name, as_fastpeft_config(peft_config))
         self._set_active(active)
 
     def set_adapter(self, adapter_name: Union[str, list]) -> None:

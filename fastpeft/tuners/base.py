@@ -47,6 +47,7 @@ by :class:`fastpeft.PeftModel` for every method, with HF PEFT's key convention.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import json
 import os
 import warnings
@@ -92,7 +93,7 @@ class PeftConfig:
         if unknown:
             warnings.warn(f"{cls.__name__}: ignoring config keys fastpeft does not use: {unknown}",
                           stacklevel=2)
-        kwargs = {k: v for k, v in d.items() if k in names}
+        kwargs = {k: (v.value if isinstance(v, enum.Enum) else v) for k, v in d.items() if k in names}
         pt = kwargs.get("peft_type")
         if isinstance(pt, str) and pt.startswith("PeftType."):
             kwargs["peft_type"] = pt.split(".", 1)[1]
@@ -117,6 +118,20 @@ class PeftConfig:
         else:
             target = cls
         return target.from_dict(d)
+
+
+def as_fastpeft_config(config) -> "PeftConfig":
+    """``config`` itself if it is a fastpeft config; an HF PEFT config (anything with
+    ``to_dict()`` and a ``peft_type``) converted to the registered fastpeft class."""
+    if isinstance(config, PeftConfig):
+        return config
+    to_dict = getattr(config, "to_dict", None)
+    if not callable(to_dict) or getattr(config, "peft_type", None) is None:
+        raise TypeError(f"peft_config: expected a fastpeft config (e.g. fastpeft.LoraConfig) or an HF PEFT "
+                        f"config, got {type(config).__name__}")
+    from . import config_class_for
+    d = {k: (v.value if isinstance(v, enum.Enum) else v) for k, v in to_dict().items()}
+    return config_class_for(d["peft_type"]).from_dict(d)
 
 
 def _json_default(o: Any):
@@ -144,4 +159,4 @@ def read_config_dict(path: str) -> dict:
     return d
 
 
-__all__ = ["PeftConfig", "CONFIG_NAME", "read_config_dict", "field"]
+__all__ = ["PeftConfig", "CONFIG_NAME", "read_config_dict", "as_fastpeft_config", "field"]

@@ -227,3 +227,17 @@ def test_hf_trainer_trains_a_fastpeft_model(tmp_path):
     after = fp.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed and all(("lora_" in k or "modules_to_save" in k) for k in changed)
+
+
+def test_hf_peft_config_is_accepted():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hcfg = peft.LoraConfig(r=3, lora_alpha=6, target_modules=["query", "value"], task_type="SEQ_CLS",
+                               use_rslora=True)
+        hf = peft.get_peft_model(builder("bert")(), copy.deepcopy(hcfg))
+    fp = fastpeft.get_peft_model(builder("bert")(), hcfg)
+    cfg = fp.peft_config["default"]
+    assert isinstance(cfg, fastpeft.LoraConfig) and (cfg.r, cfg.task_type, cfg.use_rslora) == (3, "SEQ_CLS", True)
+    assert list(fp.state_dict()) == list(hf.state_dict())
+    with pytest.raises(TypeError, match="peft_config"):
+        fastpeft.get_peft_model(builder("bert")(), {"r": 2})
