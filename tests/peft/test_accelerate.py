@@ -182,3 +182,21 @@ def test_accelerate_model_loaded_with_peft_from_pretrained(tmp_path, monkeypatch
         c = FusedCallCounter(monkeypatch)
         torch.testing.assert_close(run(loaded, x), ref, atol=1e-5, rtol=1e-4)
         assert c.n == 6
+
+
+def test_quantised_or_custom_base_layer_is_skipped(monkeypatch):
+    class QuantLinear(torch.nn.Linear):  # stands in for a quantised base layer class
+        pass
+
+    _, hf = _hf("bert", target_modules=["query", "value"])
+    q = hf.base_model.model.bert.encoder.layer[0].attention.self.query
+    q.base_layer.__class__ = QuantLinear
+    x = inputs_for("bert")
+    twin = copy.deepcopy(hf)
+    s = fastpeft.accelerate(hf)
+    assert s.accelerated == s.patched == 3
+    assert s.skipped == {"unsupported or quantised base layer (QuantLinear)": 1}
+    assert not is_accelerated(q)
+    c = FusedCallCounter(monkeypatch)
+    _assert_same(_fwd_bwd(hf, x), _fwd_bwd(twin, x))
+    assert c.n == 3

@@ -26,6 +26,7 @@ CASES = [
     ("llama", dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "gate_proj"],
                    rank_pattern={"v_proj": 2}, alpha_pattern={r"layers\.1\.self_attn\.q_proj": 3})),
     ("llama", dict(r=2, lora_alpha=8, target_modules=["q_proj", "o_proj"], layers_to_transform=[1])),
+    ("llama", dict(r=2, lora_alpha=8, target_modules="all-linear", exclude_modules=["k_proj", "up_proj"])),
     ("vit", dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "fc1"], modules_to_save=["classifier"])),
     ("minilm", dict(r=4, lora_alpha=8, target_modules=["query", "value"])),
     ("cnn", dict(r=2, lora_alpha=4, target_modules=["conv1", "conv2", "pw", "fc"])),
@@ -34,7 +35,8 @@ CASES = [
 
 def _id(case):
     kind, kw = case
-    extra = [k for k in ("use_rslora", "use_dora", "rank_pattern", "layers_to_transform") if kw.get(k)]
+    extra = [k for k in ("use_rslora", "use_dora", "rank_pattern", "layers_to_transform", "exclude_modules")
+             if kw.get(k)]
     t = kw["target_modules"]
     return f"{kind}-{'-'.join(t) if isinstance(t, list) else t[:10]}-{'-'.join(extra)}"
 
