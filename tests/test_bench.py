@@ -360,3 +360,14 @@ def test_gpu_run_script_parses_and_dry_runs(tmp_path):
     assert "fastpeft bench --suite full --device cuda" in joined and "--strict" in joined
     usage = subprocess.run([bash, GPU_RUN], capture_output=True, text=True, timeout=60)
     assert usage.returncode == 2 and "usage" in usage.stderr
+
+
+@pytest.mark.slow
+def test_whole_smoke_suite_runs_without_failures(tmp_path):
+    """Every case of the suite (ops, training steps, FreeLB) builds and runs at tiny sizes."""
+    code = fcli.main(["bench", "--suite", "smoke", "--device", "cpu", "--repeats", "2", "--no-plot",
+                      "--out", str(tmp_path), "--strict"])
+    res = report.load_json(os.path.join(tmp_path, os.listdir(tmp_path)[0]))
+    bad = {c["name"]: c.get("reason") or {n: v["reason"] for n, v in c["variants"].items() if v["status"] == "failed"}
+           for c in res["cases"] if c["status"] == "failed" or any(v["status"] == "failed" for v in c["variants"].values())}
+    assert code == 0 and not bad, bad
