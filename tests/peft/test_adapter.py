@@ -139,13 +139,27 @@ def test_llama_placement(kind):
         assert not hasattr(layer, "bottleneck_adapter_attn")
 
 
-@pytest.mark.parametrize("factory", FACTORIES)
-def test_fused_equals_plain_pytorch_forward_and_grads(factory):
+def _cpu_backends():
+    from tests.helpers import runnable_backends
+    x = torch.zeros(2, 4)
+    args = (x, torch.zeros(2, 4), None, torch.zeros(4, 2), None, "relu", 0.0, 0, True)
+    return [p for p in runnable_backends("bottleneck_adapter", *args) if p.id in ("cpu", "torch")]
+
+
+@pytest.mark.parametrize("factory,backend", [(tiny_bert, None), (tiny_llama, None)]
+                         + [pytest.param(tiny_gpt2, b.values[0], marks=b.marks, id=f"gpt2-{b.id}")
+                            for b in _cpu_backends()])
+def test_fused_equals_plain_pytorch_forward_and_grads(factory, backend):
+    import contextlib
+
+    import fastpeft
     model = factory()
     ba.inject(model, ba.BottleneckAdapterConfig(adapter_type="houlsby", bottleneck_size=4), "default")
     _randomize(model)
-    y = _logits(model)
-    y.square().mean().backward()
+    forced = fastpeft.use_backend(backend, op="bottleneck_adapter") if backend else contextlib.nullcontext()
+    with forced:
+        y = _logits(model)
+        y.square().mean().backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
     model.zero_grad()
     # swap every adapter's forward for the plain PyTorch one
