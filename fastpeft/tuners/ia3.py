@@ -1,7 +1,7 @@
 """(IA)³: learned per-feature scaling vectors (Liu et al. 2022), HF PEFT compatible.
 
-Each targeted ``nn.Linear`` / transformers ``Conv1D`` is replaced by an
-:class:`IA3Linear` wrapper (``base_layer`` + ``ia3_l`` ParameterDict), so
+Each targeted ``nn.Linear`` / transformers ``Conv1D`` (or ``nn.Conv2d`` / ``nn.Conv3d``:
+:class:`IA3Conv`) is replaced by an :class:`IA3Linear` wrapper (``base_layer`` + ``ia3_l`` ParameterDict), so
 in-memory ``state_dict`` keys are HF PEFT's (``<path>.base_layer.weight``,
 ``<path>.ia3_l.<adapter>``) and on-disk keys are ``<path>.ia3_l``.
 
@@ -168,6 +168,56 @@ class IA3Linear(nn.Module):
         return f"feedforward={self.is_feedforward}, adapters={list(self.ia3_l.keys())}"
 
 
+class IA3Conv(IA3Linear):
+    """(IA)³ wrapper of an ``nn.Conv2d`` / ``nn.Conv3d`` (HF PEFT's ``ia3.Conv2d``/``Conv3d``): vectors
+    ``[1, C, 1, 1(, 1)]`` scale the input channels (feed-forward) or the output channels."""
+
+    def __init__(self, base_layer: nn.Module, is_feedforward: bool):
+        nn.Module.__init__(self)
+        if is_feedforward and base_layer.groups != 1:
+            raise ValueError("IA3: feed-forward (input-scaling) targets must be convolutions with groups=1")
+        self.base_layer = base_layer
+        self.ia3_l = nn.ParameterDict()
+        self.is_feedforward = is_feedforward
+        self.fan_in_fan_out = False
+        self.in_features, self.out_features = base_layer.in_channels, base_layer.out_channels
+        self._kernel_dim = base_layer.weight.dim()
+        self.active_adapters = []
+        self.merged_adapters = []
+        self.disable_adapters = False
+
+    def add(self, adapter_name: str, init_ones: bool) -> None:
+        c = self.in_features if self.is_feedforward else self.out_features
+        shape = (1, c) + (1,) * (self._kernel_dim - 2)
+        w = self.base_layer.weight
+        p = torch.ones(shape) if init_ones else torch.randn(shape)
+        self.ia3_l[adapter_name] = nn.Parameter(p.to(device=w.device, dtype=w.dtype))
+        if not self.active_adapters:
+            self.active_adapters.append(adapter_name)
+
+    def _weight_scale(self, vec: torch.Tensor) -> torch.Tensor:
+        # weight [out, in, k...]: output scaling -> [out, 1, 1...]; input scaling -> [1, in, 1...]
+        return vec if self.is_feedforward else vec.transpose(0, 1)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return self.base_layer(x, *args, **kwargs)
+        scale = None
+        for n in self.active_adapters:
+            if n in self.ia3_l:
+                scale = self.ia3_l[n] if scale is None else scale * self.ia3_l[n]
+        if scale is None:
+            return self.base_layer(x, *args, **kwargs)
+        if self.is_feedforward:
+            return self.base_layer(x * scale.to(x.dtype), *args, **kwargs)
+        y = self.base_layer(x, *args, **kwargs)
+        return y * scale.to(y.dtype)
+
+
 def _parent(model: nn.Module, name: str):
     if "." in name:
         p, c = name.rsplit(".", 1)
@@ -201,7 +251,8 @@ def iter_ia3_layers(model: nn.Module):
 
 
 def inject(model: nn.Module, config: IA3Config, adapter_name: str = "default") -> list:
-    """Wrap every targeted Linear/Conv1D with :class:`IA3Linear` and add ``adapter_name``'s vector.
+    """Wrap every targeted Linear/Conv1D (:class:`IA3Linear`) or Conv2d/Conv3d (:class:`IA3Conv`)
+    and add ``adapter_name``'s vector.
 
     Returns the touched module names.  Raises ``ValueError`` (model unchanged) when nothing
     matches or a matched module has an unsupported type."""
@@ -210,20 +261,25 @@ def inject(model: nn.Module, config: IA3Config, adapter_name: str = "default") -
     targets, ff = _resolve_targets(model, config)
     import dataclasses
     cfg = dataclasses.replace(config, target_modules=targets) if targets is not config.target_modules else config
-    names = find_targets(model, cfg, linear_types() + (IA3Linear,), what="IA3Config.target_modules")
+    names = find_targets(model, cfg, linear_types() + (nn.Conv2d, nn.Conv3d, IA3Linear),
+                         what="IA3Config.target_modules")
     plan = [(n, model.get_submodule(n)) for n in names]
     for name, mod in plan:
         if isinstance(mod, IA3Linear) and adapter_name in mod.ia3_l:
             raise ValueError(f"adapter_name: {adapter_name!r} already exists on {name}")
+    # build every new wrapper first (constructors validate), then mutate the model
+    wrappers = {}
+    for name, mod in plan:
+        if not isinstance(mod, IA3Linear):
+            cls = IA3Conv if isinstance(mod, (nn.Conv2d, nn.Conv3d)) else IA3Linear
+            wrappers[name] = cls(mod, is_feedforward=_matches(ff, name))
     touched = []
     for name, mod in plan:
-        if isinstance(mod, IA3Linear):
-            mod.add(adapter_name, config.init_ia3_weights)
-        else:
-            wrapper = IA3Linear(mod, is_feedforward=_matches(ff, name))
-            wrapper.add(adapter_name, config.init_ia3_weights)
+        layer = wrappers.get(name, mod)
+        layer.add(adapter_name, config.init_ia3_weights)
+        if name in wrappers:
             parent, child = _parent(model, name)
-            setattr(parent, child, wrapper)
+            setattr(parent, child, layer)
         touched.append(name)
     _mark_trainable(model, config.inference_mode)
     return touched

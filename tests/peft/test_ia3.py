@@ -168,3 +168,46 @@ def test_safe_merge_refuses_non_finite_and_merges_nothing():
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]) or "ia3_l" in k, k
     assert not any(m.merged for _, m in ia3.iter_ia3_layers(model))
+
+
+class TinyCNN(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(3, 6, 3)
+        self.conv2 = torch.nn.Conv2d(6, 5, 3, padding=1)
+        self.fc = torch.nn.Linear(5, 4)
+
+    def forward(self, x):
+        h = torch.relu(self.conv2(torch.relu(self.conv1(x))))
+        return self.fc(h.mean((2, 3)))
+
+
+def test_conv2d_matches_hf_peft_and_merges():
+    torch.manual_seed(0)
+    base = TinyCNN()
+    kw = dict(target_modules=["conv1", "conv2", "fc"], feedforward_modules=["conv2"])
+    hf = peft.get_peft_model(copy.deepcopy(base), peft.IA3Config(init_ia3_weights=False, **kw))
+    ours = copy.deepcopy(base)
+    ia3.inject(ours, ia3.IA3Config(**kw), "default")
+    ia3.load_adapter_state_dict(ours, {k[len("base_model.model."):]: v
+                                       for k, v in peft.get_peft_model_state_dict(hf).items()})
+    x = torch.randn(2, 3, 7, 7)
+    y_hf, y = hf(x), ours(x)
+    torch.testing.assert_close(y, y_hf, atol=1e-5, rtol=1e-5)
+    y.sum().backward()
+    y_hf.sum().backward()
+    for k, p in ours.named_parameters():
+        if "ia3_l" in k:
+            torch.testing.assert_close(p.grad, hf.get_parameter("base_model.model." + k).grad, atol=1e-5, rtol=1e-4)
+    with torch.no_grad():
+        for _, m in ia3.iter_ia3_layers(ours):
+            m.ia3_l["default"].copy_(torch.rand_like(m.ia3_l["default"]) + 0.5)
+    y = ours(x)
+    ia3.merge(ours)
+    torch.testing.assert_close(ours(x), y, atol=1e-5, rtol=1e-5)
+    ia3.unmerge(ours)
+    torch.testing.assert_close(ours(x), y, atol=1e-5, rtol=1e-5)
+    grouped = torch.nn.Sequential(torch.nn.Conv2d(4, 4, 3, groups=2), torch.nn.Conv2d(4, 4, 1))
+    with pytest.raises(ValueError, match="groups=1"):
+        ia3.inject(grouped, ia3.IA3Config(target_modules=["0", "1"], feedforward_modules=["0"]), "default")
+    assert not any(isinstance(m, ia3.IA3Linear) for m in grouped.modules())  # unchanged
