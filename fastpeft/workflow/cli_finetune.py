@@ -56,7 +56,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--train-limit", type=int, help="use only this many training examples")
     g.add_argument("--validation-limit", type=int, help="use only this many validation examples")
     g = p.add_argument_group("PEFT method")
-    g.add_argument("--method", help="PEFT method (lora)")
+    g.add_argument("--method", help="PEFT method: lora (default) | ia3 | adapter | bitfit | prefix | prompt; "
+                   "options other than LoRA's through --set method.KEY=VALUE")
     g.add_argument("--backend", choices=["auto", "fastpeft", "peft"],
                    help="auto: fastpeft's patching when available, else HF peft")
     g.add_argument("--r", type=int, help="LoRA rank (default 8)")

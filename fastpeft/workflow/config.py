@@ -18,7 +18,7 @@ Layout (every section optional except ``model``, ``task`` and ``data.train``)::
       train_subset_seed: null        # ... a fixed random subset when set, else the first N
       validation_limit: null
     method:                          # the PEFT method; other keys go to its config class
-      name: lora
+      name: lora                     # lora | ia3 | adapter | bitfit | prefix | prompt
       backend: auto                  # auto (fastpeft when available, else HF peft) | fastpeft | peft
       r: 8
       lora_alpha: 16
@@ -46,7 +46,7 @@ FILE_KEYS = {"path"} | (DATA_KEYS - {"train", "validation", "test", "max_length"
 
 DEFAULTS = {
     "data": {"max_length": 128},
-    "method": {"name": "lora", "backend": "auto", "r": 8, "lora_alpha": 16, "lora_dropout": 0.0},
+    "method": {"name": "lora", "backend": "auto"},   # LoRA defaults (r=8, alpha 16, dropout 0) in apply_method
     "trainer": {},
 }
 
@@ -164,8 +164,9 @@ def validate(cfg: dict) -> dict:
     method = cfg.get("method") or {}
     if not isinstance(method, dict) or not method.get("name"):
         raise ConfigError("method.name: required (e.g. lora)")
-    if method["name"] != "lora":
-        raise ConfigError(f"method.name: {method['name']!r} is not supported by the workflow yet; expected 'lora'")
+    from .pipeline import METHOD_CLASSES
+    if method["name"] not in METHOD_CLASSES:
+        raise ConfigError(f"method.name: unknown method {method['name']!r}; expected one of {sorted(METHOD_CLASSES)}")
     if method.get("backend", "auto") not in ("auto", "fastpeft", "peft"):
         raise ConfigError(f"method.backend: expected 'auto', 'fastpeft' or 'peft', got {method['backend']!r}")
     for k in ("r", "lora_alpha"):

@@ -39,22 +39,45 @@ def peft_api(backend: str = "auto"):
     return get_peft_model, LoraConfig, PeftModel, "peft"
 
 
+# method name -> fastpeft config class (HF peft has the same class for lora / ia3 / prefix / prompt)
+METHOD_CLASSES = {"lora": "LoraConfig", "ia3": "IA3Config", "adapter": "BottleneckAdapterConfig",
+                  "bitfit": "BitFitConfig", "prefix": "PrefixTuningConfig", "prompt": "PromptTuningConfig"}
+HF_PEFT_METHODS = {"lora": "LoraConfig", "ia3": "IA3Config", "prefix": "PrefixTuningConfig",
+                   "prompt": "PromptTuningConfig"}
+
+
 def apply_method(model, method: dict, task):
-    """Wrap ``model`` with the PEFT method described by ``method`` (``{"name": "lora", ...}``)."""
+    """Wrap ``model`` with the PEFT method described by ``method`` (``{"name": "lora", ...}``; the other
+    keys go to the method's config class). LoRA defaults: r=8, lora_alpha=16, lora_dropout=0, the task's
+    target modules. Every method gets the task head in ``modules_to_save`` unless told otherwise."""
     method = dict(method)
     name = method.pop("name", "lora")
     backend = method.pop("backend", "auto")
-    if name != "lora":
-        raise ValueError(f"method.name: expected 'lora', got {name!r}")
+    if name not in METHOD_CLASSES:
+        raise ValueError(f"method.name: expected one of {sorted(METHOD_CLASSES)}, got {name!r}")
     get_peft_model, LoraConfig, _, used = peft_api(backend)
-    method.setdefault("target_modules", task.default_target_modules)
+    if name == "lora":
+        cls = LoraConfig
+        method.setdefault("r", 8)
+        method.setdefault("lora_alpha", 16)
+        method.setdefault("lora_dropout", 0.0)
+        method.setdefault("target_modules", task.default_target_modules)
+    else:
+        import fastpeft
+        if used == "fastpeft" and hasattr(fastpeft, METHOD_CLASSES[name]):
+            cls = getattr(fastpeft, METHOD_CLASSES[name])
+        elif used == "peft" and name in HF_PEFT_METHODS:
+            import peft
+            cls = getattr(peft, HF_PEFT_METHODS[name])
+        else:
+            raise ValueError(f"method.name: {name!r} is not available with the {used} backend")
     if task.head_modules:
         method.setdefault("modules_to_save", list(task.head_modules))
     try:
-        lcfg = LoraConfig(**method)
+        pcfg = cls(**method)
     except TypeError as e:
         raise ValueError(f"method: {e}") from None
-    peft_model = get_peft_model(model, lcfg)
+    peft_model = get_peft_model(model, pcfg)
     peft_model._fastpeft_backend = used
     return peft_model
 

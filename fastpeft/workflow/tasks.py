@@ -20,12 +20,13 @@ match / F1); seq2seq would encode ``(source, target)`` pairs with ``text_target=
 from __future__ import annotations
 
 import math
+import os
 from typing import Sequence
 
 import torch
 
 from . import metrics as M
-from .data import DataError, EncodedDataset, read_conll, read_table
+from .data import DataError, EncodedDataset, from_hf_dataset, read_conll, read_table
 
 TASKS: dict[str, type] = {}
 
@@ -98,10 +99,10 @@ class SequenceClassification(Task):
         cols = self.columns(cfg)
         if not with_labels and cfg.get("label_column", "label") in cols:
             cols = cols[:-1]
-        recs = read_table(path, cols, cfg.get("format"), quoting=cfg.get("quoting"), limit=limit)
+        recs = _read_rows(path, cols, cfg, limit)
         out = []
         for r in recs:
-            o = {"text": str(r[cols[0]]), "_line": r["_line"], "_source": path}
+            o = {"text": str(r[cols[0]]), "_line": r["_line"], "_source": _source(path)}
             if cfg.get("text_pair_column"):
                 o["text_pair"] = str(r[cfg["text_pair_column"]])
             if with_labels:
@@ -180,7 +181,14 @@ class TokenClassification(Task):
     default_target_modules = "all-linear"
 
     def read(self, path: str, cfg: dict, limit: int | None = None, with_labels: bool = True) -> list[dict]:
-        if (cfg.get("format") or "conll") == "conll":
+        if not isinstance(path, (str, os.PathLike)):  # a Hugging Face dataset / sequence of dicts
+            cols = [cfg.get("tokens_column", "tokens"), cfg.get("tags_column", "tags")]
+            rows = from_hf_dataset(path, cols, limit)
+            names = _class_names(path, cols[1])
+            sents = [{"tokens": list(r[cols[0]]),
+                      "tags": [names[t] if names and isinstance(t, int) else t for t in r[cols[1]]],
+                      "_line": r["_line"]} for r in rows]
+        elif (cfg.get("format") or "conll") == "conll":
             sents = read_conll(path, token_column=cfg.get("token_column", 0), tag_column=cfg.get("tag_column"),
                                limit=limit)
         else:
@@ -188,7 +196,7 @@ class TokenClassification(Task):
             rows = read_table(path, cols, cfg.get("format"), limit=limit)
             sents = [{"tokens": list(r[cols[0]]), "tags": list(r[cols[1]]), "_line": r["_line"]} for r in rows]
         for s in sents:
-            s["_source"] = path
+            s["_source"] = _source(path)
         return sents
 
     def fit_labels(self, records) -> list[str]:
@@ -283,8 +291,8 @@ class CausalLM(Task):
 
     def read(self, path: str, cfg: dict, limit: int | None = None, with_labels: bool = True) -> list[dict]:
         col = cfg.get("text_column", "text")
-        recs = read_table(path, [col], cfg.get("format"), quoting=cfg.get("quoting"), limit=limit)
-        return [{"text": str(r[col]), "_line": r["_line"], "_source": path} for r in recs]
+        recs = _read_rows(path, [col], cfg, limit)
+        return [{"text": str(r[col]), "_line": r["_line"], "_source": _source(path)} for r in recs]
 
     def encode(self, records, tokenizer, max_length: int, with_labels: bool = True) -> EncodedDataset:
         enc = tokenizer([r["text"] for r in records], truncation=True, max_length=max_length)
@@ -328,6 +336,32 @@ class CausalLM(Task):
             new = gen[0, ids.shape[1]:].tolist()
             out.append({"text": r["text"], "continuation": tok.decode(new) if tok is not None else new})
         return out
+
+
+def _read_rows(path, cols, cfg, limit):
+    """Rows from a file (TSV/CSV/JSONL) or from a Hugging Face dataset / sequence of dicts."""
+    if isinstance(path, (str, os.PathLike)):
+        return read_table(str(path), cols, cfg.get("format"), quoting=cfg.get("quoting"), limit=limit)
+    rows = from_hf_dataset(path, cols, limit)
+    label_col = cfg.get("label_column", "label")
+    names = _class_names(path, label_col) if label_col in cols else None
+    if names:
+        for r in rows:
+            if isinstance(r[label_col], int):
+                r[label_col] = names[r[label_col]]
+    return rows
+
+
+def _class_names(dataset, column):
+    """Names of a ``datasets`` ClassLabel (or Sequence(ClassLabel)) column, else None."""
+    feat = getattr(dataset, "features", None)
+    feat = feat.get(column) if hasattr(feat, "get") else None
+    feat = getattr(feat, "feature", feat)
+    return list(getattr(feat, "names", None) or []) or None
+
+
+def _source(path) -> str:
+    return str(path) if isinstance(path, (str, os.PathLike)) else "dataset row"
 
 
 def _device_of(model) -> torch.device:

@@ -433,6 +433,8 @@ class Trainer:
             found = ckpt.latest_checkpoint(self.config.output_dir or "")
             if found is None:
                 warnings.warn(f"resume_from='latest': no checkpoint in {self.config.output_dir!r}; starting fresh")
+                if self.info.is_main and self.config.output_dir:
+                    open(os.path.join(self.config.output_dir, "metrics.jsonl"), "w").close()
                 return
             path = found
         tensors, meta = ckpt.load_checkpoint(path)
