@@ -106,9 +106,10 @@ def _hook_target(model: nn.Module):
     if _cache_param(model) is not None:
         return model, ""
     backbone = getattr(model, "base_model", None)
-    prefix = getattr(model, "base_model_prefix", "")
     if isinstance(backbone, nn.Module) and backbone is not model and _cache_param(backbone) is not None:
-        return backbone, prefix
+        path = next((n for n, m in model.named_modules() if m is backbone), None)
+        if path is not None:
+            return backbone, path
     return None, None
 
 

@@ -126,3 +126,22 @@ def test_bad_inputs():
         heads.set_trainable(heads.add_classification_head(bb, 2), "nope")
     with pytest.raises(ValueError, match="head_names"):
         heads.mark_trainable(type("C", (), {})(), [])
+
+
+def test_prompt_and_prefix_tuning_on_a_head_model():
+    from fastpeft.tuners import prefix as px
+    from fastpeft.tuners import prompt as pt
+    ids = torch.randint(0, 97, (2, 5))
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    labels = torch.randint(0, 3, (2, 5))
+    m = heads.add_token_classification_head(bert_backbone(), 3, dropout=0.0)
+    pt.inject(m, pt.PromptTuningConfig(num_virtual_tokens=2), "default")
+    out = m(input_ids=ids, attention_mask=mask, labels=labels)
+    assert out.logits.shape == (2, 7, 3)
+    torch.testing.assert_close(out.loss, F.cross_entropy(out.logits[:, 2:].reshape(-1, 3), labels.reshape(-1)))
+    m2 = heads.add_classification_head(bert_backbone(), 2, pooling="mean", dropout=0.0)
+    touched = px.inject(m2, px.PrefixTuningConfig(num_virtual_tokens=2), "default")
+    assert "backbone" in touched
+    y = m2(input_ids=ids, attention_mask=mask, labels=torch.tensor([0, 1]))
+    y.loss.backward()
+    assert m2.prompt_encoder["default"].embedding.weight.grad.abs().sum() > 0
