@@ -85,8 +85,8 @@ def bottleneck_adapter(x: torch.Tensor, W_down: torch.Tensor, b_down: Optional[t
     doc for the equivalent PyTorch and the derivation of the backward.
     """
     check_tensor("x", x, dtypes=FLOAT_DTYPES)
-    if x.dim() < 1:
-        raise ValueError(f"x: expected a tensor [..., H] with at least 1 dim, got shape {tuple(x.shape)}")
+    if x.dim() < 1 or x.shape[-1] < 1:
+        raise ValueError(f"x: expected a tensor [..., H] with at least 1 dim and H >= 1, got shape {tuple(x.shape)}")
     H = x.shape[-1]
     check_tensor("W_down", W_down, ndim=(2,), dtypes=FLOAT_DTYPES)
     Bn = W_down.shape[0]
@@ -123,5 +123,114 @@ def bottleneck_adapter(x: torch.Tensor, W_down: torch.Tensor, b_down: Optional[t
 # -- torch ------------------------------------------------------------------
 OP.register("torch")(bottleneck_adapter_reference)
 
+
+# -- shared by the fused backends: fake shapes and autograd ------------------
+# Each fused backend has a forward op returning (y, h) -- h = x W_downᵀ + b_down
+# [M, Bn] is all that backward needs besides x -- and a backward op returning
+# (dx, dW_down, db_down, dW_up, db_up); gradients not asked for (need_* False, or
+# an absent bias) come back as empty [0] tensors.  The backward follows the
+# derivation in the module doc; grad_h (None unless h itself was used) is added
+# to dh.
+def _fwd_fake(x, W_down, b_down, W_up, b_up, activation, dropout_p, seed, residual):
+    M = x.numel() // x.shape[-1]
+    return x.new_empty(x.shape), x.new_empty((M, W_down.shape[0]))
+
+
+def _bwd_fake(grad_y, grad_h, x, h, W_down, b_down, W_up, b_up, activation, dropout_p, seed, residual,
+              need_dx, need_down, need_up):
+    def none():
+        return x.new_empty((0,))
+
+    return (x.new_empty(x.shape) if need_dx else none(),
+            W_down.new_empty(W_down.shape) if need_down else none(),
+            b_down.new_empty(b_down.shape) if need_down and b_down is not None else none(),
+            W_up.new_empty(W_up.shape) if need_up else none(),
+            b_up.new_empty(b_up.shape) if need_up and b_up is not None else none())
+
+
+def _setup_context(ctx, inputs, output):
+    x, W_down, b_down, W_up, b_up, activation, dropout_p, seed, residual = inputs
+    ctx.save_for_backward(x, output[1], W_down, b_down, W_up, b_up)  # x and h [M, Bn]: no M×H copy, no mask
+    ctx.config = (activation, dropout_p, seed, residual)
+
+
+def _autograd_backward(bwd_op):
+    def backward(ctx, grad_y, grad_h):
+        x, h, W_down, b_down, W_up, b_up = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        if grad_y is None:
+            grad_y = torch.zeros_like(x, memory_format=torch.contiguous_format)
+        dx, dWd, dbd, dWu, dbu = bwd_op(grad_y, grad_h, x, h, W_down, b_down, W_up, b_up, *ctx.config,
+                                        need[0], need[1] or need[2], need[3] or need[4])
+        return (dx if need[0] else None, dWd if need[1] else None, dbd if need[2] else None,
+                dWu if need[3] else None, dbu if need[4] else None, None, None, None, None)
+
+    return backward
+
+
+# -- cpu (C++, torch.ops.fastpeft.bottleneck_adapter_fwd / _bwd) --------------
+if _ext.load() is not None and hasattr(torch.ops.fastpeft, "bottleneck_adapter_fwd"):
+    torch.library.register_fake("fastpeft::bottleneck_adapter_fwd")(_fwd_fake)
+    torch.library.register_fake("fastpeft::bottleneck_adapter_bwd")(_bwd_fake)
+    torch.library.register_autograd(
+        "fastpeft::bottleneck_adapter_fwd",
+        _autograd_backward(lambda *a: torch.ops.fastpeft.bottleneck_adapter_bwd(*a)),
+        setup_context=_setup_context)
+
+
+def _cpu_available():
+    reason = _ext.cpu_available()
+    if reason is None and not hasattr(torch.ops.fastpeft, "bottleneck_adapter_fwd"):
+        reason = "fastpeft._C was built without bottleneck_adapter (rebuild the extension)"
+    return reason
+
+
+def _cpu_supports(x, W_down, b_down, W_up, b_up, activation, dropout_p, seed, residual, forced):
+    return device_reason(x, "cpu", "cpu backend") or dtype_reason(x, CPU_DTYPES, "cpu backend")
+
+
+@OP.register("cpu", available=_cpu_available, supports=_cpu_supports)
+def _bottleneck_adapter_cpu(x, W_down, b_down, W_up, b_up, activation, dropout_p, seed, residual):
+    return torch.ops.fastpeft.bottleneck_adapter_fwd(x, W_down, b_down, W_up, b_up, activation, dropout_p, seed,
+                                                     residual)[0]
+
 __all__ = ["bottleneck_adapter", "bottleneck_adapter_reference", "adapter_keep_mask", "ACTIVATIONS",
            "DROPOUT_STREAM", "OP"]
+
+
+# -- triton (custom_op + fake + autograd, so opcheck and torch.compile work) ---
+@torch.library.custom_op("fastpeft::bottleneck_adapter_triton_fwd", mutates_args=())
+def _triton_fwd(x: torch.Tensor, W_down: torch.Tensor, b_down: Optional[torch.Tensor], W_up: torch.Tensor,
+                b_up: Optional[torch.Tensor], activation: str, dropout_p: float, seed: int,
+                residual: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    from .triton_kernel import adapter_fwd_triton
+
+    return adapter_fwd_triton(x, W_down, b_down, W_up, b_up, activation, dropout_p, seed, residual)
+
+
+@torch.library.custom_op("fastpeft::bottleneck_adapter_triton_bwd", mutates_args=())
+def _triton_bwd(grad_y: torch.Tensor, grad_h: Optional[torch.Tensor], x: torch.Tensor, h: torch.Tensor,
+                W_down: torch.Tensor, b_down: Optional[torch.Tensor], W_up: torch.Tensor, b_up: Optional[torch.Tensor],
+                activation: str, dropout_p: float, seed: int, residual: bool, need_dx: bool, need_down: bool,
+                need_up: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    from .triton_kernel import adapter_bwd_triton
+
+    return adapter_bwd_triton(grad_y, grad_h, x, h, W_down, b_down, W_up, b_up, activation, dropout_p, seed,
+                              residual, need_dx, need_down, need_up)
+
+
+_triton_fwd.register_fake(_fwd_fake)
+_triton_bwd.register_fake(_bwd_fake)
+_triton_fwd.register_autograd(_autograd_backward(lambda *a: _triton_bwd(*a)), setup_context=_setup_context)
+
+
+def _triton_supports(x, W_down, b_down, W_up, b_up, activation, dropout_p, seed, residual, forced):
+    reason = _triton.supports_device(x.device, forced) or dtype_reason(x, GPU_DTYPES, "triton backend")
+    if reason is None and x.dtype == torch.bfloat16 and x.device.type == "cpu":
+        reason = "the Triton interpreter has no bfloat16 tl.dot"
+    return reason
+
+
+@OP.register("triton", available=_triton.available, supports=_triton_supports)
+def _bottleneck_adapter_triton(x, W_down, b_down, W_up, b_up, activation, dropout_p, seed, residual):
+    return _triton_fwd(x, W_down, b_down, W_up, b_up, activation, dropout_p, seed, residual)[0]
