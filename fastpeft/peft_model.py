@@ -128,7 +128,7 @@ class PeftModel(nn.Module):
             return
 
         def forward(self_, *args, **kwargs):
-            return self_.base_model(*args, **kwargs)
+            return self_._run(*args, **kwargs)
 
         forward.__signature__ = sig
         forward.__doc__ = type(model).forward.__doc__
@@ -164,7 +164,37 @@ class PeftModel(nn.Module):
         return self.base_model.model
 
     def forward(self, *args, **kwargs):
-        return self.base_model(*args, **kwargs)
+        return self._run(*args, **kwargs)
+
+    def _run(self, *args, adapter_names: Optional[list] = None, **kwargs):
+        """Forward; ``adapter_names`` (one adapter name, or ``"__base__"``, per batch row)
+        runs a mixed-adapter batch (inference only), as in HF PEFT."""
+        if adapter_names is None:
+            return self.base_model(*args, **kwargs)
+        if self.training:
+            raise ValueError("adapter_names: mixed-adapter batches are for inference; call model.eval() first")
+        unknown = sorted({a for a in adapter_names if a != "__base__" and a not in self.peft_config})
+        if unknown:
+            raise ValueError(f"adapter_names: unknown adapter(s) {unknown}; this model has {list(self.peft_config)}")
+        if self._mts_wrappers():
+            raise NotImplementedError("adapter_names: fastpeft does not run mixed-adapter batches through "
+                                      "modules_to_save heads yet")
+        from .tuners.lora import LoraLayer
+        names = list(adapter_names)
+
+        def hook(module, args, kwargs):
+            return args, {**kwargs, "adapter_names": names}
+
+        handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in self.modules()
+                   if isinstance(m, LoraLayer)]
+        if not handles:
+            raise ValueError(f"adapter_names: mixed-adapter batches are supported for LoRA only, not "
+                             f"{self._tuner.peft_type}")
+        try:
+            return self.base_model(*args, **kwargs)
+        finally:
+            for h in handles:
+                h.remove()
 
     def generate(self, *args, **kwargs):
         return self.base_model.model.generate(*args, **kwargs)

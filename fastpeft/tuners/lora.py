@@ -220,6 +220,23 @@ class LoraLayer:
         if adapter_name in self._active_adapter:
             self._active_adapter = [a for a in self._active_adapter if a != adapter_name]
 
+    def _mixed_batch_forward(self, x: torch.Tensor, *args, adapter_names, **kwargs) -> torch.Tensor:
+        """Row i of the batch uses adapter ``adapter_names[i]`` (``"__base__"``: none); HF PEFT's rule."""
+        if len(adapter_names) != x.shape[0]:
+            raise ValueError(f"adapter_names: got {len(adapter_names)} names for a batch of {x.shape[0]} rows")
+        if self.merged:
+            raise ValueError("adapter_names: cannot run a mixed-adapter batch while adapters are merged")
+        if any(self.use_dora.get(a) for a in set(adapter_names)):
+            raise ValueError("adapter_names: mixed-adapter batches are not supported with DoRA (as in HF PEFT)")
+        result = self.base_layer(x, *args, **kwargs)
+        dtype = result.dtype
+        for a in dict.fromkeys(adapter_names):
+            if a == "__base__" or a not in self.r:
+                continue
+            idx = [i for i, n in enumerate(adapter_names) if n == a]
+            result[idx] = self._adapter_rows(a, x[idx], result[idx]).to(dtype)
+        return result
+
     def unmerge(self) -> None:
         if not self.merged:
             warnings.warn("Already unmerged. Nothing to do.")
@@ -354,11 +371,20 @@ class Linear(nn.Module, LoraLayer):
                                self.lora_B[a].weight, self.scaling[a], dropout_p=p, seed=None)
         return self._plain_forward(x, *args, **kwargs)
 
+    def _adapter_rows(self, a: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        xa = x.to(self.lora_A[a].weight.dtype)
+        if self.use_dora.get(a):
+            return result + self._dora_delta(a, xa, result)
+        return result + self.lora_B[a](self.lora_A[a](self.lora_dropout[a](xa))) * self.scaling[a]
+
     def _plain_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        adapter_names = kwargs.pop("adapter_names", None)
         if self._disable_adapters:
             if self.merged:
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
+        if adapter_names is not None:
+            return self._mixed_batch_forward(x, *args, adapter_names=adapter_names, **kwargs)
         if self.merged:
             return self.base_layer(x, *args, **kwargs)
         result = self.base_layer(x, *args, **kwargs)
@@ -447,25 +473,30 @@ class Embedding(nn.Module, LoraLayer):
         return F.embedding(x, weight, padding_idx=b.padding_idx, max_norm=b.max_norm, norm_type=b.norm_type,
                            scale_grad_by_freq=b.scale_grad_by_freq, sparse=b.sparse)
 
+    def _adapter_rows(self, a: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        after_A = self._embed(x, self.lora_embedding_A[a].T)
+        out = (after_A @ self.lora_embedding_B[a].T) * self.scaling[a]
+        embed_scale = getattr(self.base_layer, "embed_scale", None)
+        if isinstance(embed_scale, (int, float, torch.Tensor)):
+            # scaled embeddings (e.g. Gemma) scale in forward: the LoRA term gets the same factor
+            out = out * (embed_scale.to(out.dtype) if isinstance(embed_scale, torch.Tensor) else embed_scale)
+        return result + out
+
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        adapter_names = kwargs.pop("adapter_names", None)
         if self._disable_adapters:
             if self.merged:
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
+        if adapter_names is not None:
+            return self._mixed_batch_forward(x, *args, adapter_names=adapter_names, **kwargs)
         if self.merged:
             return self.base_layer(x, *args, **kwargs)
         result = self.base_layer(x, *args, **kwargs)
         dtype = result.dtype
         for a in self._active_adapter:
-            if a not in self.lora_embedding_A:
-                continue
-            after_A = self._embed(x, self.lora_embedding_A[a].T)
-            out = (after_A @ self.lora_embedding_B[a].T) * self.scaling[a]
-            embed_scale = getattr(self.base_layer, "embed_scale", None)
-            if isinstance(embed_scale, (int, float, torch.Tensor)):
-                # scaled embeddings (e.g. Gemma) scale in forward: the LoRA term gets the same factor
-                out = out * (embed_scale.to(out.dtype) if isinstance(embed_scale, torch.Tensor) else embed_scale)
-            result = result + out
+            if a in self.lora_embedding_A:
+                result = self._adapter_rows(a, x, result)
         return result.to(dtype)
 
     def _merge_one(self, a, safe_merge):
@@ -527,21 +558,26 @@ class Conv2d(nn.Module, LoraLayer):
             d = F.conv2d(A.transpose(0, 1), B).transpose(0, 1)
         return (d * self.scaling[adapter]).to(self.lora_A[adapter].weight.dtype)
 
+    def _adapter_rows(self, a: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        A, B = self.lora_A[a], self.lora_B[a]
+        xa = x.to(A.weight.dtype)
+        return result + B(A(self.lora_dropout[a](xa))) * self.scaling[a]
+
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        adapter_names = kwargs.pop("adapter_names", None)
         if self._disable_adapters:
             if self.merged:
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
+        if adapter_names is not None:
+            return self._mixed_batch_forward(x, *args, adapter_names=adapter_names, **kwargs)
         if self.merged:
             return self.base_layer(x, *args, **kwargs)
         result = self.base_layer(x, *args, **kwargs)
         dtype = result.dtype
         for a in self._active_adapter:
-            if a not in self.lora_A:
-                continue
-            A, B = self.lora_A[a], self.lora_B[a]
-            xa = x.to(A.weight.dtype)
-            result = result + B(A(self.lora_dropout[a](xa))) * self.scaling[a]
+            if a in self.lora_A:
+                result = self._adapter_rows(a, x, result)
         return result.to(dtype)
 
     def _merge_one(self, a, safe_merge):

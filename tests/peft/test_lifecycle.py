@@ -241,3 +241,26 @@ def test_hf_peft_config_is_accepted():
     assert list(fp.state_dict()) == list(hf.state_dict())
     with pytest.raises(TypeError, match="peft_config"):
         fastpeft.get_peft_model(builder("bert")(), {"r": 2})
+
+
+def test_mixed_adapter_batch_matches_hf():
+    _, hf0, fp0 = _two_adapters()
+    with pytest.raises(NotImplementedError, match="modules_to_save"):
+        fp0(input_ids=torch.zeros(2, 3, dtype=torch.long), adapter_names=["b", "default"])
+    base, hf, fp = hf_and_fast("bert", dict(r=4, target_modules=["query", "value", "word_embeddings"]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for m, mod in ((hf, peft), (fp, fastpeft)):
+            m.add_adapter("b", mod.LoraConfig(r=2, target_modules=["query", "key"], init_lora_weights=False))
+    hf.load_state_dict(fp.state_dict())
+    hf.eval(), fp.eval()
+    x = {"input_ids": torch.randint(0, 64, (4, 6), generator=torch.Generator().manual_seed(3))}
+    names = ["b", "default", "__base__", "b"]
+    with torch.no_grad():
+        torch.testing.assert_close(fp(**x, adapter_names=names).logits, hf(**x, adapter_names=names).logits,
+                                   atol=1e-5, rtol=1e-4)
+        with pytest.raises(ValueError, match="unknown adapter"):
+            fp(**x, adapter_names=["zz"] * 4)
+    fp.train()
+    with pytest.raises(ValueError, match="inference"):
+        fp(**x, adapter_names=names)
