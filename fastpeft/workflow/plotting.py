@@ -19,7 +19,8 @@ def plot_curves(history: list[dict], path: str, metric: str | None = None) -> st
     if not train and not evals:
         return None
     keys = sorted({k for h in evals for k, v in h.items()
-                   if k not in ("type", "step", "epoch", "time") and isinstance(v, (int, float)) and v is not None})
+                   if k not in ("type", "step", "epoch", "time") and isinstance(v, (int, float))
+                   and not isinstance(v, bool)})
     n = 1 + (1 if keys else 0)
     fig, axes = plt.subplots(1, n, figsize=(6 * n, 4), squeeze=False)
     ax = axes[0][0]
