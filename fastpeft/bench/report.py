@@ -78,6 +78,15 @@ def _render(rows: list[list[str]], header: list[str]) -> str:
     return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
 
 
+def variant_label(name: str, v: dict) -> str:
+    """The variant's name, with the backend that ran it when the note says (``fastpeft[cpu]``)."""
+    note = v.get("note") or ""
+    i = note.find("(backend: ")
+    if i < 0:
+        return name
+    return f"{name}[{note[i + 10:note.find(')', i)]}]"
+
+
 def case_rows(c: dict) -> list[list[str]]:
     rows = []
     if c["status"] != "ok" and not c["variants"]:
@@ -93,7 +102,7 @@ def case_rows(c: dict) -> list[list[str]]:
             rows.append([label, name, v["status"].upper(), "", "", "", "", "", v.get("reason") or ""])
             continue
         iqr = f"{fmt_time(v['q1_s'])}-{fmt_time(v['q3_s'])}"
-        rows.append([label, name, fmt_time(v["median_s"]), iqr, fmt_ratio(v.get("ratio_to_floor")),
+        rows.append([label, variant_label(name, v), fmt_time(v["median_s"]), iqr, fmt_ratio(v.get("ratio_to_floor")),
                      fmt_ratio(v.get("ratio_to_baseline")), fmt_memory(v), fmt_throughput(v),
                      "; ".join(targets.get(name, []))])
     return rows
