@@ -299,3 +299,12 @@ def test_short_training_lowers_loss_through_fused_op():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0] - 0.1
+
+
+@pytest.mark.slow
+def test_torch_compile_of_patched_model():
+    model = tiny_llama()
+    ba.inject(model, ba.BottleneckAdapterConfig(bottleneck_size=4, init_weights=False), "default")
+    y = _logits(model)
+    compiled = torch.compile(model)
+    torch.testing.assert_close(compiled(input_ids=IDS).logits, y, atol=1e-5, rtol=1e-5)
