@@ -363,8 +363,11 @@ def test_gpu_run_script_parses_and_dry_runs(tmp_path):
 
 
 @pytest.mark.slow
-def test_whole_smoke_suite_runs_without_failures(tmp_path):
-    """Every case of the suite (ops, training steps, FreeLB) builds and runs at tiny sizes."""
+def test_whole_smoke_suite_runs_without_failures(tmp_path, request):
+    """Every case of the suite (ops, training steps, FreeLB) builds and runs at tiny sizes.
+    About a minute on a quiet 2-core machine: runs only when selected with ``-m slow``."""
+    if "slow" not in (request.config.getoption("markexpr") or ""):
+        pytest.skip("slow (the whole smoke suite); select it with -m slow")
     code = fcli.main(["bench", "--suite", "smoke", "--device", "cpu", "--repeats", "2", "--no-plot",
                       "--out", str(tmp_path), "--strict"])
     res = report.load_json(os.path.join(tmp_path, os.listdir(tmp_path)[0]))
