@@ -115,12 +115,16 @@ CASES = {
     "empty_batch": (lambda H: torch.randn(0, H), 16, 4, True, "gelu", 0.2, True),
     "empty_3d": (lambda H: torch.randn(2, 0, H), 16, 4, True, "relu", 0.0, False),
     "1d_x": (lambda H: torch.randn(H), 12, 5, True, "silu", 0.3, True),
+    # M·Bn and M·H above the C++ kernels' OpenMP threshold (32768): rows split across threads
+    "many_rows_threaded": (lambda H: torch.randn(1100, H), 32, 32, True, "gelu", 0.3, True),
 }
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", list(CASES))
 def test_shapes_strides_and_options(backend, case):
+    if case == "many_rows_threaded" and backend == "triton" and fastpeft._triton.interpreter_on():
+        pytest.skip("targets the C++ OpenMP row split; too slow for the Triton interpreter")
     build, H, Bn, bias, activation, p, residual = CASES[case]
     x = build(H).requires_grad_()
     check(backend, x, make_params(H, Bn, bias=bias), activation, p, 1234567, residual, f32)
@@ -174,7 +178,7 @@ def mask_probe(backend, M, n, p, seed):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_masks_identical_in_forward_backward_and_across_backends(backend):
-    seed, p, n = 2**40 + 12345, 0.3, 48
+    seed, p, n = 2**40 + 12345, 0.3, 40
     fwd, bwd = mask_probe(backend, n, n, p, seed)
     expected = adapter_keep_mask(seed, n, n, p)
     assert torch.equal(fwd, expected), "forward mask differs from the shared Philox mask (stream 1)"

@@ -74,7 +74,8 @@ def bottleneck_adapter(x: torch.Tensor, W_down: torch.Tensor, b_down: Optional[t
         activation: ``"relu"``, ``"gelu"`` (exact erf GELU), ``"gelu_tanh"`` or ``"silu"``.
         dropout_p: dropout rate in [0, 1) on the [M, Bn] activation (inverted dropout).
         seed: Philox seed of the dropout mask, int in [0, 2**63); with ``dropout_p > 0`` and
-            ``seed=None`` one is drawn from torch's default CPU generator.
+            ``seed=None`` one is drawn from torch's default CPU generator (eager only: under
+            ``torch.compile`` pass an explicit seed, e.g. a step counter, to stay in one graph).
         residual: add ``x`` to the output (``False``: return only the adapter branch).
 
     Returns:
