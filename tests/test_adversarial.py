@@ -57,6 +57,15 @@ def small_batch(seed=0, B=6):
     return b
 
 
+@pytest.fixture
+def one_thread():
+    """Training runs with one intra-op thread (deterministic and fair on a shared CPU); restored after."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def param_grads(model):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
@@ -226,10 +235,9 @@ def train_and_attack(method, seed=0, epochs=10, n=1024, attack_eps=(1.5,)):
     return first, last, clean, robust
 
 
-def test_freelb_and_pgd_improve_accuracy_under_pgd_attack():
+def test_freelb_and_pgd_improve_accuracy_under_pgd_attack(one_thread):
     """Measured effect: plain training reaches ~100% clean but ~60% under an L2 PGD attack of
     radius 1.5 on the embedding output; FreeLB / PGD training keep clean accuracy and reach ~95%."""
-    torch.set_num_threads(1)
     _, _, clean0, (robust0,) = train_and_attack(None)
     for method in (A.FreeLB(step_size=0.5, epsilon=1.0, steps=3, init_mag=0.5), A.PGD(epsilon=1.0, steps=2)):
         first, last, clean, (robust,) = train_and_attack(method)
@@ -241,10 +249,9 @@ def test_freelb_and_pgd_improve_accuracy_under_pgd_attack():
 @pytest.mark.parametrize("make", [lambda: A.FGM(epsilon=1.0), lambda: A.FGSMRandomInit(epsilon=0.25, norm="l2_token"),
                                   lambda: A.SMART(alpha=1.0, step_size=1.0, epsilon=1.0, noise_var=1e-3)],
                          ids=["fgm", "fgsm_rs", "smart"])
-def test_other_methods_train_and_keep_clean_accuracy(make):
+def test_other_methods_train_and_keep_clean_accuracy(make, one_thread):
     """Test loss drops well below ln 2 and clean accuracy stays within noise of plain training
     (SMART's smoothness term keeps logits smaller, so its loss drops less)."""
-    torch.set_num_threads(1)
     _, _, clean0, _ = _plain_short()
     first, last, clean, _ = train_and_attack(make(), epochs=4, attack_eps=())
     assert last < 0.8 * first and clean >= clean0 - 0.03, (first, last, clean, clean0)
@@ -257,7 +264,7 @@ def _plain_short():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", [1, 2, 3])
-def test_robustness_effect_over_seeds_all_methods(seed):
+def test_robustness_effect_over_seeds_all_methods(seed, one_thread):
     _, _, clean0, rob0 = train_and_attack(None, seed=seed, attack_eps=(1.0, 1.5))
     for make in ALL[:4] + [lambda: A.SMART(alpha=1.0, step_size=1.0, epsilon=1.0, noise_var=1e-3)]:
         m = make()
