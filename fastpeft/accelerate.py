@@ -145,6 +145,15 @@ def _fast_class(orig: type) -> type:
     return cls
 
 
+def __getattr__(name: str):
+    # Unpickling a model saved while accelerated, in a fresh process: rebuild the class.
+    if name == "Fastpeft" + "Linear":
+        lin = _peft_lora_linear_cls()
+        if lin is not None:
+            return _fast_class(lin)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def _is_fastpeft_model(model) -> bool:
     from .peft_model import PeftModel
     return isinstance(model, PeftModel)
