@@ -161,7 +161,7 @@ def _add_variants(base, batch, lora_kwargs, seed, lr, variants, skipped, notes, 
 
 def _one_line(obj) -> str:
     text = " ".join(str(obj).split())
-    return text[:160] + ("..." if len(text) > 160 else "")
+    return text[:400] + ("..." if len(text) > 400 else "")
 
 
 def _raiser(msg: str):
