@@ -15,9 +15,10 @@ Merging folds ``l`` into the weight (and, for attention-type targets, the bias):
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional, Union
 
 import torch
@@ -259,7 +260,6 @@ def inject(model: nn.Module, config: IA3Config, adapter_name: str = "default") -
     if not isinstance(config, IA3Config):
         raise TypeError(f"config: expected IA3Config, got {type(config).__name__}")
     targets, ff = _resolve_targets(model, config)
-    import dataclasses
     cfg = dataclasses.replace(config, target_modules=targets) if targets is not config.target_modules else config
     names = find_targets(model, cfg, linear_types() + (nn.Conv2d, nn.Conv3d, IA3Linear),
                          what="IA3Config.target_modules")

@@ -370,7 +370,7 @@ def inject(model: nn.Module, config: PromptTuningConfig, adapter_name: str = "de
         raise ValueError(f"adapter_name: an adapter named {adapter_name!r} already exists")
     if st is not None and st.kind != "prompt":
         raise ValueError(f"model already holds {st.kind} tuning adapters; cannot add prompt tuning")
-    total = config.num_virtual_tokens * 1
+    total = config.num_virtual_tokens  # num_transformer_submodules is 1 (decoder- or encoder-only)
     ids = _init_token_ids(config, total, word.num_embeddings)
     init = word.weight.detach()[torch.tensor(ids, device=word.weight.device)].float() if ids is not None else None
     enc = PromptEmbedding(total, token_dim, init, device=word.weight.device)
