@@ -20,11 +20,27 @@ from ...kernels.philox import dropout_keep_mask
 DROPOUT_STREAM = 0
 
 
-def keep_mask(seed: int, M: int, K: int, p: float, device) -> torch.Tensor:
+@torch.library.custom_op("fastpeft::lora_linear_keep_mask", mutates_args=())
+def _keep_mask_op(x2: torch.Tensor, seed: int, p: float) -> torch.Tensor:
+    """Bool [M, K] Philox keep mask for the [M, K] input ``x2`` (only its shape and device are used).
+
+    A custom op so that ``torch.compile`` treats the integer Philox arithmetic as one
+    opaque call instead of tracing (and code-generating) its ten rounds."""
+    return dropout_keep_mask(seed, x2.shape[0], x2.shape[1], p, stream=DROPOUT_STREAM, device=x2.device)
+
+
+@_keep_mask_op.register_fake
+def _(x2, seed, p):
+    return torch.empty(x2.shape, dtype=torch.bool, device=x2.device)
+
+
+def keep_mask(seed: int, M: int, K: int, p: float, device, x2: torch.Tensor = None) -> torch.Tensor:
     """Bool [M, K]: the dropout keep mask of lora_linear for ``seed`` (all True when p == 0)."""
     if p == 0.0:
         return torch.ones(M, K, dtype=torch.bool, device=device)
-    return dropout_keep_mask(seed, M, K, p, stream=DROPOUT_STREAM, device=device)
+    if x2 is None:
+        x2 = torch.empty(M, K, device=device, dtype=torch.bool)
+    return _keep_mask_op(x2.detach(), seed, p)
 
 
 def dropout_apply(x2: torch.Tensor, keep: torch.Tensor, p: float) -> torch.Tensor:
@@ -44,7 +60,7 @@ def lora_linear_plain(x, weight, bias, lora_A, lora_B, scale: float, dropout_p: 
     """
     K = x.shape[-1]
     x2 = x.reshape(-1, K)
-    keep = keep_mask(seed, x2.shape[0], K, dropout_p, x.device)
+    keep = keep_mask(seed, x2.shape[0], K, dropout_p, x.device, x2)
     dx = dropout_apply(x2, keep, dropout_p).reshape(x.shape)
     A, B = lora_A.to(x.dtype), lora_B.to(x.dtype)
     return F.linear(x, weight, bias) + F.linear(F.linear(dx, A), B) * scale
@@ -75,7 +91,7 @@ class LoraLinearFunction(torch.autograd.Function):
         x2 = x.reshape(-1, K)
         M = x2.shape[0]
         A, B = lora_A.to(x.dtype), lora_B.to(x.dtype)
-        keep = keep_mask(seed, M, K, dropout_p, x.device)
+        keep = keep_mask(seed, M, K, dropout_p, x.device, x2)
         u0 = dropout_apply(x2, keep, dropout_p) @ A.t()
         del keep
         y = torch.addmm(bias, x2, weight.t()) if bias is not None else x2 @ weight.t()
@@ -102,7 +118,7 @@ class LoraLinearFunction(torch.autograd.Function):
             dbb = (dy2.t().float() @ u0.float() if mixed else dy2.t() @ u0) * s
             dbb = dbb.to(lora_B.dtype)
         if need_x or need_a:
-            keep = keep_mask(ctx.seed, M, K, p, x.device)
+            keep = keep_mask(ctx.seed, M, K, p, x.device, x2)
             if need_a:
                 xd = dropout_apply(x2, keep, p)
                 da = (g.t().float() @ xd.float() if mixed else g.t() @ xd).to(lora_A.dtype)

@@ -94,7 +94,7 @@ def _shrink_kernel(x_ptr, a_ptr, u_ptr, M, K, R, stride_xm, stride_xk, stride_ar
                  prune_configs_by={"early_config_prune": _prune_big_rank})
 @triton.jit
 def _fwd_gemm_kernel(x_ptr, w_ptr, b_ptr, u_ptr, lb_ptr, y_ptr, M, N, K, R, scale,
-                     stride_xm, stride_xk, stride_wn, stride_wk, stride_bn, stride_br,
+                     stride_xm, stride_xk, stride_wn, stride_wk, stride_bn, stride_br, stride_bias,
                      HAS_BIAS: tl.constexpr, R_PAD: tl.constexpr, PRECISION: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     """y = x Wᵀ + b + scale · U0 Bᵀ, the rank-r update added to the accumulator in the epilogue."""
@@ -116,7 +116,7 @@ def _fwd_gemm_kernel(x_ptr, w_ptr, b_ptr, u_ptr, lb_ptr, y_ptr, M, N, K, R, scal
                    mask=(rn[None, :] < N) & (rr[:, None] < R), other=0.0)
     acc += tl.dot(u, lb_t.to(u.dtype), input_precision=PRECISION) * scale
     if HAS_BIAS:
-        acc += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+        acc += tl.load(b_ptr + rn * stride_bias, mask=rn < N, other=0.0).to(tl.float32)[None, :]
     tl.store(y_ptr + rm[:, None].to(tl.int64) * N + rn[None, :], acc.to(y_ptr.dtype.element_ty),
              mask=(rm[:, None] < M) & (rn[None, :] < N))
 
@@ -207,7 +207,7 @@ def lora_linear_fwd_triton(x, weight, bias, lora_A, lora_B, scale: float, p: flo
         _fwd_gemm_kernel[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)](
             x2, weight, bias if bias is not None else y, u0, lora_B, y, M, N, K, r, float(scale),
             x2.stride(0), x2.stride(1), weight.stride(0), weight.stride(1), lora_B.stride(0), lora_B.stride(1),
-            HAS_BIAS=bias is not None, R_PAD=r_pad, PRECISION=prec)
+            bias.stride(0) if bias is not None else 0, HAS_BIAS=bias is not None, R_PAD=r_pad, PRECISION=prec)
     return y.view(*x.shape[:-1], N), u0
 
 
