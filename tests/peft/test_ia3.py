@@ -211,3 +211,23 @@ def test_conv2d_matches_hf_peft_and_merges():
     with pytest.raises(ValueError, match="groups=1"):
         ia3.inject(grouped, ia3.IA3Config(target_modules=["0", "1"], feedforward_modules=["0"]), "default")
     assert not any(isinstance(m, ia3.IA3Linear) for m in grouped.modules())  # unchanged
+
+
+def test_several_adapters_through_peft_model():
+    base = tiny_gpt2()
+    ids = torch.randint(0, 97, (2, 5))
+    pm = _get_peft_model()(copy.deepcopy(base), ia3.IA3Config(init_ia3_weights=False))
+    y_a = pm(input_ids=ids).logits
+    pm.add_adapter("b", ia3.IA3Config(init_ia3_weights=False))
+    torch.testing.assert_close(pm(input_ids=ids).logits, y_a)  # "default" still active
+    pm.set_adapter("b")
+    y_b = pm(input_ids=ids).logits
+    assert not torch.allclose(y_a, y_b, atol=1e-4)
+    trainable = {n for n, p in pm.named_parameters() if p.requires_grad}
+    assert trainable and all(n.endswith(".ia3_l.b") for n in trainable)
+    pm.delete_adapter("b")
+    pm.set_adapter("default")
+    torch.testing.assert_close(pm(input_ids=ids).logits, y_a)
+    merged = pm.merge_and_unload()
+    torch.testing.assert_close(merged(input_ids=ids).logits, y_a, atol=1e-5, rtol=1e-5)
+    assert not any("ia3" in k for k in merged.state_dict())
