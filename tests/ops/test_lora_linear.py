@@ -102,6 +102,7 @@ CASES = {
     "prime-r1": ((13,), 17, 11, 1, 0.25, True),
     "3d-nobias": ((3, 7), 31, 23, 5, 0.5, False),
     "rank33": ((19,), 40, 21, 33, 0.1, True),
+    "tall": ((300,), 9, 5, 2, 0.3, True),  # several row splits in the triton dA reduction
 }
 
 

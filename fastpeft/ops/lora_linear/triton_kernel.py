@@ -8,7 +8,7 @@ Forward::
 Backward (G = s·dY B and dB = s·dYᵀ U0 are [M, r] / [N, r] products done by torch)::
 
     _dx_gemm_kernel     dX = dY W + (G A) ∘ keep/(1-p)     mask regenerated in the epilogue
-    _da_kernel          dA = Gᵀ drop(x)                    mask regenerated, fp32 accumulation
+    _da_kernel          dA = Gᵀ drop(x)                    mask regenerated, fp32 partial sums over row splits
 
 The rank is padded internally to a power of two >= 16 (``R_PAD``) for ``tl.dot``.
 fp32 dots use IEEE precision unless ``torch.backends.cuda.matmul.allow_tf32`` is set.
@@ -154,16 +154,19 @@ def _dx_gemm_kernel(dy_ptr, w_ptr, g_ptr, a_ptr, dx_ptr, M, N, K, R, stride_dm, 
              mask=(rm[:, None] < M) & (rk[None, :] < K))
 
 
-@triton.autotune(configs=_skinny_configs(), key=["M", "K", "R_PAD", "HAS_DROPOUT"])
+@triton.autotune(configs=_skinny_configs(), key=["M", "K", "R_PAD", "HAS_DROPOUT", "SPLIT"])
 @triton.jit
-def _da_kernel(g_ptr, x_ptr, da_ptr, M, K, R, stride_xm, stride_xk, seed, threshold, inv_keep,
-               HAS_DROPOUT: tl.constexpr, R_PAD: tl.constexpr, PRECISION: tl.constexpr,
+def _da_kernel(g_ptr, x_ptr, ws_ptr, M, K, R, stride_xm, stride_xk, seed, threshold, inv_keep,
+               HAS_DROPOUT: tl.constexpr, R_PAD: tl.constexpr, PRECISION: tl.constexpr, SPLIT: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    """dA[j, k] = Σ_m G[m, j] · drop(x)[m, k]   (one program per K tile, loop over M, fp32 accumulation)."""
+    """Partial dA of split s: ws[s, j, k] = Σ_{m in split s} G[m, j] · drop(x)[m, k]   (fp32).
+
+    Grid (K tiles, SPLIT); split s takes the row tiles s, s + SPLIT, ...; the launcher sums ws over s."""
     rk = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    split = tl.program_id(1)
     rr = tl.arange(0, R_PAD)
     acc = tl.zeros((R_PAD, BLOCK_K), dtype=tl.float32)
-    for m0 in range(0, M, BLOCK_M):
+    for m0 in range(split * BLOCK_M, M, SPLIT * BLOCK_M):
         rm = m0 + tl.arange(0, BLOCK_M)
         g_t = tl.load(g_ptr + rm[None, :].to(tl.int64) * R + rr[:, None], mask=(rm[None, :] < M) & (rr[:, None] < R),
                       other=0.0)
@@ -173,8 +176,13 @@ def _da_kernel(g_ptr, x_ptr, da_ptr, M, K, R, stride_xm, stride_xk, seed, thresh
             keep = dropout_keep(seed, rm, rk, 0, threshold)
             x = tl.where(keep, x * inv_keep, 0.0).to(x_ptr.dtype.element_ty)
         acc += tl.dot(g_t, x, input_precision=PRECISION)
-    tl.store(da_ptr + rr[:, None] * K + rk[None, :], acc.to(da_ptr.dtype.element_ty),
+    tl.store(ws_ptr + (split * R + rr[:, None]).to(tl.int64) * K + rk[None, :], acc,
              mask=(rr[:, None] < R) & (rk[None, :] < K))
+
+
+def _da_split(M: int) -> int:
+    """Row splits of the dA reduction: enough programs to fill a GPU when K is narrow."""
+    return max(1, min(32, triton.cdiv(M, 128)))
 
 
 def _r_pad(r: int) -> int:
@@ -238,13 +246,15 @@ def lora_linear_bwd_triton(dy, x, weight, lora_A, lora_B, u0, scale: float, p: f
                 HAS_DROPOUT=p > 0, R_PAD=r_pad, PRECISION=prec)
         dx = dx.view(x.shape)
     if need_a:
-        da = torch.empty(r, K, dtype=lora_A.dtype, device=x.device)
         if M > 0:
-            _da_kernel[lambda meta: (triton.cdiv(K, meta["BLOCK_K"]),)](
-                g, x2, da, M, K, r, x2.stride(0), x2.stride(1), s, thr, inv,
-                HAS_DROPOUT=p > 0, R_PAD=r_pad, PRECISION=prec)
+            split = _da_split(M)
+            ws = torch.empty(split, r, K, dtype=torch.float32, device=x.device)
+            _da_kernel[lambda meta: (triton.cdiv(K, meta["BLOCK_K"]), split)](
+                g, x2, ws, M, K, r, x2.stride(0), x2.stride(1), s, thr, inv,
+                HAS_DROPOUT=p > 0, R_PAD=r_pad, PRECISION=prec, SPLIT=split)
+            da = ws.sum(0).to(lora_A.dtype)
         else:
-            da.zero_()
+            da = torch.zeros(r, K, dtype=lora_A.dtype, device=x.device)
     if need_w:
         dw = dy2.t() @ x2
     if need_b:
