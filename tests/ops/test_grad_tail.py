@@ -13,7 +13,11 @@ from fastpeft.ops import grad_tail, grad_tail_, grad_tail_apply_
 from ..helpers import TOL, assert_close, runnable_backends
 
 EXAMPLE = ([torch.zeros(3)], torch.ones(()), 1.0, 2.0, 1e-6)
-BACKENDS = runnable_backends("grad_tail", *EXAMPLE)
+# The Triton interpreter is slow: the broad tests run the compiled and torch backends, and
+# the triton backend gets its own small-shape tests below (on a GPU it runs everywhere).
+BACKENDS = [b for b in runnable_backends("grad_tail", *EXAMPLE)
+            if b.id != "triton" or torch.cuda.is_available()]
+TRITON = [b for b in runnable_backends("grad_tail", *EXAMPLE) if b.id == "triton"]
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # total norm / multiplier: fp32 accumulation over <= ~1e5 elements (vs float64)
 NORM_RTOL = 2e-5
@@ -337,3 +341,44 @@ def test_cuda_launches_are_independent_of_tensor_count():
         kernels[n] = sorted(e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
     assert kernels[10] == kernels[400], kernels
     assert len(kernels[10]) <= 6, kernels
+
+
+@pytest.mark.parametrize("backend", TRITON)
+@pytest.mark.parametrize("n", [1, 23])
+@pytest.mark.parametrize("max_norm", [None, 0.5], ids=["noclip", "clip"])
+def test_triton_matches_float64(backend, n, max_norm):
+    grads = make_grads(n, seed=n, scale=64.0, max_numel=40, big=(20_000,) if n > 1 else ())
+    grads.append(torch.randn(9, 6)[:, ::2])  # strided
+    before = [g.clone() for g in grads]
+    with fastpeft.use_backend(backend):
+        stats = grad_tail_(grads, inv_scale=1 / 64.0, max_norm=max_norm)
+    mult = check_against_oracle(before, stats, 1 / 64.0, max_norm)
+    for i, (g, g0) in enumerate(zip(grads, before)):
+        assert_close(g, g0.double() * mult, g0.dtype, f"grads[{i}] ({g0.dtype})", scale=1e-3)
+
+
+@pytest.mark.parametrize("backend", TRITON)
+def test_triton_non_finite_zero_and_empty(backend):
+    grads = make_grads(6, seed=2, max_numel=30)
+    grads[4][0] = math.inf
+    with fastpeft.use_backend(backend):
+        bad = grad_tail(grads, inv_scale=0.5, max_norm=1.0)
+        zero = grad_tail([torch.zeros(7, dtype=torch.bfloat16), torch.zeros(0)], inv_scale=0.25, max_norm=1.0)
+        empty = grad_tail([], inv_scale=0.5)
+    assert bad.found_inf.item() == 1.0 and bad.multiplier.item() == 0.0
+    assert zero.total_norm.item() == 0.0 and zero.multiplier.item() == 0.25 and zero.found_inf.item() == 0.0
+    assert empty.total_norm.item() == 0.0 and empty.multiplier.item() == 0.5
+    with fastpeft.use_backend(backend), pytest.raises(BackendError, match="float64"):
+        grad_tail([torch.randn(3, dtype=torch.float64)])
+
+
+@pytest.mark.parametrize("name", ["grad_tail_stats_triton", "grad_tail_apply_triton_"])
+def test_opcheck_triton(name):
+    if not TRITON or TRITON[0].marks:
+        pytest.skip("triton backend not runnable here")
+    op = getattr(torch.ops.fastpeft, name)
+    grads = [torch.randn(5, 3), torch.randn(7, dtype=torch.bfloat16), torch.randn(0)]
+    if name == "grad_tail_stats_triton":
+        opcheck(op.default, (grads, torch.tensor(0.5), 1.0, 1e-6))
+    else:
+        opcheck(op.default, (grads, torch.tensor(0.5)))

@@ -43,7 +43,8 @@ Gradients may be fp32, fp16, bf16 (and fp64; read as fp32 on CUDA) mixed in one 
 or not (non-contiguous ones are read through a copy and scaled one by one), any number of
 tensors including zero and empty tensors.  ``norm_type`` other than 2 runs on the torch backend.
 
-Files of this op: ``reference.py`` (torch backend), ``csrc/grad_tail/`` (``_cpu.cpp`` OpenMP over
+Files of this op: ``reference.py`` (torch backend), ``triton_kernel.py`` (pointer-table
+multi-tensor kernels, one launch per dtype present), ``csrc/grad_tail/`` (``_cpu.cpp`` OpenMP over
 fixed chunks with a deterministic reduction, ``_cuda.cu`` one block per chunk + last-block
 finalisation, ``_binding.cpp``), ``tests/ops/test_grad_tail.py``, ``benchmarks/bench_grad_tail.py``.
 """
@@ -54,7 +55,7 @@ from typing import NamedTuple, Optional, Sequence, Union
 
 import torch
 
-from ... import _ext
+from ... import _ext, _triton
 from ...backends import define_op
 from .reference import grad_tail_apply_reference, grad_tail_stats_reference
 
@@ -220,5 +221,54 @@ OP.register("cpu", available=_ext.cpu_available, supports=_stats_supports("cpu")
 OP.register("cuda", available=_ext.cuda_available, supports=_stats_supports("cuda"))(_stats_compiled)
 OP_APPLY.register("cpu", available=_ext.cpu_available, supports=_apply_supports("cpu"))(_apply_compiled)
 OP_APPLY.register("cuda", available=_ext.cuda_available, supports=_apply_supports("cuda"))(_apply_compiled)
+
+# -- triton (custom_op + fake, so opcheck and torch.compile work) ---------------
+TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@torch.library.custom_op("fastpeft::grad_tail_stats_triton", mutates_args=())
+def _grad_tail_stats_triton(grads: list[torch.Tensor], inv_scale: torch.Tensor, max_norm: Optional[float],
+                            eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from .triton_kernel import grad_tail_stats_triton
+
+    return grad_tail_stats_triton(grads, inv_scale, max_norm, eps)
+
+
+@_grad_tail_stats_triton.register_fake
+def _(grads, inv_scale, max_norm, eps):
+    return tuple(inv_scale.new_empty((), dtype=torch.float32) for _ in range(3))
+
+
+@torch.library.custom_op("fastpeft::grad_tail_apply_triton_", mutates_args=("grads",))
+def _grad_tail_apply_triton(grads: list[torch.Tensor], multiplier: torch.Tensor) -> None:
+    from .triton_kernel import grad_tail_apply_triton
+
+    grad_tail_apply_triton(grads, multiplier)
+
+
+@_grad_tail_apply_triton.register_fake
+def _(grads, multiplier):
+    return None
+
+
+def _triton_dtype_reason(grads) -> Optional[str]:
+    for i, g in enumerate(grads):
+        if g.dtype not in TRITON_DTYPES:
+            return f"triton backend supports float32, float16 and bfloat16 grads, got {g.dtype} at grads[{i}]"
+    return None
+
+
+def _stats_triton_entry(grads, inv_scale, max_norm, norm_type, eps):
+    return _grad_tail_stats_triton(grads, inv_scale, max_norm, eps)
+
+
+OP.register("triton", available=_triton.available,
+            supports=lambda grads, inv_scale, max_norm, norm_type, eps, forced:
+            _triton.supports_device(inv_scale.device, forced)
+            or (None if norm_type == 2.0 else f"triton backend computes the 2-norm only, got norm_type={norm_type}")
+            or _triton_dtype_reason(grads))(_stats_triton_entry)
+OP_APPLY.register("triton", available=_triton.available,
+                  supports=lambda grads, multiplier, forced: _triton.supports_device(multiplier.device, forced)
+                  or _triton_dtype_reason(grads))(_grad_tail_apply_triton)
 
 __all__ = ["grad_tail", "grad_tail_", "grad_tail_apply_", "collect_grads", "GradTailStats", "OP", "OP_APPLY"]
