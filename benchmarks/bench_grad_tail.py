@@ -4,6 +4,7 @@ Groups (``benchmark.group``) are one parameter set each, so these compare side b
 
 * ``fused``     — :func:`fastpeft.ops.grad_tail_` (one multi-tensor read pass + one light write
   pass) on the best backend here (cuda / cpu);
+* ``triton``    — the same op forced to the ``triton`` backend (GPU only);
 * ``reference`` — the same op forced to the ``torch`` backend (per-tensor ops);
 * ``torch_amp`` — what ``GradScaler.unscale_`` + ``clip_grad_norm_`` run:
   ``torch._amp_foreach_non_finite_check_and_unscale_`` then ``torch.nn.utils.clip_grad_norm_``
@@ -41,7 +42,7 @@ import torch
 import fastpeft
 from fastpeft.ops import grad_tail_
 
-VARIANTS = ("fused", "reference", "torch_amp", "floor", "scaler_fastpeft", "scaler_torch")
+VARIANTS = ("fused", "triton", "reference", "torch_amp", "floor", "scaler_fastpeft", "scaler_torch")
 LLAMA7B = dict(hidden=4096, intermediate=11008, layers=32)
 
 
@@ -139,6 +140,8 @@ def make_case(variant: str, shapes, dtypes=(torch.float32,), device="cpu"):
         return lambda: run_fused(grads, inv_scale, max_norm)
     if variant == "reference":
         return lambda: run_fused(grads, inv_scale, max_norm, backend="torch")
+    if variant == "triton":
+        return lambda: run_fused(grads, inv_scale, max_norm, backend="triton")
     if variant in ("torch_amp", "scaler_fastpeft", "scaler_torch"):
         params = [torch.nn.Parameter(torch.empty(0, device=device, dtype=g.dtype)) for g in grads]
         for p, g in zip(params, grads):
@@ -188,6 +191,8 @@ def cases(device: str) -> list:
 
 def _run(benchmark, variant, case, device):
     name, shapes, dtypes = case
+    if variant == "triton" and device != "cuda":
+        pytest.skip("the triton variant is timed on the GPU only (the CPU interpreter is a testing tool)")
     if variant.startswith("scaler_") and torch.float16 in dtypes:
         pytest.skip("GradScalers (torch's and fastpeft's) refuse fp16 grads under fp16 scaling (master weights)")
     fn = make_case(variant, shapes, dtypes, device)
