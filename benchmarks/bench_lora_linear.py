@@ -153,6 +153,16 @@ def make_case(variant: str, M, K, N, r, dropout_p, dtype, device="cpu"):
     raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
 
 
+def peak_memory_cuda(fn) -> int:
+    """Bytes of CUDA memory allocated at the peak of one ``fn()`` beyond what was allocated before."""
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - before
+
+
 def _case_id(c):
     M, K, N, r, p, dtype = c
     return f"M{M}-K{K}-N{N}-r{r}-p{p}-{str(dtype).replace('torch.', '')}"
@@ -169,6 +179,7 @@ def _run(benchmark, variant, case, device):
             torch.cuda.synchronize()
 
         timed()
+        benchmark.extra_info["peak_mem_bytes"] = peak_memory_cuda(fn)
         benchmark(timed)
     else:
         fn()  # warm up

@@ -40,8 +40,8 @@ MAX_TRITON_RANK = 256
 
 def _check_args(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed):
     check_tensor("x", x, dtypes=FLOAT_DTYPES)
-    if x.dim() < 1:
-        raise ValueError(f"x: expected a tensor [..., K] with at least 1 dim, got shape {tuple(x.shape)}")
+    if x.dim() < 1 or x.shape[-1] < 1:
+        raise ValueError(f"x: expected a tensor [..., K] with K >= 1, got shape {tuple(x.shape)}")
     check_tensor("weight", weight, ndim=(2,))
     check_tensor("bias", bias, ndim=(1,), allow_none=True)
     check_tensor("lora_A", lora_A, ndim=(2,))
