@@ -82,7 +82,7 @@ def _shrink_kernel(x_ptr, a_ptr, u_ptr, M, K, R, stride_xm, stride_xk, stride_ar
                     mask=(rm[:, None] < M) & (rk[None, :] < K), other=0.0)
         if HAS_DROPOUT:
             keep = dropout_keep(seed, rm, rk, 0, threshold)
-            x = tl.where(keep, x * inv_keep, 0.0).to(x_ptr.dtype.element_ty)
+            x = tl.where(keep, x.to(tl.float32) * inv_keep, 0.0).to(x_ptr.dtype.element_ty)
         a_t = tl.load(a_ptr + rr[None, :] * stride_ar + rk[:, None] * stride_ak,
                       mask=(rr[None, :] < R) & (rk[:, None] < K), other=0.0)
         acc += tl.dot(x, a_t.to(x_ptr.dtype.element_ty), input_precision=PRECISION)
@@ -174,7 +174,7 @@ def _da_kernel(g_ptr, x_ptr, ws_ptr, M, K, R, stride_xm, stride_xk, seed, thresh
                     mask=(rm[:, None] < M) & (rk[None, :] < K), other=0.0)
         if HAS_DROPOUT:
             keep = dropout_keep(seed, rm, rk, 0, threshold)
-            x = tl.where(keep, x * inv_keep, 0.0).to(x_ptr.dtype.element_ty)
+            x = tl.where(keep, x.to(tl.float32) * inv_keep, 0.0).to(x_ptr.dtype.element_ty)
         acc += tl.dot(g_t, x, input_precision=PRECISION)
     tl.store(ws_ptr + (split * R + rr[:, None]).to(tl.int64) * K + rk[None, :], acc,
              mask=(rr[:, None] < R) & (rk[None, :] < K))
