@@ -46,7 +46,23 @@ def load_tokenizer(name_or_path: str):
     return tok
 
 
-def load_base_model(name_or_path: str, auto_class, **kwargs):
-    """``auto_class.from_pretrained(path, local_files_only=True, **kwargs)`` on the resolved path."""
+def load_base_model(name_or_path: str, auto_class, *, quiet: bool = True, **kwargs):
+    """``auto_class.from_pretrained(path, local_files_only=True, **kwargs)`` on the resolved path.
+
+    ``quiet``: hide transformers' load report, which lists the new task head as "missing" -- expected
+    here, since the head is what fine-tuning trains. Errors are still raised."""
     path = resolve_model_path(name_or_path)
-    return auto_class.from_pretrained(path, local_files_only=True, **kwargs)
+    if not quiet:
+        return auto_class.from_pretrained(path, local_files_only=True, **kwargs)
+    from transformers.utils import logging as hf_logging
+    level = hf_logging.get_verbosity()
+    bar = getattr(hf_logging, "is_progress_bar_enabled", lambda: False)()
+    hf_logging.set_verbosity_error()
+    if bar:
+        hf_logging.disable_progress_bar()
+    try:
+        return auto_class.from_pretrained(path, local_files_only=True, **kwargs)
+    finally:
+        hf_logging.set_verbosity(level)
+        if bar:
+            hf_logging.enable_progress_bar()
