@@ -28,3 +28,5 @@ from .accelerate import accelerate, restore  # noqa: E402  (the functions shadow
 
 __all__ = ["get_peft_model", "accelerate", "restore", "PeftModel", "LoraConfig", "PeftConfig", "__version__", "BackendError", "use_backend", "ops", "amp", "adversarial"]
 __all__ += _METHOD_EXPORTS + ["heads", "FreezeConfig", "apply_freezing"]
+from .workflow import Trainer, TrainerConfig, train, finetune  # noqa: E402  (fine-tuning workflow)
+__all__ += ["Trainer", "TrainerConfig", "train", "finetune", "workflow"]
