@@ -27,9 +27,10 @@ from __future__ import annotations
 
 import contextlib
 import os
-import threading
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional
+
+import torch
 
 BACKENDS: tuple[str, ...] = ("cuda", "triton", "cpu", "torch")
 
@@ -104,19 +105,33 @@ class Op:
 
 _REGISTRY: dict[str, Op] = {}
 _AVAILABILITY: dict[tuple[str, str], Reason] = {}
-_LOCK = threading.Lock()
 
 
 def _cached_availability(op: str, backend: str, probe: Callable[[], Reason]) -> Reason:
+    # No lock: probes are idempotent (two threads may both probe once), and a
+    # lock here would stop torch.compile(fullgraph=True) when an op's first call
+    # happens while Dynamo traces.
     key = (op, backend)
     if key not in _AVAILABILITY:
-        with _LOCK:
-            if key not in _AVAILABILITY:
-                try:
-                    _AVAILABILITY[key] = probe()
-                except Exception as e:  # a probe must never break dispatch
-                    _AVAILABILITY[key] = f"availability check failed: {type(e).__name__}: {e}"
+        if torch.compiler.is_compiling():
+            # Probes import modules and read files, which Dynamo cannot trace: run
+            # this one eagerly and let the trace treat its answer as a constant.
+            _AVAILABILITY[key] = _probe_as_constant(op, backend)
+        else:
+            _AVAILABILITY[key] = _probe(probe)
     return _AVAILABILITY[key]
+
+
+def _probe(probe: Callable[[], Reason]) -> Reason:
+    try:
+        return probe()
+    except Exception as e:  # a probe must never break dispatch
+        return f"availability check failed: {type(e).__name__}: {e}"
+
+
+@torch.compiler.assume_constant_result
+def _probe_as_constant(op: str, backend: str) -> Reason:
+    return _probe(_REGISTRY[op].impls[backend].available)
 
 
 def clear_availability_cache() -> None:

@@ -82,3 +82,14 @@ def test_torch_compile_fullgraph(backend):
     ref = (a.detach().double() - 1.5 * b.detach().double())
     assert_close(loss, ref.square().sum(), torch.float32, "loss", scale=10)
     assert_close(b.grad, -1.5 * 2 * ref, torch.float32, "grad b", scale=10)
+
+
+def test_first_call_inside_torch_compile_probes_availability():
+    """The availability probe must be traceable: an op's very first call may happen inside Dynamo."""
+    from fastpeft import backends
+
+    backends.clear_availability_cache()
+    torch._dynamo.reset()
+    a = torch.randn(3, 4)
+    out = torch.compile(lambda a: scaled_add(a, a, 2.0), fullgraph=True)(a)
+    torch.testing.assert_close(out, 3 * a)
