@@ -223,3 +223,14 @@ def test_bf16_autocast_runs(tiny_model_dir, tiny_cls_files):
     # under CPU autocast yet (reported to the patching / op owners)
     _, r = _run(tiny_model_dir, tiny_cls_files, _cfg(max_steps=2, precision="bf16"), backend="peft")
     assert len(r["losses"]) == 2 and all(l == l for l in r["losses"])
+
+
+def test_adversarial_config_maps_by_name():
+    adv = pytest.importorskip("fastpeft.adversarial")
+    from fastpeft.workflow.config import build_config
+    from fastpeft.workflow.pipeline import build_adversarial
+    cfg = build_config({"model": "m", "task": "sequence_classification", "data": {"train": "x.tsv"},
+                        "adversarial": {"method": "freelb", "steps": 2}})
+    m = build_adversarial(cfg["adversarial"])
+    assert isinstance(m, adv.FreeLB) and m.steps == 2
+    assert cfg["adversarial"] == {"method": "freelb", "steps": 2}  # the config is not consumed
