@@ -61,9 +61,9 @@ Dims check_args(const at::Tensor& x, const at::Tensor& weight, const std::option
   return {M, K, N, r};
 }
 
-// Rows per chunk: about 256 KiB elements of workspace, at least 16 rows.
+// Rows per chunk: about 512 Ki elements of workspace (2 MiB in fp32), at least 16 rows.
 int64_t chunk_rows(int64_t M, int64_t K) {
-  return std::max<int64_t>(1, std::min<int64_t>(M, std::max<int64_t>(16, (int64_t(1) << 18) / std::max<int64_t>(K, 1))));
+  return std::max<int64_t>(1, std::min<int64_t>(M, std::max<int64_t>(16, (int64_t(1) << 19) / std::max<int64_t>(K, 1))));
 }
 
 // Calls f.template operator()<T, W>() with T the storage type of `t` and W its work type.
