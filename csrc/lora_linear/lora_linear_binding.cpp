@@ -90,8 +90,6 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_fwd_cpu(const at::Tensor& x, cons
   const auto act = x.scalar_type();
   const at::Tensor x2 = x.reshape({d.M, d.K});
   const at::Tensor A = lora_A.to(act), B = lora_B.to(act);
-  // y = x Wᵀ + b
-  at::Tensor y = bias.has_value() ? at::addmm(*bias, x2, weight.t()) : at::mm(x2, weight.t());
   // U0 = drop(x) Aᵀ, drop(x) written chunk by chunk into a bounded workspace
   at::Tensor u0;
   if (p == 0.0) {
@@ -113,8 +111,14 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_fwd_cpu(const at::Tensor& x, cons
       at::mm_out(u0c, buf.narrow(0, 0, c), A.t());
     }
   }
-  // y += scale · U0 Bᵀ, in place
-  y.addmm_(u0, B.t(), 1.0, scale);
+  // y = b + scale · U0 Bᵀ (a cheap rank-r product that writes y once), then y += x Wᵀ inside the
+  // big GEMM (beta = 1), so the low-rank update costs no extra pass over y.
+  at::Tensor y = at::empty({d.M, d.N}, x.options());
+  if (bias.has_value())
+    at::addmm_out(y, *bias, u0, B.t(), 1.0, scale);
+  else
+    at::addmm_out(y, y, u0, B.t(), 0.0, scale);  // beta = 0: y's contents are ignored
+  y.addmm_(x2, weight.t(), 1.0, 1.0);
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
   out_shape.back() = d.N;
   return {y.view(out_shape), u0};
@@ -146,12 +150,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_line
   at::Tensor g;  // G = s dY B  [M, r]
   if (need_x || need_A) g = at::mm(dy2, B).mul_(scale);
   if (need_B) dB = at::mm(dy2.t(), u0).mul_(scale).to(lora_B.scalar_type());
-  if (need_x) dx = at::mm(dy2, weight);  // [M, K] contiguous
+  // dX: the low-rank (masked) term is written first, then dY W is accumulated inside the big GEMM.
   if (need_x || need_A) {
     if (p == 0.0) {
       if (need_A) dA = at::mm(g.t(), x2).to(lora_A.scalar_type());
-      if (need_x) dx.addmm_(g, lora_A.to(act));
+      if (need_x) dx = at::mm(g, lora_A.to(act));
     } else {
+      if (need_x) dx = at::empty({d.M, d.K}, x.options());
       // Work in float (double for float64): drop(x) and G A chunks, dA accumulated in the work type.
       const at::Tensor gw = g.to(work), Aw = lora_A.to(work);
       at::Tensor dA_acc = need_A ? at::zeros({d.r, d.K}, x.options().dtype(work)) : at::Tensor();
@@ -173,15 +178,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_line
           if (need_A) dA_acc.addmm_(gc.t(), bufc);  // dA += G_cᵀ drop(x)_c
           if (need_x) {
             at::mm_out(bufc, gc, Aw);  // buf = G_c A
-            lora_masked_accumulate<T, W>(cptr<W>(buf), cptr<uint8_t>(keep), c, d.K, inv,
-                                         mptr<T>(dx) + r0 * d.K, d.K);  // dx_c += buf ∘ keep/(1-p)
+            lora_masked_store<T, W>(cptr<W>(buf), cptr<uint8_t>(keep), c, d.K, inv, mptr<T>(dx) + r0 * d.K,
+                                    d.K);  // dx_c = buf ∘ keep/(1-p)
           }
         });
       }
       if (need_A) dA = dA_acc.to(lora_A.scalar_type());
     }
   }
-  if (need_x) dx = dx.view(x.sizes());
+  if (need_x) dx = dx.addmm_(dy2, weight, 1.0, 1.0).view(x.sizes());  // dX += dY W
   if (need_w) dw = at::mm(dy2.t(), x2);
   if (need_b) db = dy2.sum(0);
   return {dx, dw, db, dA, dB};

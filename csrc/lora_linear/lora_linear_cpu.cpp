@@ -127,6 +127,13 @@ FASTPEFT_CLONES void accumulate_row(const S* __restrict src, const uint8_t* __re
     dst[k] = store_w<T>(static_cast<W>(load_w(dst[k])) + static_cast<W>(load_w(src[k])) * (static_cast<W>(keep[k]) * inv));
 }
 
+template <typename T, typename S>
+FASTPEFT_CLONES void store_row(const S* __restrict src, const uint8_t* __restrict keep, int64_t K,
+                               typename work<T>::type inv, T* __restrict dst) {
+  using W = typename work<T>::type;
+  for (int64_t k = 0; k < K; ++k) dst[k] = store_w<T>(static_cast<W>(load_w(src[k])) * (static_cast<W>(keep[k]) * inv));
+}
+
 }  // namespace
 
 void lora_keep_row(uint64_t seed, uint32_t stream, int64_t row, int64_t cols, uint32_t threshold,
@@ -182,10 +189,20 @@ void lora_masked_accumulate(const S* src, const uint8_t* keep, int64_t rows, int
   for (int64_t i = 0; i < rows; ++i) accumulate_row<T, S>(src + i * K, keep + i * K, K, inv, dst + i * sd0);
 }
 
+template <typename T, typename S>
+void lora_masked_store(const S* src, const uint8_t* keep, int64_t rows, int64_t K, double inv_keep, T* dst,
+                       int64_t sd0) {
+  using W = typename work<T>::type;
+  const W inv = static_cast<W>(inv_keep);
+#pragma omp parallel for schedule(static) if (rows * K > 16384)
+  for (int64_t i = 0; i < rows; ++i) store_row<T, S>(src + i * K, keep + i * K, K, inv, dst + i * sd0);
+}
+
 #define FASTPEFT_INSTANTIATE(T, O)                                                                        \
   template void lora_dropout_rows<T, O>(const T*, int64_t, int64_t, int64_t, int64_t, int64_t, uint64_t, \
                                         uint32_t, uint32_t, double, O*, uint8_t*);                        \
-  template void lora_masked_accumulate<T, O>(const O*, const uint8_t*, int64_t, int64_t, double, T*, int64_t);
+  template void lora_masked_accumulate<T, O>(const O*, const uint8_t*, int64_t, int64_t, double, T*, int64_t); \
+  template void lora_masked_store<T, O>(const O*, const uint8_t*, int64_t, int64_t, double, T*, int64_t);
 FASTPEFT_INSTANTIATE(float, float)
 FASTPEFT_INSTANTIATE(double, double)
 FASTPEFT_INSTANTIATE(bf16_t, bf16_t)

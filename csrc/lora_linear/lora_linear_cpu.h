@@ -6,6 +6,7 @@
 //   lora_keep_row            keep[k] of one row (bit-identical to dropout_keep_row, vectorised)
 //   lora_dropout_rows        out = drop(x)[row0 : row0 + rows]  (+ optional keep bytes)
 //   lora_masked_accumulate   dst[i, k] += keep[i, k] ? src[i, k] / (1 - p) : 0
+//   lora_masked_store        dst[i, k]  = keep[i, k] ? src[i, k] / (1 - p) : 0
 #pragma once
 #include <cstdint>
 #include "../common/dtypes.h"
@@ -29,5 +30,10 @@ void lora_dropout_rows(const T* x, int64_t sx0, int64_t sx1, int64_t row0, int64
 template <typename T, typename S>
 void lora_masked_accumulate(const S* src, const uint8_t* keep, int64_t rows, int64_t K, double inv_keep,
                             T* dst, int64_t sd0);
+
+// dst[i * sd0 + k] = keep[i * K + k] ? src[i * K + k] * inv_keep : 0, for i < rows, k < K.
+template <typename T, typename S>
+void lora_masked_store(const S* src, const uint8_t* keep, int64_t rows, int64_t K, double inv_keep, T* dst,
+                       int64_t sd0);
 
 }  // namespace fastpeft
