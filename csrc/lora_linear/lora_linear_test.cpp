@@ -1,7 +1,7 @@
 // Unit test of the torch-free lora_linear CPU kernels (no torch needed):
 //   g++ -std=c++17 -O2 -fopenmp csrc/lora_linear/lora_linear_test.cpp csrc/lora_linear/lora_linear_cpu.cpp -o /tmp/t && /tmp/t
 // Checks lora_keep_row against the scalar reference dropout_keep_row (philox.h), and the
-// dropout / masked-accumulate kernels against naive loops, on odd sizes and strided input.
+// dropout / masked-accumulate / masked-store kernels against naive loops, on odd sizes and strided input.
 #include <cmath>
 #include <cstdio>
 #include <vector>
@@ -72,6 +72,17 @@ static void test_dropout_and_accumulate() {
       if (keep[i * K + k]) want[i * sd0 + k] += out[i * K + k] * static_cast<float>(inv);
   lora_masked_accumulate<float, float>(out.data(), keep.data(), rows, K, inv, dst.data(), sd0);
   for (int64_t i = 0; i < rows * sd0; ++i) CHECK(std::fabs(dst[i] - want[i]) <= 1e-6f, "accumulate at %lld", (long long)i);
+
+  // masked store (dst is overwritten, dropped elements become 0)
+  std::vector<float> st(rows * sd0, 7.0f);
+  lora_masked_store<float, float>(out.data(), keep.data(), rows, K, inv, st.data(), sd0);
+  for (int64_t i = 0; i < rows; ++i) {
+    for (int64_t k = 0; k < K; ++k) {
+      const float want_s = keep[i * K + k] ? out[i * K + k] * static_cast<float>(inv) : 0.0f;
+      CHECK(st[i * sd0 + k] == want_s, "masked_store at (%lld, %lld)", (long long)i, (long long)k);
+    }
+    for (int64_t k = K; k < sd0; ++k) CHECK(st[i * sd0 + k] == 7.0f, "masked_store wrote past the row");
+  }
 
   // bf16 input -> float output
   std::vector<bf16_t> xb(M * K);
