@@ -1,5 +1,5 @@
 """The fine-tuning workflow: data, tasks, trainer, checkpoints, CLI (``fastpeft finetune``,
-``fastpeft evaluate``, ``fastpeft predict``). See docs/workflow.md."""
+``fastpeft evaluate``, ``fastpeft predict``). See README.md, "Using fastpeft"."""
 from .trainer import Trainer, TrainerConfig, train
 from .tasks import CausalLM, SequenceClassification, Task, TokenClassification, get_task, register_task
 from .data import (BatchSampler, DataError, EncodedDataset, PaddingCollator, make_loader, read_conll,
