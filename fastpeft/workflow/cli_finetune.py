@@ -41,7 +41,7 @@ def _epilog(p) -> None:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     _epilog(p)
-    p.add_argument("--config", help="YAML config file (see examples/ and README.md, "Using fastpeft")")
+    p.add_argument("--config", help="YAML config file (see examples/ and the README section 'Using fastpeft')")
     g = p.add_argument_group("model and task")
     g.add_argument("--model", help="base model: a local transformers directory or the bundled name 'minilm'")
     g.add_argument("--task", help="sequence_classification | token_classification | causal_lm")
