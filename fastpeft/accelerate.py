@@ -12,8 +12,10 @@ no extra forward arguments (e.g. ``adapter_names`` for a mixed-adapter batch),
 adapters enabled, nothing merged, exactly one active adapter on the layer, no LoRA
 variant (DoRA, ...), no ``lora_bias``, dropout is ``nn.Dropout`` / ``nn.Identity``,
 the base layer is a plain ``nn.Linear`` or transformers ``Conv1D`` (not quantised)
-with ``fan_in_fan_out`` matching it, x / weight / bias / LoRA weights share one
-floating dtype, and autocast is off.  Otherwise PEFT's forward runs, so results are always PEFT's.
+with ``fan_in_fan_out`` matching it, x / weight / bias share one floating dtype, the LoRA
+weights have that dtype or are fp32 on an fp16/bf16 model (PEFT's default upcast; the fused op then
+computes the low-rank branch in the activation dtype, PEFT in fp32: equal to that dtype's rounding),
+and autocast is off.  Otherwise PEFT's forward runs.
 
 Note: with ``lora_dropout > 0`` in training mode the fused op draws its mask from
 fastpeft's Philox RNG (seeded from torch's generator), not from ``nn.Dropout``'s, so
@@ -106,8 +108,9 @@ def _dynamic_reason(layer, x=None, args=(), kwargs=None) -> str | None:
         return "custom dropout module"
     base = layer.get_base_layer()
     w = base.weight
-    if layer.lora_A[a].weight.dtype != w.dtype or layer.lora_B[a].weight.dtype != w.dtype:
-        return "LoRA weights in a different dtype than the base weight"
+    from .tuners.lora import lora_dtypes_fusable
+    if not lora_dtypes_fusable(layer.lora_A[a].weight, layer.lora_B[a].weight, w.dtype):
+        return "LoRA weights in a dtype the fused op does not pair with the base weight's"
     if not w.dtype.is_floating_point:
         return "non-floating base weight"
     if base.bias is not None and base.bias.dtype != w.dtype:

@@ -105,8 +105,12 @@ def _matches_module(key: str, names) -> bool:
 class PeftModel(nn.Module):
     """A model with one or more named adapters of one PEFT method (see module docstring)."""
 
-    def __init__(self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default"):
+    def __init__(self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default",
+                 autocast_adapter_dtype: bool = True):
         super().__init__()
+        # Like HF PEFT: adapter weights created in fp16/bf16 (a half-precision base model)
+        # are upcast to fp32, for stable optimiser updates.
+        self._autocast_adapter_dtype = bool(autocast_adapter_dtype)
         peft_config = as_fastpeft_config(peft_config)
         if isinstance(model, PeftModel):
             raise TypeError("model: already a fastpeft PeftModel; use add_adapter to add another adapter")
@@ -245,6 +249,8 @@ class PeftModel(nn.Module):
             raise
         self.peft_config[adapter_name] = config
         self.base_model.targeted_module_names = touched
+        if self._autocast_adapter_dtype:
+            cast_adapter_dtype(model, adapter_name)
 
     def _undo_modules_to_save(self, wrapped, adapter_name):
         model = self._model
@@ -476,14 +482,15 @@ class PeftModel(nn.Module):
     @classmethod
     def from_pretrained(cls, model: nn.Module, model_id: str, adapter_name: str = "default",
                         is_trainable: bool = False, config: Optional[PeftConfig] = None,
-                        allow_pickle: bool = False, **kwargs) -> "PeftModel":
+                        allow_pickle: bool = False, autocast_adapter_dtype: bool = True,
+                        **kwargs) -> "PeftModel":
         """Load an adapter saved by fastpeft or HF PEFT onto ``model``.  ``model`` is left
         unchanged if the files do not match it."""
         if config is None:
             config = PeftConfig.from_pretrained(model_id)
         config.inference_mode = not is_trainable
         state = load_adapter_weights(model_id, allow_pickle=allow_pickle)
-        pm = cls(model, config, adapter_name)
+        pm = cls(model, config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
         try:
             pm.load_adapter_state_dict(state, adapter_name)
         except Exception:
@@ -492,6 +499,29 @@ class PeftModel(nn.Module):
         if not is_trainable:
             pm.eval()
         return pm
+
+
+_UPCAST_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def cast_adapter_dtype(model: nn.Module, adapter_name: str) -> None:
+    """Upcast the fp16/bf16 weights of adapter ``adapter_name`` to fp32, as HF PEFT does by
+    default (``autocast_adapter_dtype=True``): on a half-precision model the adapter then
+    trains in fp32 and the fused LoRA op computes in the activation dtype."""
+    for module in model.modules():
+        if not hasattr(module, "adapter_layer_names"):
+            continue
+        for sub in module.modules():
+            if not isinstance(sub, (nn.ModuleDict, nn.ParameterDict)) or adapter_name not in sub:
+                continue
+            item = sub[adapter_name]
+            if isinstance(item, nn.Parameter):
+                if item.dtype in _UPCAST_DTYPES:
+                    sub[adapter_name] = nn.Parameter(item.data.float(), requires_grad=item.requires_grad)
+            else:
+                for p in item.parameters():
+                    if p.dtype in _UPCAST_DTYPES:
+                        p.data = p.data.float()
 
 
 def _opt_kw(fn, **kw) -> dict:

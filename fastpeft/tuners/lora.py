@@ -9,7 +9,8 @@ so ``state_dict`` keys are HF PEFT's.
   ``[in, out]``, ``fan_in_fan_out=True``).  With exactly one active, unmerged,
   enabled vanilla adapter it runs the fused op :func:`fastpeft.ops.lora_linear`
   (``y = x Wᵀ + b + s · (drop(x) Aᵀ) Bᵀ``, dropout inside the op on fastpeft's Philox
-  RNG); otherwise (several adapters, merged, disabled, DoRA, mixed dtypes) the plain
+  RNG; fp32 adapters on an fp16/bf16 model are fused too, computing in the activation
+  dtype); otherwise (several adapters, merged, disabled, DoRA, other dtypes) the plain
   PyTorch path, which is HF PEFT's forward.
 * :class:`Embedding` and :class:`Conv2d` (``conv(k×k, in→r)`` then ``1×1 conv r→out``)
   use plain PyTorch LoRA.
@@ -108,6 +109,17 @@ def autocast_on(x: torch.Tensor) -> bool:
         return torch.is_autocast_enabled(x.device.type)
     except TypeError:  # older torch: no device argument
         return torch.is_autocast_enabled() if x.is_cuda else torch.is_autocast_cpu_enabled()
+
+
+def lora_dtypes_fusable(lora_A: torch.Tensor, lora_B: torch.Tensor, act_dtype: torch.dtype) -> bool:
+    """Whether the fused op takes these LoRA weights with activations of ``act_dtype``: the same
+    dtype, or fp32 adapters on a half-precision model (HF PEFT's default upcast).  In the mixed
+    case the op computes in the activation dtype and returns fp32 gradients; PEFT computes the
+    low-rank branch in fp32, so the two agree to the activation dtype's rounding."""
+    if lora_A.dtype != lora_B.dtype:
+        return False
+    return lora_A.dtype == act_dtype or (lora_A.dtype == torch.float32
+                                         and act_dtype in (torch.float16, torch.bfloat16))
 
 
 def _check_rank(name, r):
@@ -352,7 +364,9 @@ class Linear(nn.Module, LoraLayer):
         if not isinstance(drop, (nn.Identity, nn.Dropout)):
             return None
         w = self.base_layer.weight
-        if not (x.dtype == w.dtype == self.lora_A[a].weight.dtype) or not x.dtype.is_floating_point:
+        if not (x.dtype == w.dtype and x.dtype.is_floating_point):
+            return None
+        if not lora_dtypes_fusable(self.lora_A[a].weight, self.lora_B[a].weight, x.dtype):
             return None
         if autocast_on(x):  # PEFT's path lets autocast pick each matmul's dtype
             return None

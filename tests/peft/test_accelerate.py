@@ -200,3 +200,22 @@ def test_quantised_or_custom_base_layer_is_skipped(monkeypatch):
     c = FusedCallCounter(monkeypatch)
     _assert_same(_fwd_bwd(hf, x), _fwd_bwd(twin, x))
     assert c.n == 3
+
+
+def test_accelerate_fuses_fp32_adapters_on_a_bf16_model():
+    """HF PEFT on a bf16 model keeps the adapter in fp32 by default; accelerate fuses those
+    layers too (the op computes in bf16) and agrees with PEFT to bf16 rounding."""
+    import copy
+
+    base = builder("llama")().to(torch.bfloat16)
+    kw = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    torch.manual_seed(3)
+    hf = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**kw))
+    x = inputs_for("llama")
+    ref = run(hf, x).float()
+    summary = fastpeft.accelerate(hf)
+    try:
+        assert summary.accelerated == 4, str(summary)
+        torch.testing.assert_close(run(hf, x).float(), ref, atol=5e-2, rtol=5e-2)
+    finally:
+        fastpeft.restore(hf)

@@ -244,3 +244,31 @@ def test_scaled_embedding_lora_matches_hf():
     fp.load_state_dict(hf.state_dict())
     x = torch.randint(0, 20, (3, 4))
     torch.testing.assert_close(fp(x), hf(x))
+
+
+def test_half_precision_base_gets_fp32_adapters_and_the_fused_path_like_hf(monkeypatch):
+    """A model already in bf16 when wrapped: HF PEFT upcasts the adapter to fp32
+    (autocast_adapter_dtype=True), so does fastpeft, and the fused op takes the mixed
+    pair (computing in bf16), agreeing with PEFT to bf16 rounding."""
+    base = builder("llama")().to(torch.bfloat16)
+    kw = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    torch.manual_seed(3)
+    hf = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**kw))
+    fp = fastpeft.get_peft_model(copy.deepcopy(base), fastpeft.LoraConfig(**kw))
+    fp.load_state_dict(hf.state_dict(), strict=True)
+    lora = {n: p.dtype for n, p in fp.named_parameters() if "lora_" in n}
+    assert lora and set(lora.values()) == {torch.float32}
+    assert {p.dtype for n, p in hf.named_parameters() if "lora_" in n} == {torch.float32}
+    c = FusedCallCounter(monkeypatch)
+    x = inputs_for("llama")
+    o1, o2 = run(hf, x), run(fp, x)
+    assert c.n == 4
+    torch.testing.assert_close(o2.float(), o1.float(), atol=5e-2, rtol=5e-2)
+    (o1.float() ** 2).mean().backward()
+    (o2.float() ** 2).mean().backward()
+    for (n1, p1), (n2, p2) in zip(hf.named_parameters(), fp.named_parameters()):
+        if p1.grad is not None:
+            assert p2.grad.dtype == p1.grad.dtype == torch.float32
+            torch.testing.assert_close(p2.grad, p1.grad, atol=5e-2, rtol=1e-1, msg=lambda m: f"{n1}: {m}")
+    kept = fastpeft.get_peft_model(copy.deepcopy(base), fastpeft.LoraConfig(**kw), autocast_adapter_dtype=False)
+    assert {p.dtype for n, p in kept.named_parameters() if "lora_" in n} == {torch.bfloat16}
