@@ -221,6 +221,37 @@ class LoraLayer:
             else:
                 d[adapter_name] = d[adapter_name].to(device=w.device, dtype=dtype)
 
+    def _summed_forward(self, x: torch.Tensor, adapters, *args, **kwargs) -> torch.Tensor:
+        """PEFT's forward: base output plus each active adapter's term (``adapters`` is the
+        dict whose keys are this layer's adapters); base only when disabled or merged."""
+        adapter_names = kwargs.pop("adapter_names", None)
+        if self._disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        if adapter_names is not None:
+            return self._mixed_batch_forward(x, *args, adapter_names=adapter_names, **kwargs)
+        if self.merged:
+            return self.base_layer(x, *args, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        dtype = result.dtype
+        for a in self._active_adapter:
+            if a in adapters:
+                result = self._adapter_rows(a, x, result)
+        return result.to(dtype)
+
+    def _merge_one(self, a, safe_merge):
+        w = self.base_layer.weight
+        new = w + self.get_delta_weight(a).to(w.dtype)
+        if safe_merge and not torch.isfinite(new).all():
+            raise ValueError(f"NaNs detected in the merged weights; adapter {a!r} seems broken")
+        w.copy_(new)
+
+    def _unmerge_one(self, a):
+        if a in self.r:
+            w = self.base_layer.weight
+            w.sub_(self.get_delta_weight(a).to(w.dtype))
+
     def delete_adapter(self, adapter_name: str) -> None:
         for layer_name in self.adapter_layer_names + ("lora_dropout",):
             d = getattr(self, layer_name)
@@ -497,33 +528,7 @@ class Embedding(nn.Module, LoraLayer):
         return result + out
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        adapter_names = kwargs.pop("adapter_names", None)
-        if self._disable_adapters:
-            if self.merged:
-                self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
-        if adapter_names is not None:
-            return self._mixed_batch_forward(x, *args, adapter_names=adapter_names, **kwargs)
-        if self.merged:
-            return self.base_layer(x, *args, **kwargs)
-        result = self.base_layer(x, *args, **kwargs)
-        dtype = result.dtype
-        for a in self._active_adapter:
-            if a in self.lora_embedding_A:
-                result = self._adapter_rows(a, x, result)
-        return result.to(dtype)
-
-    def _merge_one(self, a, safe_merge):
-        w = self.base_layer.weight
-        new = w + self.get_delta_weight(a).to(w.dtype)
-        if safe_merge and not torch.isfinite(new).all():
-            raise ValueError(f"NaNs detected in the merged weights; adapter {a!r} seems broken")
-        w.copy_(new)
-
-    def _unmerge_one(self, a):
-        if a in self.r:
-            w = self.base_layer.weight
-            w.sub_(self.get_delta_weight(a).to(w.dtype))
+        return self._summed_forward(x, self.lora_embedding_A, *args, **kwargs)
 
     def __repr__(self) -> str:
         return "lora." + super().__repr__()
@@ -578,33 +583,7 @@ class Conv2d(nn.Module, LoraLayer):
         return result + B(A(self.lora_dropout[a](xa))) * self.scaling[a]
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        adapter_names = kwargs.pop("adapter_names", None)
-        if self._disable_adapters:
-            if self.merged:
-                self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
-        if adapter_names is not None:
-            return self._mixed_batch_forward(x, *args, adapter_names=adapter_names, **kwargs)
-        if self.merged:
-            return self.base_layer(x, *args, **kwargs)
-        result = self.base_layer(x, *args, **kwargs)
-        dtype = result.dtype
-        for a in self._active_adapter:
-            if a in self.lora_A:
-                result = self._adapter_rows(a, x, result)
-        return result.to(dtype)
-
-    def _merge_one(self, a, safe_merge):
-        w = self.base_layer.weight
-        new = w + self.get_delta_weight(a).to(w.dtype)
-        if safe_merge and not torch.isfinite(new).all():
-            raise ValueError(f"NaNs detected in the merged weights; adapter {a!r} seems broken")
-        w.copy_(new)
-
-    def _unmerge_one(self, a):
-        if a in self.r:
-            w = self.base_layer.weight
-            w.sub_(self.get_delta_weight(a).to(w.dtype))
+        return self._summed_forward(x, self.lora_A, *args, **kwargs)
 
     def __repr__(self) -> str:
         return "lora." + super().__repr__()
