@@ -2,6 +2,8 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include "../common/cuda_dtypes.cuh"
+
 #include <cstdint>
 
 #include "../common/philox.h"
@@ -16,13 +18,6 @@ constexpr uint32_t kInitStream = 2;
 constexpr float kNormFloor = 1e-8f;
 constexpr int kThreads = 256;
 
-__device__ __forceinline__ float ld(float v) { return v; }
-__device__ __forceinline__ float ld(__half v) { return __half2float(v); }
-__device__ __forceinline__ float ld(__nv_bfloat16 v) { return __bfloat162float(v); }
-template <typename T> __device__ __forceinline__ T st(float v);
-template <> __device__ __forceinline__ float st<float>(float v) { return v; }
-template <> __device__ __forceinline__ __half st<__half>(float v) { return __float2half_rn(v); }
-template <> __device__ __forceinline__ __nv_bfloat16 st<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
 __device__ __forceinline__ bool active(const float* mask, int64_t row) { return mask == nullptr || mask[row] != 0.0f; }
 

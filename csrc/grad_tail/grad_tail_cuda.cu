@@ -2,6 +2,8 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include "../common/cuda_dtypes.cuh"
+
 #include <cstring>
 
 #include "grad_tail_cuda.h"
@@ -31,14 +33,6 @@ __host__ __device__ inline size_t align16(size_t x) { return (x + 15) & ~size_t(
 __host__ __device__ inline size_t tensors_offset() { return align16(sizeof(Header)); }
 __host__ __device__ inline size_t chunks_offset(int64_t n_tensors) { return align16(tensors_offset() + n_tensors * sizeof(TensorMeta)); }
 
-__device__ __forceinline__ float ld(float v) { return v; }
-__device__ __forceinline__ float ld(double v) { return static_cast<float>(v); }
-__device__ __forceinline__ float ld(__half v) { return __half2float(v); }
-__device__ __forceinline__ float ld(__nv_bfloat16 v) { return __bfloat162float(v); }
-template <typename T> __device__ __forceinline__ T st(float v);
-template <> __device__ __forceinline__ float st<float>(float v) { return v; }
-template <> __device__ __forceinline__ __half st<__half>(float v) { return __float2half_rn(v); }
-template <> __device__ __forceinline__ __nv_bfloat16 st<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
 template <typename T>
 __device__ __forceinline__ void accumulate(const T* __restrict__ p, int64_t n, float s, float& acc, bool& bad) {
