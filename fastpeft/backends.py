@@ -129,9 +129,15 @@ def _probe(probe: Callable[[], Reason]) -> Reason:
         return f"availability check failed: {type(e).__name__}: {e}"
 
 
-@torch.compiler.assume_constant_result
 def _probe_as_constant(op: str, backend: str) -> Reason:
     return _probe(_REGISTRY[op].impls[backend].available)
+
+
+# What torch.compiler.assume_constant_result does (Dynamo then calls the function eagerly
+# and uses its result as a constant), set by hand: the decorator imports torch._dynamo,
+# which would add ~2 s to `import fastpeft`.  Covered by
+# tests/ops/test_scaled_add.py::test_first_call_inside_torch_compile_probes_availability.
+_probe_as_constant._dynamo_marked_constant = True
 
 
 def clear_availability_cache() -> None:
