@@ -423,27 +423,7 @@ class Linear(nn.Module, LoraLayer):
         return result + self.lora_B[a](self.lora_A[a](self.lora_dropout[a](xa))) * self.scaling[a]
 
     def _plain_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        adapter_names = kwargs.pop("adapter_names", None)
-        if self._disable_adapters:
-            if self.merged:
-                self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
-        if adapter_names is not None:
-            return self._mixed_batch_forward(x, *args, adapter_names=adapter_names, **kwargs)
-        if self.merged:
-            return self.base_layer(x, *args, **kwargs)
-        result = self.base_layer(x, *args, **kwargs)
-        dtype = result.dtype
-        for a in self._active_adapter:
-            if a not in self.lora_A:
-                continue
-            A, B = self.lora_A[a], self.lora_B[a]
-            xa = x.to(A.weight.dtype)
-            if self.use_dora.get(a):
-                result = result + self._dora_delta(a, xa, result)
-            else:
-                result = result + B(A(self.lora_dropout[a](xa))) * self.scaling[a]
-        return result.to(dtype)
+        return self._summed_forward(x, self.lora_A, *args, **kwargs)
 
     def _merge_one(self, a: str, safe_merge: bool) -> None:
         w = self.base_layer.weight
