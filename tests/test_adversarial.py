@@ -340,3 +340,46 @@ def test_hf_trainer_integration(tmp_path):
                                                                             train_dataset=ds)
     assert plain.adversarial_method is None
     plain.train()
+
+
+def test_smart_inner_gradients_scaled_under_fp16(monkeypatch):
+    """fp16 activations: near-uniform predictions make the inner KL's ascent gradients fall below fp16's
+    range (the perturbation itself is representable: noise 0.3 on O(1) embeddings).
+    Unscaled they underflow to zero (no ascent direction at all); with the trainer's
+    loss scale they survive and point where the fp32 computation's do."""
+    torch.manual_seed(0)
+    model, batch = TinyClassifier(), small_batch()
+    with torch.no_grad():  # near-uniform predictions: tiny logits, so the KL's gradients are tiny too
+        model.mlp[2].weight.mul_(1e-2)
+        model.mlp[2].bias.zero_()
+    seen = []
+    orig = M.SMART._update
+
+    def record(self, delta, grad, *a, **k):
+        seen.append(grad.detach().double().clone())
+        return orig(self, delta, grad, *a, **k)
+
+    monkeypatch.setattr(M.SMART, "_update", record)
+
+    def fp16_forward(m, b):  # what the trainer does under precision: fp16
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss, logits = forward_fn(m, b)
+        return loss.float(), logits
+
+    def run(fwd, scale):
+        seen.clear()
+        torch.manual_seed(1)
+        A.SMART(alpha=1.0, steps=1, noise_var=0.3).step(model, batch, fwd, backward=lambda l: None,
+                                                        loss_scale=scale)
+        return seen[0]
+
+    ref = run(forward_fn, 1.0)  # fp32 reference direction
+    unscaled = run(fp16_forward, 1.0)
+    scaled = run(fp16_forward, 2.0 ** 16)
+    assert ref.abs().max() > 0
+    cos_unscaled = float(F.cosine_similarity(unscaled.flatten(), ref.flatten(), dim=0))
+    cos_scaled = float(F.cosine_similarity(scaled.flatten(), ref.flatten(), dim=0))
+    assert (unscaled == 0).float().mean() > 0.9, "test premise: unscaled fp16 gradients underflow"
+    assert cos_unscaled < 0.95 and cos_scaled > 0.99, (cos_unscaled, cos_scaled)
+    with pytest.raises(ValueError, match="loss_scale"):
+        A.SMART().step(model, batch, forward_fn, loss_scale=0.0)

@@ -18,6 +18,8 @@ loss scaling).  Evaluation and prediction are unchanged (no perturbation).
 """
 from __future__ import annotations
 
+import inspect
+
 from typing import Optional
 
 import torch
@@ -77,7 +79,11 @@ class AdversarialTrainerMixin:
         def backward(loss):
             self.accelerator.backward(loss)
 
-        loss = method.step(model, inputs, forward_fn, backward)
+        extra = {}
+        scaler = getattr(self.accelerator, "scaler", None)
+        if scaler is not None and "loss_scale" in inspect.signature(method.step).parameters:
+            extra["loss_scale"] = float(scaler.get_scale())  # fp16: SMART's inner gradients are scaled too
+        loss = method.step(model, inputs, forward_fn, backward, **extra)
         return loss.detach() if torch.is_tensor(loss) else torch.tensor(float(loss), device=self.args.device)
 
 

@@ -11,6 +11,7 @@ delta only and leave parameter gradients untouched.
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, Optional
 
 import torch
@@ -261,15 +262,25 @@ class SMART(AdversarialMethod):
         self.noise_var = _positive("noise_var", noise_var)
         self.cost = (self.steps + 2, self.steps + 2)
 
-    def step(self, model, batch, forward_fn, backward=None):
+    def step(self, model, batch, forward_fn, backward=None, loss_scale: float = 1.0):
+        """``loss_scale``: the current fp16 loss scale (the trainer passes it). The ascent gradients of
+        the tiny inner KL are taken from ``loss_scale * KL`` so they do not underflow in fp16 activations;
+        the normalised ascent step does not depend on the factor. Non-finite scaled gradients (overflow)
+        fall back to the unscaled objective."""
         backward = backward or _default_backward
+        loss_scale = float(loss_scale)
+        if not (loss_scale > 0 and math.isfinite(loss_scale)):
+            raise ValueError(f"loss_scale: expected a finite positive number, got {loss_scale!r}")
         with EmbeddingPerturbation(model, self.via) as P:
             loss, logits = P.forward(forward_fn, model, batch, factory=self._zeros(False))
             delta = self._random(batch, "normal", self.noise_var, "linf", False)(P.delta)
             for _ in range(self.steps):
                 delta.requires_grad_(True)
                 _, adv_logits = P.forward(forward_fn, model, batch, delta)
-                grad, = torch.autograd.grad(_one_sided_kl(adv_logits, logits), delta)
+                kl = _one_sided_kl(adv_logits, logits)
+                grad, = torch.autograd.grad(kl * loss_scale, delta, retain_graph=loss_scale != 1.0)
+                if loss_scale != 1.0 and not bool(torch.isfinite(grad).all()):
+                    grad, = torch.autograd.grad(kl, delta)
                 delta = delta.detach()
                 self._update(delta, grad, batch, self.step_size, self.epsilon)
             _, adv_logits = P.forward(forward_fn, model, batch, delta)

@@ -510,8 +510,13 @@ class Trainer:
             return loss.float(), logits
 
         step = self.adversarial.step
-        if "backward" in inspect.signature(step).parameters:
-            return float(step(model, batch, forward_fn, backward=lambda l: self.scaler.scale(l / n).backward()))
+        params = inspect.signature(step).parameters
+        if "backward" in params:
+            extra = {}
+            if "loss_scale" in params:  # SMART: its inner ascent gradients need the fp16 scale too
+                extra["loss_scale"] = float(self.scaler.scale(torch.ones((), device=self.device)))
+            return float(step(model, batch, forward_fn, backward=lambda l: self.scaler.scale(l / n).backward(),
+                              **extra))
         # methods without a backward hook call loss.backward() themselves: fold the factors into the loss
         unit = float(self.scaler.scale(torch.ones((), device=self.device))) / n
 

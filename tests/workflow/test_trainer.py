@@ -218,10 +218,27 @@ def test_fastpeft_adversarial_method_plugs_in(tiny_model_dir, tiny_cls_files):
     assert r["losses"][1] != pytest.approx(plain["losses"][1], rel=1e-7)  # ... but trained on more
 
 
-def test_bf16_autocast_runs(tiny_model_dir, tiny_cls_files):
-    # HF peft layers: fastpeft's fused lora_linear does not take bf16 activations with fp32 weights
-    # under CPU autocast yet (reported to the patching / op owners)
-    _, r = _run(tiny_model_dir, tiny_cls_files, _cfg(max_steps=2, precision="bf16"), backend="peft")
+def test_adversarial_step_gets_the_fp16_loss_scale(tiny_model_dir, tiny_cls_files):
+    """Methods whose step takes ``loss_scale`` (SMART) get the scaler's current scale: 2**16 at the
+    start of an fp16 run, 1.0 in fp32."""
+    seen = []
+
+    class ScaleAware:
+        def step(self, model, batch, forward_fn, backward, loss_scale=1.0):
+            seen.append(loss_scale)
+            loss, _ = forward_fn(model, batch)
+            backward(loss)
+            return loss.detach()
+
+    _run(tiny_model_dir, tiny_cls_files, _cfg(max_steps=1, precision="fp16"), adversarial=ScaleAware(),
+         backend="peft")
+    _run(tiny_model_dir, tiny_cls_files, _cfg(max_steps=1), adversarial=ScaleAware())
+    assert seen == [2.0 ** 16, 1.0]
+
+
+@pytest.mark.parametrize("backend", ["peft", "fastpeft"])
+def test_bf16_autocast_runs(tiny_model_dir, tiny_cls_files, backend):
+    _, r = _run(tiny_model_dir, tiny_cls_files, _cfg(max_steps=2, precision="bf16"), backend=backend)
     assert len(r["losses"]) == 2 and all(l == l for l in r["losses"])
 
 
