@@ -1,5 +1,5 @@
-"""2 processes (gloo, CPU) under torchrun -- DDP and FSDP2 -- equal one process with the same global batch
-(per-rank batch 4 x 2 accumulation steps x 2 ranks = 16)."""
+"""2 processes (gloo, CPU) under torchrun -- DDP, FSDP2, and FSDP2 killed and resumed from a checkpoint --
+equal one process with the same global batch (per-rank batch 4 x 2 accumulation steps x 2 ranks = 16)."""
 import json
 import os
 import socket
@@ -44,10 +44,13 @@ def _single(tiny_model_dir, files):
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")
 def test_ddp_and_fsdp_two_processes_match_single_process(tmp_path, tiny_model_dir, tiny_cls_files):
-    runs = _torchrun(tmp_path, tiny_model_dir, tiny_cls_files, ["ddp", "fsdp"])
+    runs = _torchrun(tmp_path, tiny_model_dir, tiny_cls_files, ["ddp", "fsdp", "fsdp_resume"])
     ref, ref_state = _single(tiny_model_dir, tiny_cls_files)
     ref_evals = [h for h in ref["history"] if h["type"] == "eval"]
     assert runs["ddp"][0]["wrapped"] == "DistributedDataParallel"
+    # fsdp_resume was killed after step 3 and resumed by a new Trainer from the step-2 checkpoint (sharded
+    # optimizer state gathered on save, re-sharded on load): the same losses and adapter as uninterrupted
+    assert runs["fsdp_resume"][0]["resumed_from"].endswith("checkpoint-2")
     for kind, (res, state) in runs.items():
         assert res["world_size"] == 2
         torch.testing.assert_close(torch.tensor(res["losses"]), torch.tensor(ref["losses"]), rtol=1e-5, atol=1e-6,
