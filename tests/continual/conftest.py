@@ -57,7 +57,7 @@ def make_task():
 
 def trainer_config(**kw):
     from fastpeft.workflow import TrainerConfig
-    base = dict(lr=3e-2, epochs=4, batch_size=32, progress=False, seed=0)
+    base = dict(lr=0.1, epochs=4, batch_size=32, progress=False, seed=0)
     base.update(kw)
     return TrainerConfig(**base)
 
