@@ -105,6 +105,27 @@ def test_target_evaluate():
     assert r["passed"] is None and "skipped" in r["reason"]
 
 
+def test_target_paired_ratios():
+    """Time targets compare sample i of both variants (same interleaved round): drift cancels. Here the
+    medians' ratio says 1.2 (fail at 1.10) but every round has the variant 1.05x the floor."""
+    floor = [1.0, 2.0, 1.0, 2.0, 1.0]
+    fused = [1.05 * f for f in floor]
+    fused_med_ratio = sorted(fused)[2] / sorted(floor)[2]
+    vs = {"fastpeft": {"status": "ok", "median_s": sorted(fused)[2] * 1.2 / fused_med_ratio, "samples_s": fused},
+          "floor": {"status": "ok", "median_s": sorted(floor)[2], "samples_s": floor}}
+    r = Target("t", "fastpeft", "floor", 1.10).evaluate(vs)
+    assert r["paired"] and r["passed"] is True and math.isclose(r["value"], 1.05)
+    assert r["within_noise"] is False and math.isclose(r["value_q1"], 1.05)
+    noisy = {"fastpeft": {"status": "ok", "median_s": 1.1, "samples_s": [1.0, 1.05, 1.1, 1.15, 1.2]},
+             "floor": {"status": "ok", "median_s": 1.0, "samples_s": [1.0] * 5}}
+    r = Target("t", "fastpeft", "floor", 1.12).evaluate(noisy)
+    assert r["passed"] is True and r["within_noise"] is True
+    assert r["value_q1"] == pytest.approx(1.05) and r["value_q3"] == pytest.approx(1.15)
+    # memory targets and unaligned samples keep the plain ratio
+    vs["floor"]["samples_s"] = floor[:2]
+    assert "paired" not in Target("t", "fastpeft", "floor", 1.10).evaluate(vs)
+
+
 def test_case_matches():
     c = Case("lora_linear/M2048_K1024_r16_p0.1", "lora_linear", lambda d: None)
     assert c.matches(None) and c.matches("lora") and c.matches("lora*p0.1") and c.matches("x,r16")

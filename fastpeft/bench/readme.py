@@ -42,8 +42,13 @@ def latest_per_device(results: list[tuple[str, dict]]) -> list[tuple[str, dict]]
 
 
 def _targets(c: dict) -> str:
-    return "<br>".join(f"{'✅' if t['passed'] else '❌' if t['passed'] is False else '—'} {t['label']}"
-                       + (f" ({t['value']:.2f})" if t.get("value") is not None else "") for t in c.get("targets", []))
+    def one(t):
+        mark = '✅' if t['passed'] else '❌' if t['passed'] is False else '—'
+        if t.get("within_noise"):
+            mark += "~"  # the limit lies inside the paired ratios' interquartile range
+        spread = f", IQR {t['value_q1']:.2f}–{t['value_q3']:.2f}" if t.get("value_q1") is not None else ""
+        return f"{mark} {t['label']}" + (f" ({t['value']:.2f}{spread})" if t.get("value") is not None else "")
+    return "<br>".join(one(t) for t in c.get("targets", []))
 
 
 def render_one(path: str, r: dict, relto: str) -> str:

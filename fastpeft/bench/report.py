@@ -59,7 +59,9 @@ def fmt_throughput(v: dict) -> str:
 def _target_text(t: dict) -> str:
     if t["passed"] is None:
         return f"n/a {t['label']}"
-    return f"{'PASS' if t['passed'] else 'FAIL'} {t['label']} ({t['value']:.2f})"
+    spread = f", IQR {t['value_q1']:.2f}-{t['value_q3']:.2f}" if t.get("value_q1") is not None else ""
+    noise = " within noise" if t.get("within_noise") else ""
+    return f"{'PASS' if t['passed'] else 'FAIL'}{noise} {t['label']} ({t['value']:.2f}{spread})"
 
 
 def fmt_memory(v: dict) -> str:

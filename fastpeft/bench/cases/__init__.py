@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import fnmatch
 import importlib
+import math
+import statistics
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -63,7 +65,22 @@ class Target:
             return out
         out["value"] = val(a) / val(b)
         out["passed"] = bool(val(a) <= self.limit * val(b) + self.slack)
+        sa, sb = a.get("samples_s") or [], b.get("samples_s") or []
+        if self.metric == "time" and self.slack == 0 and len(sa) == len(sb) >= 3 and all(sb):
+            # Paired ratios: sample i of both variants comes from the same interleaved round, so their
+            # ratio cancels the machine's drift. The verdict uses the paired median; when the limit lies
+            # inside the ratios' interquartile range the verdict is flagged as within the noise.
+            ratios = sorted(x / y for x, y in zip(sa, sb))
+            med, q1, q3 = statistics.median(ratios), _quantile(ratios, 0.25), _quantile(ratios, 0.75)
+            out.update(value=med, value_q1=q1, value_q3=q3, passed=bool(med <= self.limit),
+                       within_noise=bool(q1 <= self.limit <= q3), paired=True)
         return out
+
+
+def _quantile(sorted_values: list, q: float) -> float:
+    pos = q * (len(sorted_values) - 1)
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
 
 
 @dataclass
