@@ -1,0 +1,255 @@
+"""The ``fewshot:`` section of a ``fastpeft finetune`` config, and the config-driven few-shot run.
+
+Example (the rest of the config as for fine-tuning; ``data.validation`` is required)::
+
+    model: minilm
+    task: sequence_classification
+    output_dir: runs/sst2_fewshot
+    data:
+      train: ../shared/data/sst2/train.tsv
+      validation: {path: ../shared/data/sst2/dev.tsv, text_column: content}
+    fewshot:
+      shots: 8                 # k examples per class
+      seeds: [0, 1, 2, 3, 4]   # one k-shot draw and one run per seed
+      method: setfit           # setfit | head_only | prototype | prompt_tuning
+      baselines: [head_only]   # also run these on the same shots (their default hyper-parameters)
+      iterations: 20           # method hyper-parameters (see SECTION_KEYS): they apply to `method`
+      lr: 5.0e-4
+
+``run_from_config(cfg)`` reads the splits with the task's reader, runs every method over the seeds and
+writes ``output_dir/result.json`` atomically (temp file + rename). LoRA settings (``r``, ``lora_alpha``,
+``lora_dropout``, ``target_modules``) of a ``method: {name: lora, ...}`` section are used by SetFit
+unless the ``fewshot`` section sets them. The ``trainer`` section is not used by few-shot runs.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+
+from .evaluate import METHODS, evaluate_seeds
+
+# key -> (default, kind). kind: "int" (>=1), "int0" (>=0), "pos" (number > 0), "frac" ([0, 1)), "nonneg",
+# or a tuple of allowed strings; None default = the method's own default.
+SECTION_KEYS: dict = {
+    "shots": (8, "int"),
+    "seeds": ([0, 1, 2, 3, 4], "seeds"),
+    "method": ("setfit", METHODS),
+    "baselines": ([], "methods"),
+    "min_words": (0, "int0"),
+    # method hyper-parameters (None: the method's default)
+    "iterations": (None, "int"),
+    "epochs": (None, "int"),
+    "lr": (None, "pos"),
+    "batch_size": (None, "int"),
+    "warmup_ratio": (None, "frac"),
+    "weight_decay": (None, "nonneg"),
+    "max_length": (None, "int"),
+    "loss": (None, ("cosine", "contrastive")),
+    "margin": (None, "pos"),
+    "r": (None, "int"),
+    "lora_alpha": (None, "int"),
+    "lora_dropout": (None, "frac"),
+    "target_modules": (None, "modules"),
+    "head_C": (None, "pos"),
+    "head_max_iter": (None, "int"),
+    "num_virtual_tokens": (None, "int"),
+    "prompt_tuning_init": (None, ("RANDOM", "SAMPLE_VOCAB")),
+    "eval_batch_size": (None, "int"),
+}
+RUN_KEYS = ("shots", "seeds", "method", "baselines", "min_words")
+# which hyper-parameters each method takes
+METHOD_PARAMS = {
+    "setfit": {"iterations", "epochs", "lr", "batch_size", "warmup_ratio", "weight_decay", "max_length", "loss",
+               "margin", "r", "lora_alpha", "lora_dropout", "target_modules", "head_C", "head_max_iter",
+               "eval_batch_size"},
+    "head_only": {"max_length", "head_C", "head_max_iter"},
+    "prototype": {"max_length"},
+    "prompt_tuning": {"num_virtual_tokens", "prompt_tuning_init", "lr", "epochs", "batch_size", "weight_decay",
+                      "max_length", "eval_batch_size"},
+}
+
+
+def _err(msg: str) -> Exception:
+    from ..workflow.config import ConfigError
+    return ConfigError(msg)
+
+
+def _number(value, where):
+    if isinstance(value, str):
+        try:
+            return float(value) if any(c in value for c in ".eE") else int(value)
+        except ValueError:
+            raise _err(f"{where}: expected a number, got {value!r}") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _err(f"{where}: expected a number, got {value!r}")
+    return value
+
+
+def _check(key: str, value, kind):
+    where = f"fewshot.{key}"
+    if isinstance(kind, tuple):
+        v = value.upper() if key == "prompt_tuning_init" and isinstance(value, str) else value
+        if v not in kind:
+            raise _err(f"{where}: expected one of {list(kind)}, got {value!r}")
+        return v
+    if kind in ("int", "int0"):
+        v = _number(value, where)
+        lo = 1 if kind == "int" else 0
+        if not isinstance(v, int) or v < lo:
+            raise _err(f"{where}: expected an integer >= {lo}, got {value!r}")
+        return v
+    if kind in ("pos", "frac", "nonneg"):
+        v = float(_number(value, where))
+        ok = {"pos": v > 0, "frac": 0 <= v < 1, "nonneg": v >= 0}[kind]
+        if not ok:
+            want = {"pos": "> 0", "frac": "in [0, 1)", "nonneg": ">= 0"}[kind]
+            raise _err(f"{where}: expected a number {want}, got {value!r}")
+        return v
+    if kind == "seeds":
+        seeds = [value] if isinstance(value, int) and not isinstance(value, bool) else value
+        if not isinstance(seeds, (list, tuple)) or not seeds:
+            raise _err(f"{where}: expected a non-empty list of integers, got {value!r}")
+        out = []
+        for s in seeds:
+            s = _number(s, where)
+            if not isinstance(s, int):
+                raise _err(f"{where}: expected integers, got {s!r}")
+            out.append(s)
+        if len(set(out)) != len(out):
+            raise _err(f"{where}: duplicate seeds in {out}")
+        return out
+    if kind == "methods":
+        names = [value] if isinstance(value, str) else value
+        if not isinstance(names, (list, tuple)):
+            raise _err(f"{where}: expected a list of method names, got {value!r}")
+        for n in names:
+            if n not in METHODS:
+                raise _err(f"{where}: unknown method {n!r}; expected some of {list(METHODS)}")
+        return list(names)
+    if kind == "modules":
+        if isinstance(value, str) and value:
+            return value
+        if isinstance(value, (list, tuple)) and value and all(isinstance(m, str) and m for m in value):
+            return list(value)
+        raise _err(f"{where}: expected a module name list or 'all-linear', got {value!r}")
+    raise AssertionError(kind)
+
+
+def validate_section(section: dict | None) -> dict:
+    """The ``fewshot:`` section checked, with defaults filled (hyper-parameters left unset stay ``None``:
+    the method's own default). Raises :class:`fastpeft.workflow.config.ConfigError` (a ValueError) naming
+    ``fewshot.<key>``."""
+    if section is None:
+        section = {}
+    if not isinstance(section, dict):
+        raise _err(f"fewshot: expected a mapping, got {type(section).__name__}")
+    unknown = sorted(set(section) - set(SECTION_KEYS))
+    if unknown:
+        raise _err(f"fewshot: unknown key(s) {unknown}; expected some of {sorted(SECTION_KEYS)}")
+    out = {}
+    for key, (default, kind) in SECTION_KEYS.items():
+        value = section.get(key)
+        out[key] = _check(key, value, kind) if value is not None else (list(default) if isinstance(default, list)
+                                                                        else default)
+    meth = out["method"]
+    unused = sorted(k for k, v in section.items()
+                    if k not in RUN_KEYS and v is not None and k not in METHOD_PARAMS[meth])
+    if unused:
+        raise _err(f"fewshot: key(s) {unused} do not apply to method {meth!r} "
+                   f"(it takes {sorted(METHOD_PARAMS[meth])})")
+    out["baselines"] = [b for b in out["baselines"] if b != meth]
+    return out
+
+
+def method_params(section: dict, method: str, model: str | None, lora: dict | None = None) -> dict:
+    """Constructor keywords for ``method``: the section's hyper-parameters apply to ``section["method"]``
+    only; baselines get their defaults (but share ``max_length``)."""
+    params: dict = {"model": model}
+    if method == "setfit" and lora:
+        params.update({k: lora[k] for k in ("r", "lora_alpha", "lora_dropout", "target_modules") if k in lora})
+    if method == section["method"]:
+        params.update({k: section[k] for k in METHOD_PARAMS[method] if section.get(k) is not None})
+    elif section.get("max_length") is not None:
+        params["max_length"] = section["max_length"]
+    return params
+
+
+def write_json_atomic(path: str, obj) -> None:
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=d)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def run_from_config(cfg: dict, *, log=print) -> dict:
+    """Run the few-shot experiment described by ``cfg`` (a dict from
+    :func:`fastpeft.workflow.config.build_config` plus a ``fewshot`` section) and return
+    ``{"method", "k", "metric", "per_seed", "mean", "std", "baselines": {name: same fields},
+    "fewshot": section, "model", "task", "train_pool", "eval_examples", "wall_s"}``; also written to
+    ``<output_dir>/result.json`` when an output directory is configured."""
+    from ..workflow.pipeline import load_split
+    from ..workflow.tasks import get_task
+
+    if not isinstance(cfg, dict):
+        raise ValueError(f"cfg: expected a dict from build_config, got {type(cfg).__name__}")
+    section = validate_section(cfg.get("fewshot"))
+    if cfg.get("task") not in ("sequence_classification", "seq_cls", "classification"):
+        raise _err(f"task: few-shot methods support sequence_classification, got {cfg.get('task')!r}")
+    data = cfg.get("data") or {}
+    if not data.get("train"):
+        raise _err("data.train: required (the pool the k-shot sets are drawn from)")
+    if not data.get("validation"):
+        raise _err("data.validation: required (the few-shot evaluation set)")
+    if data.get("text_pair_column"):
+        raise _err("data.text_pair_column: few-shot methods take single texts")
+    task = get_task(cfg["task"])
+    t0 = time.perf_counter()
+    train = load_split(task, data, "train", data.get("train_limit"), data.get("train_subset_seed"))
+    val = load_split(task, data, "validation", data.get("validation_limit"))
+    texts = [r["text"] for r in train]
+    labels = [r["label"] for r in train]
+    exclude = None
+    if section["min_words"]:
+        exclude = {i for i, t in enumerate(texts) if len(t.split()) < section["min_words"]}
+    if section.get("max_length") is None and data.get("max_length"):
+        section = dict(section, max_length=data["max_length"])
+    method_cfg = cfg.get("method") if isinstance(cfg.get("method"), dict) else {}
+    lora = method_cfg if method_cfg.get("name") == "lora" else None
+    eval_texts = [r["text"] for r in val]
+    eval_labels = [r["label"] for r in val]
+    frozen = None
+    results = {}
+    for name in [section["method"]] + section["baselines"]:
+        params = method_params(section, name, cfg.get("model"), lora)
+        if name in ("head_only", "prototype"):  # one frozen encoder (and embedding memo) for both
+            from .baselines import FrozenEncoder
+            ml = params.pop("max_length", 64)
+            if frozen is None or frozen.max_length != ml:
+                frozen = FrozenEncoder(params.pop("model"), max_length=ml)
+            params.pop("model", None)
+            params["encoder"] = frozen
+        results[name] = evaluate_seeds(name, texts, labels, eval_texts, eval_labels, k=section["shots"],
+                                       seeds=section["seeds"], exclude=exclude, params=params, log=log)
+    main = results.pop(section["method"])
+    out = dict(main)
+    out["baselines"] = results
+    out.update({"fewshot": section, "model": cfg.get("model"), "task": cfg["task"],
+                "train_pool": len(texts) - len(exclude or ()), "eval_examples": len(eval_texts),
+                "wall_s": round(time.perf_counter() - t0, 1)})
+    out_dir = cfg.get("output_dir") or getattr(cfg.get("trainer"), "output_dir", None)
+    if out_dir:
+        write_json_atomic(os.path.join(out_dir, "result.json"), out)
+        if log:
+            log(f"[fewshot] wrote {os.path.join(out_dir, 'result.json')}")
+    return out

@@ -1,0 +1,245 @@
+"""SetFit-style few-shot classification (Tunstall et al. 2022) with a LoRA-adapted sentence encoder.
+
+Two stages, both on the k-shot set only:
+
+1. **Contrastive fine-tuning of the encoder.** ``iterations`` (R) rounds of pair generation: in each
+   round every shot ``i`` is paired with one shot of its own class (target 1) and one of another class
+   (target 0), so ``2 * R * N`` pairs for ``N`` shots. The encoder is wrapped with LoRA
+   (``fastpeft.get_peft_model(AutoModel, LoraConfig(...))``) and trained on the pairs, e.g. with the
+   cosine-similarity loss. Equivalent plain PyTorch of one step::
+
+       ea = mean_pool(encoder(**tok(a_texts)).last_hidden_state, mask_a)     # [B, D]
+       eb = mean_pool(encoder(**tok(b_texts)).last_hidden_state, mask_b)     # [B, D]
+       cos = F.cosine_similarity(ea, eb, dim=-1)                             # [B]
+       loss = F.mse_loss(cos, target)                                        # loss="cosine"
+       # loss="contrastive" (Hadsell et al.; sentence-transformers' ContrastiveLoss, cosine distance):
+       # d = 1 - cos; loss = 0.5 * (target * d**2 + (1 - target) * F.relu(margin - d)**2).mean()
+       loss.backward(); opt.step(); sched.step()                             # AdamW, linear warmup/decay
+
+2. **A light head.** The adapted encoder embeds the shots (mean pooling, L2-normalised) and a
+   multinomial logistic regression (:mod:`fastpeft.fewshot.head`) is fitted on them. Prediction:
+   ``head(normalize(mean_pool(encoder(x)))).argmax(-1)``.
+
+Everything random (LoRA initialisation, pair generation, batch order) flows from ``seed``; the global
+torch RNG is restored after :meth:`SetFitClassifier.fit`, so runs are deterministic on CPU.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Hashable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .encoder import Tokenized, embed_texts, load_encoder, sentence_embeddings
+from .head import LogisticHead
+
+LOSSES = ("cosine", "contrastive")
+
+
+@dataclass
+class SetFitConfig:
+    """Hyper-parameters of :class:`SetFitClassifier` (defaults: SetFit's R=20, batch 16, 1 epoch,
+    max length 64; LoRA r=8 on attention and feed-forward linears with a LoRA-sized learning rate)."""
+
+    model: str | None = None             # bundled name ("minilm", default) or a local transformers directory
+    iterations: int = 20                 # R: rounds of pair generation
+    epochs: int = 1
+    lr: float = 5e-4
+    batch_size: int = 16                 # pairs per step
+    warmup_ratio: float = 0.1
+    weight_decay: float = 0.0
+    max_length: int = 64
+    loss: str = "cosine"                 # cosine | contrastive
+    margin: float = 0.5                  # contrastive loss margin (cosine distance)
+    r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    target_modules: list | str = field(default_factory=lambda: ["query", "key", "value", "dense"])
+    head_C: float = 1.0                  # inverse L2 strength of the logistic head
+    head_max_iter: int = 200
+    eval_batch_size: int = 64
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> "SetFitConfig":
+        for k in ("iterations", "epochs", "batch_size", "max_length", "r", "lora_alpha", "head_max_iter",
+                  "eval_batch_size"):
+            v = getattr(self, k)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{k}: expected an int >= 1, got {v!r}")
+        for k in ("lr", "head_C", "margin"):
+            v = getattr(self, k)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+                raise ValueError(f"{k}: expected a number > 0, got {v!r}")
+        for k in ("warmup_ratio", "lora_dropout"):
+            v = getattr(self, k)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < 1:
+                raise ValueError(f"{k}: expected a number in [0, 1), got {v!r}")
+        if isinstance(self.weight_decay, bool) or not isinstance(self.weight_decay, (int, float)) \
+                or self.weight_decay < 0:
+            raise ValueError(f"weight_decay: expected a number >= 0, got {self.weight_decay!r}")
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss: expected one of {LOSSES}, got {self.loss!r}")
+        return self
+
+
+def generate_pairs(labels: Sequence[int], iterations: int, seed: int = 0) -> list[tuple[int, int, float]]:
+    """SetFit pair generation: ``iterations`` rounds; in each, every index ``i`` gets one positive
+    ``(i, j, 1.0)`` with ``labels[j] == labels[i]`` (``j != i`` when the class has another member) and one
+    negative ``(i, j, 0.0)`` with ``labels[j] != labels[i]``; the ``2 * iterations * N`` pairs are
+    returned shuffled. Pure function of its arguments."""
+    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
+        raise ValueError(f"iterations: expected an int >= 1, got {iterations!r}")
+    labels = list(labels)
+    if len(set(labels)) < 2:
+        raise ValueError(f"labels: pairs need at least 2 classes, got {sorted(set(map(str, labels)))}")
+    by_class: dict = {}
+    for i, l in enumerate(labels):
+        by_class.setdefault(l, []).append(i)
+    g = torch.Generator()
+    g.manual_seed(seed)
+
+    def pick(cands):
+        return cands[int(torch.randint(len(cands), (1,), generator=g))]
+
+    pairs = []
+    for _ in range(iterations):
+        for i, l in enumerate(labels):
+            same = [j for j in by_class[l] if j != i] or [i]
+            other = [j for j in range(len(labels)) if labels[j] != l]
+            pairs.append((i, pick(same), 1.0))
+            pairs.append((i, pick(other), 0.0))
+    order = torch.randperm(len(pairs), generator=g).tolist()
+    return [pairs[j] for j in order]
+
+
+def pair_loss(ea: torch.Tensor, eb: torch.Tensor, target: torch.Tensor, kind: str = "cosine",
+              margin: float = 0.5) -> torch.Tensor:
+    """Loss of embedding pairs ``ea``, ``eb`` [B, D] with targets [B] in {0, 1} (module docstring)."""
+    cos = F.cosine_similarity(ea, eb, dim=-1)
+    if kind == "cosine":
+        return F.mse_loss(cos, target.to(cos.dtype))
+    if kind == "contrastive":
+        d = 1 - cos
+        t = target.to(cos.dtype)
+        return 0.5 * (t * d ** 2 + (1 - t) * F.relu(margin - d) ** 2).mean()
+    raise ValueError(f"loss: expected one of {LOSSES}, got {kind!r}")
+
+
+def _label_ids(labels: Sequence[Hashable], classes: list | None = None):
+    from .sampling import _sort_key
+    labels = list(labels)
+    if classes is None:
+        classes = sorted(set(labels), key=_sort_key)
+    idx = {c: i for i, c in enumerate(classes)}
+    try:
+        return classes, [idx[l] for l in labels]
+    except KeyError as e:
+        raise ValueError(f"labels: unknown label {e.args[0]!r}; known classes {classes}") from None
+
+
+def _check_texts_labels(texts, labels):
+    texts, labels = list(texts), list(labels)
+    if len(texts) != len(labels):
+        raise ValueError(f"labels: expected one label per text ({len(texts)}), got {len(labels)}")
+    if len(set(labels)) < 2:
+        raise ValueError(f"labels: a classifier needs at least 2 classes, got {sorted(set(map(str, labels)))}")
+    return texts, labels
+
+
+class SetFitClassifier:
+    """``SetFitClassifier(**SetFitConfig fields).fit(texts, labels, seed).predict(texts) -> labels``."""
+
+    name = "setfit"
+
+    def __init__(self, config: SetFitConfig | None = None, **overrides):
+        base = dataclasses.asdict(config) if config is not None else {}
+        base.update(overrides)
+        try:
+            self.config = SetFitConfig(**base)
+        except TypeError as e:
+            raise ValueError(f"SetFitClassifier: {e}") from None
+        self.encoder = self.tokenizer = self.head = None
+        self.classes_: list | None = None
+        self.history: list[float] = []
+
+    def _build_encoder(self):
+        import fastpeft
+        enc, tok = load_encoder(self.config.model)
+        c = self.config
+        lcfg = fastpeft.LoraConfig(r=c.r, lora_alpha=c.lora_alpha, lora_dropout=c.lora_dropout,
+                                   target_modules=c.target_modules)
+        return fastpeft.get_peft_model(enc, lcfg), tok
+
+    def fit(self, texts: Sequence[str], labels: Sequence[Hashable], seed: int = 0) -> "SetFitClassifier":
+        texts, labels = _check_texts_labels(texts, labels)
+        self.classes_, y = _label_ids(labels)
+        c = self.config
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.encoder, self.tokenizer = self._build_encoder()
+            pairs = generate_pairs(y, c.iterations, seed)
+            self.history = self._contrastive_train(Tokenized(self.tokenizer, texts, c.max_length), pairs, seed)
+        X = self.embed(texts)
+        self.head = LogisticHead(X.shape[1], len(self.classes_)).fit(X, torch.tensor(y), C=c.head_C,
+                                                                      max_iter=c.head_max_iter)
+        return self
+
+    def _contrastive_train(self, tk: Tokenized, pairs, seed: int) -> list[float]:
+        c = self.config
+        model = self.encoder
+        dev = next(model.parameters()).device
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay)
+        steps_per_epoch = math.ceil(len(pairs) / c.batch_size)
+        total = steps_per_epoch * c.epochs
+        warm = int(c.warmup_ratio * total)
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: (s + 1) / max(1, warm) if s < warm else max(0.0, (total - s) / max(1, total - warm)))
+        g = torch.Generator()
+        g.manual_seed(seed + 1)
+        losses = []
+        model.train()
+        for epoch in range(c.epochs):
+            order = torch.randperm(len(pairs), generator=g).tolist() if epoch else list(range(len(pairs)))
+            for s in range(0, len(order), c.batch_size):
+                chunk = [pairs[j] for j in order[s:s + c.batch_size]]
+                # each distinct shot of the batch is encoded once (a k-shot set is small, so a batch of
+                # 16 pairs touches at most N texts): the loss of encoding both sides of every pair, except
+                # that with dropout on a text shares one mask across its pairs in the step
+                uniq = sorted({i for a, b, _ in chunk for i in (a, b)})
+                pos = {i: j for j, i in enumerate(uniq)}
+                emb = sentence_embeddings(model, tk.batch(uniq, dev))
+                ia = torch.tensor([pos[a] for a, _, _ in chunk], device=dev)
+                ib = torch.tensor([pos[b] for _, b, _ in chunk], device=dev)
+                target = torch.tensor([t for _, _, t in chunk], device=dev)
+                loss = pair_loss(emb[ia], emb[ib], target, c.loss, c.margin)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                losses.append(float(loss.detach()))
+        model.eval()
+        return losses
+
+    def _check_fitted(self):
+        if self.head is None:
+            raise RuntimeError("SetFitClassifier: call fit() before predict()")
+
+    def embed(self, texts: Sequence[str]) -> torch.Tensor:
+        """Normalised embeddings [N, D] from the adapted encoder."""
+        if self.encoder is None:
+            raise RuntimeError("SetFitClassifier: call fit() first")
+        return embed_texts(self.encoder, self.tokenizer, texts, batch_size=self.config.eval_batch_size,
+                           max_length=self.config.max_length)
+
+    def predict_ids(self, texts: Sequence[str]) -> torch.Tensor:
+        self._check_fitted()
+        return self.head.predict(self.embed(texts))
+
+    def predict(self, texts: Sequence[str]) -> list:
+        return [self.classes_[i] for i in self.predict_ids(texts).tolist()]
