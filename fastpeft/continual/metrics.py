@@ -6,7 +6,10 @@ diagonal (tasks not trained yet) are measured too, but no metric below uses them
 
 * average final accuracy  ``A = mean_j R[T-1][j]``
 * learning accuracy       ``LA = mean_j R[j][j]``  (how well each task was learned when it was trained)
-* forgetting (Chaudhry et al. 2018) ``F = mean_{j<T-1} ( max_{i<T-1} R[i][j] - R[T-1][j] )``
+* forgetting (Chaudhry et al. 2018) ``F = mean_{j<T-1} ( max_{j<=i<T-1} R[i][j] - R[T-1][j] )``: the drop
+  from task j's best accuracy *once it had been trained* to its final accuracy. Entries before task j
+  was trained (``i < j``, zero-shot accuracy) are not knowledge that can be forgotten and are left out of
+  the max (with them, a model that never changes task j's predictions could still show "forgetting")
 * backward transfer (Lopez-Paz & Ranzato 2017) ``BWT = mean_{j<T-1} ( R[T-1][j] - R[j][j] )``
   (negative: forgetting; positive: later tasks helped earlier ones)
 
@@ -14,7 +17,7 @@ Equivalent NumPy::
 
     R = np.asarray(R); T = len(R)
     avg = R[-1].mean()
-    forgetting = (R[:-1, :-1].max(0) - R[-1, :-1]).mean()      # T >= 2
+    forgetting = np.mean([R[j:-1, j].max() - R[-1, j] for j in range(T - 1)])   # T >= 2
     bwt = (R[-1, :-1] - np.diag(R)[:-1]).mean()                 # T >= 2
 
 With one task, forgetting and BWT are undefined and returned as ``None``.
@@ -57,7 +60,7 @@ def forgetting(R) -> float | None:
     T = len(rows)
     if T < 2:
         return None
-    return sum(max(rows[i][j] for i in range(T - 1)) - rows[-1][j] for j in range(T - 1)) / (T - 1)
+    return sum(max(rows[i][j] for i in range(j, T - 1)) - rows[-1][j] for j in range(T - 1)) / (T - 1)
 
 
 def backward_transfer(R) -> float | None:

@@ -30,6 +30,12 @@ def test_forgetting_uses_the_peak_not_the_diagonal_and_bwt_can_be_positive():
     assert CM.backward_transfer(R) == pytest.approx(((0.7 - 0.6) + 0.0) / 2)
 
 
+def test_forgetting_ignores_accuracy_before_the_task_was_trained():
+    # task 1 scored 0.7 zero-shot (after task 0) but only 0.6 once trained, and stays at 0.6: no forgetting
+    R = [[0.9, 0.7, 0.5], [0.9, 0.6, 0.5], [0.9, 0.6, 0.8]]
+    assert CM.forgetting(R) == 0.0 and CM.backward_transfer(R) == 0.0
+
+
 def test_no_forgetting_and_one_task():
     R = [[0.7, 0.5], [0.7, 0.9]]
     assert CM.forgetting(R) == 0.0 and CM.backward_transfer(R) == 0.0
