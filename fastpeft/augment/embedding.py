@@ -202,6 +202,12 @@ class EmbeddingMixup(_EmbeddingHook):
     def __repr__(self) -> str:
         return f"EmbeddingMixup(alpha={self.alpha}, p={self.p}, seed={self.seed})"
 
+    def on_train_begin(self, trainer) -> None:
+        if getattr(trainer, "loss_fn", "absent") is None:
+            raise ValueError("loss_fn: EmbeddingMixup needs the trainer to use its soft-label loss: "
+                             "Trainer(..., callbacks=[mix], loss_fn=mix.loss_fn) (callbacks_from_config returns it)")
+        super().on_train_begin(trainer)
+
     def on_batch(self, trainer, batch: dict) -> dict:
         return self.mix_batch(batch)
 

@@ -92,6 +92,13 @@ def test_trainer_end_to_end_sequence_classification(tiny_model_dir, tiny_cls_fil
     assert t.evaluate()["accuracy"] == t.evaluate()["accuracy"]
 
 
+def test_mixup_without_its_loss_is_refused(tiny_model_dir, tiny_cls_files):
+    model, task, tr, dev, tok = make_cls_setup(tiny_model_dir, tiny_cls_files)
+    cbs, _ = callbacks_from_config([{"name": "mixup"}], model=model, tokenizer=tok, task=task)
+    with pytest.raises(ValueError, match="^loss_fn: EmbeddingMixup needs"):
+        Trainer(model, task, tr, dev, _cfg(), tokenizer=tok, callbacks=cbs).train()
+
+
 def test_trainer_with_grad_accum_and_resume_matches(tmp_path, tiny_model_dir, tiny_cls_files):
     spec = [{"name": "embedding_substitution", "p": 0.5}, {"name": "neftune"}, {"name": "mixup"}]
     _, ref, _ = _train(tiny_model_dir, tiny_cls_files, spec, max_steps=4, grad_accum=2,
