@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 
 class LogisticHead(torch.nn.Module):
-    """``Linear(dim, num_classes)`` fitted by :meth:`fit` (see module docstring)."""
+    """Weights ``weight`` [C, D] and ``bias`` [C] fitted by :meth:`fit` (see module docstring)."""
 
     def __init__(self, dim: int, num_classes: int):
         super().__init__()
@@ -23,28 +23,31 @@ class LogisticHead(torch.nn.Module):
             raise ValueError(f"dim: expected >= 1, got {dim}")
         if num_classes < 2:
             raise ValueError(f"num_classes: expected >= 2, got {num_classes}")
-        self.linear = torch.nn.Linear(dim, num_classes)
-        with torch.no_grad():
-            self.linear.weight.zero_()
-            self.linear.bias.zero_()
+        # zeros, not nn.Linear's random init: the fit starts from W = 0, b = 0 and draws no random numbers
+        self.weight = torch.nn.Parameter(torch.zeros(num_classes, dim))
+        self.bias = torch.nn.Parameter(torch.zeros(num_classes))
+
+    @property
+    def num_classes(self) -> int:
+        return self.weight.shape[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear(x)
+        return F.linear(x, self.weight, self.bias)
 
     def fit(self, X: torch.Tensor, y: torch.Tensor, *, C: float = 1.0, max_iter: int = 200) -> "LogisticHead":
-        X, y = _check_xy(X, y, self.linear.out_features, self.linear.in_features)
+        X, y = _check_xy(X, y, self.weight.shape[0], self.weight.shape[1])
         if not C > 0:
             raise ValueError(f"C: expected > 0 (inverse L2 strength), got {C}")
         if max_iter < 1:
             raise ValueError(f"max_iter: expected >= 1, got {max_iter}")
-        X = X.to(self.linear.weight.dtype)
+        X = X.to(self.weight.dtype)
         n = X.shape[0]
         opt = torch.optim.LBFGS(self.parameters(), lr=1.0, max_iter=max_iter, tolerance_grad=1e-7,
                                 tolerance_change=1e-10, history_size=20, line_search_fn="strong_wolfe")
 
         def closure():
             opt.zero_grad()
-            loss = F.cross_entropy(self(X), y) + (self.linear.weight ** 2).sum() / (2 * C * n)
+            loss = F.cross_entropy(self(X), y) + (self.weight ** 2).sum() / (2 * C * n)
             loss.backward()
             return loss
 
@@ -54,7 +57,7 @@ class LogisticHead(torch.nn.Module):
 
     @torch.no_grad()
     def predict(self, X: torch.Tensor) -> torch.Tensor:
-        return self(X.to(self.linear.weight.dtype)).argmax(-1)
+        return self(X.to(self.weight.dtype)).argmax(-1)
 
 
 def _check_xy(X, y, num_classes, dim):
