@@ -11,6 +11,11 @@ examples:
   fastpeft finetune --model minilm --task sequence_classification --train train.tsv \\
       --validation dev.tsv --output-dir runs/x --r 8 --target-modules query value --epochs 1
   fastpeft finetune --config examples/sst2_lora.yaml --resume-from latest   # continue a killed run
+  fastpeft finetune --config examples/sst2_fewshot.yaml      # k-shot study over 5 seeds (fewshot: section)
+  fastpeft finetune --config examples/continual_stream.yaml  # a stream of tasks (continual: section)
+
+Augmentation (augment:), few-shot (fewshot:) and continual learning (continual:) are config sections:
+see the README section "Beyond one task" and examples/.
 """
 from __future__ import annotations
 
@@ -125,7 +130,10 @@ def run(args) -> int:
     except (DataError, ValueError, FileNotFoundError) as e:
         print(f"fastpeft finetune: error: {e}", file=sys.stderr)
         return 2
-    trainer = result.pop("trainer")
+    trainer = result.pop("trainer", None)
+    if trainer is None:  # a fewshot: / continual: run (single process)
+        print(json.dumps(study_summary(cfg, result), indent=1))
+        return 0
     if trainer.info.is_main:
         summary = {k: result[k] for k in ("steps", "best_metric", "best_step", "early_stopped", "train_seconds",
                                           "backend") if k in result}
@@ -134,3 +142,19 @@ def run(args) -> int:
         summary["output_dir"] = cfg["trainer"].output_dir
         print(json.dumps(summary, indent=1))
     return 0
+
+
+def study_summary(cfg: dict, result: dict) -> dict:
+    """The printed summary of a few-shot study or a continual stream (the full result is in result.json)."""
+    if cfg.get("fewshot") is not None:
+        keys = ("method", "k", "metric", "mean", "std")
+        out = {k: result[k] for k in keys if k in result}
+        out["per_seed"] = [s.get(result.get("metric", "accuracy"), s) if isinstance(s, dict) else s
+                           for s in result.get("per_seed", [])]
+        out["baselines"] = {n: {k: b[k] for k in ("mean", "std") if k in b}
+                            for n, b in (result.get("baselines") or {}).items()}
+    else:
+        keys = ("strategy", "tasks", "avg_accuracy", "forgetting", "bwt", "matrix")
+        out = {k: result[k] for k in keys if k in result}
+    out["output_dir"] = cfg.get("output_dir") or cfg["trainer"].output_dir
+    return out

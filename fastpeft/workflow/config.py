@@ -27,6 +27,14 @@ Layout (every section optional except ``model``, ``task`` and ``data.train``)::
       modules_to_save: [classifier]  # default: the task head
     trainer: {lr: 1e-3, epochs: 1, batch_size: 32, ...}   # fastpeft.workflow.trainer.TrainerConfig
     adversarial: {method: freelb, ...}                    # optional, fastpeft.adversarial
+    augment:                                              # optional, fastpeft.augment (on-the-fly)
+      - {name: embedding_substitution, p: 0.1}
+      - {name: neftune, alpha: 5}
+    fewshot: {shots: 8, seeds: [0, 1, 2, 3, 4], method: setfit}   # optional, fastpeft.fewshot
+    continual: {strategy: ewc, tasks: [...]}              # optional, fastpeft.continual
+
+``fewshot`` and ``continual`` change what ``fastpeft finetune`` runs (a k-shot study over several seeds;
+a stream of tasks trained in sequence); they cannot be combined with each other.
 """
 from __future__ import annotations
 
@@ -37,7 +45,8 @@ import yaml
 
 from .trainer import TrainerConfig
 
-TOP_KEYS = {"model", "task", "output_dir", "data", "method", "trainer", "adversarial", "seed"}
+TOP_KEYS = {"model", "task", "output_dir", "data", "method", "trainer", "adversarial", "seed", "augment",
+            "fewshot", "continual"}
 DATA_KEYS = {"train", "validation", "test", "format", "text_column", "text_pair_column", "label_column",
              "quoting", "max_length", "train_limit", "train_subset_seed", "validation_limit", "token_column",
              "tag_column", "tokens_column", "tags_column"}
@@ -143,7 +152,7 @@ def validate(cfg: dict) -> dict:
     unknown = set(data) - DATA_KEYS
     if unknown:
         raise ConfigError(f"data: unknown key(s) {sorted(unknown)}; expected some of {sorted(DATA_KEYS)}")
-    if not data.get("train"):
+    if not data.get("train") and cfg.get("continual") is None:  # a continual stream names each task's files
         raise ConfigError("data.train: required (a file path; --train on the command line)")
     for split in ("train", "validation", "test"):
         v = data.get(split)
@@ -198,9 +207,45 @@ def validate(cfg: dict) -> dict:
     adv = cfg.get("adversarial")
     if adv is not None and (not isinstance(adv, dict) or not adv.get("method")):
         raise ConfigError("adversarial: expected a mapping with 'method' (e.g. {method: freelb, ...})")
+    _validate_augment(cfg.get("augment"))
+    if cfg.get("fewshot") is not None and cfg.get("continual") is not None:
+        raise ConfigError("fewshot and continual: choose one (a few-shot study or a continual stream)")
+    for section in ("fewshot", "continual"):
+        if cfg.get(section) is not None:
+            cfg[section] = _validate_section(section, cfg[section])
     cfg["data"] = data
     cfg["method"] = method
     return cfg
+
+
+def _validate_augment(spec) -> None:
+    """Shape check of ``augment:`` (a list of ``{name: ..., ...}``); names and options are checked by
+    :func:`fastpeft.augment.config.callbacks_from_config` when the model exists, before training."""
+    if spec is None:
+        return
+    if isinstance(spec, dict):
+        raise ConfigError("augment: expected a list of mappings like [{name: neftune, alpha: 5}], got a mapping "
+                          "(put a '-' before each augmentation)")
+    if not isinstance(spec, list):
+        raise ConfigError(f"augment: expected a list of mappings with 'name', got {type(spec).__name__}")
+    for i, item in enumerate(spec):
+        if not isinstance(item, dict) or not item.get("name"):
+            raise ConfigError(f"augment[{i}]: expected a mapping with 'name' (e.g. {{name: mixup, alpha: 0.4}}), "
+                              f"got {item!r}")
+
+
+def _validate_section(section: str, value):
+    if not isinstance(value, dict):
+        raise ConfigError(f"{section}: expected a mapping, got {type(value).__name__}")
+    import importlib
+    try:
+        mod = importlib.import_module(f"fastpeft.{section}.config")
+    except ImportError as e:
+        raise ConfigError(f"{section}: fastpeft.{section} is not available in this build ({e})") from None
+    try:
+        return mod.validate_section(value)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def to_yaml(cfg: dict) -> str:

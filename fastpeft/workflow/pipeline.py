@@ -102,6 +102,19 @@ def load_split(task, data: dict, split: str, limit=None, seed=None, with_labels=
 
 
 def finetune(cfg: dict, *, callbacks=None, loss_fn=None, adversarial=None) -> dict:
+    """Run the job ``cfg`` describes: one fine-tuning run, or, with a ``fewshot:`` / ``continual:`` section,
+    a k-shot study over seeds (:mod:`fastpeft.fewshot`) / a stream of tasks (:mod:`fastpeft.continual`)."""
+    for section in ("fewshot", "continual"):
+        if cfg.get(section) is not None:
+            if callbacks or loss_fn is not None or adversarial is not None:
+                raise ValueError(f"finetune: callbacks / loss_fn / adversarial are not supported with {section}:")
+            import importlib
+            import inspect
+            import sys
+            run = importlib.import_module(f"fastpeft.{section}.config").run_from_config
+            if "log" in inspect.signature(run).parameters:  # progress to stderr: stdout carries the summary
+                return run(cfg, log=lambda msg: print(msg, file=sys.stderr))
+            return run(cfg)
     from .trainer import Trainer
 
     trcfg = cfg["trainer"]
@@ -121,6 +134,15 @@ def finetune(cfg: dict, *, callbacks=None, loss_fn=None, adversarial=None) -> di
     model = apply_method(base, cfg["method"], task)
     if adversarial is None and cfg.get("adversarial"):
         adversarial = build_adversarial(cfg["adversarial"])
+    if cfg.get("augment"):
+        from fastpeft.augment.config import callbacks_from_config
+        aug_callbacks, aug_loss = callbacks_from_config(cfg["augment"], model=model, tokenizer=tok, task=task,
+                                                        seed=trcfg.seed)
+        callbacks = list(callbacks or []) + list(aug_callbacks)
+        if aug_loss is not None:
+            if loss_fn is not None:
+                raise ValueError("augment: mixup replaces the loss; it cannot be combined with a custom loss_fn")
+            loss_fn = aug_loss
     task_info = dict(task.state(), model=cfg["model"], max_length=max_len,
                      data={k: v for k, v in data.items() if k not in ("train", "validation", "test")},
                      method_backend=getattr(model, "_fastpeft_backend", None))
