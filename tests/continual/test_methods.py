@@ -5,9 +5,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-from fastpeft.continual import (EWC, L2SP, LwF, ReservoirBuffer, concat_datasets, diagonal_fisher,
+from fastpeft.continual import (EWC, L2SP, ReservoirBuffer, concat_datasets, diagonal_fisher,
                                 lwf_distillation, make_strategy)
 from fastpeft.workflow.data import EncodedDataset, PaddingCollator
 
