@@ -220,3 +220,19 @@ def test_insertion_respects_max_length(tok):
     o = RandomInsertion(tokenizer=tok, p=1.0, rate=1.0, max_length=b["input_ids"].shape[1])(b)
     assert o["input_ids"].shape[1] == b["input_ids"].shape[1]
     assert int(o["attention_mask"].sum(1).max()) <= b["input_ids"].shape[1]
+
+
+def test_insertion_of_embedding_neighbours(tok, emb_model):
+    from fastpeft.augment import callbacks_from_config
+    (ins,), _ = callbacks_from_config([{"name": "random_insertion", "neighbours_k": 3, "p": 1.0, "rate": 0.5}],
+                                      model=emb_model, tokenizer=tok, task="sequence_classification")
+    b = _batch(tok)
+    o = ins(b)
+    src = ins._source
+    for i in range(5):
+        before, after = _real(b, i), _real(o, i)
+        allowed = {int(t) for x in before for t in src.neighbours[x].tolist()}
+        extra = list(after)
+        for t in before:                      # remove the original tokens (a subsequence) ...
+            extra.remove(t)
+        assert extra and set(extra) <= allowed  # ... what is left are neighbours of the example's tokens
