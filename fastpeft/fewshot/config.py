@@ -14,7 +14,7 @@ Example (the rest of the config as for fine-tuning; ``data.validation`` is requi
       method: setfit           # setfit | head_only | prototype | prompt_tuning
       baselines: [head_only]   # also run these on the same shots (their default hyper-parameters)
       iterations: 20           # method hyper-parameters (see SECTION_KEYS): they apply to `method`
-      lr: 5.0e-4
+      lr: 1.0e-3
 
 ``run_from_config(cfg)`` reads the splits with the task's reader, runs every method over the seeds and
 writes ``output_dir/result.json`` atomically (temp file + rename). LoRA settings (``r``, ``lora_alpha``,

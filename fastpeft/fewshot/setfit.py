@@ -47,7 +47,7 @@ class SetFitConfig:
     model: str | None = None             # bundled name ("minilm", default) or a local transformers directory
     iterations: int = 20                 # R: rounds of pair generation
     epochs: int = 1
-    lr: float = 5e-4
+    lr: float = 1e-3                     # LoRA-sized (SetFit full fine-tuning uses 2e-5)
     batch_size: int = 16                 # pairs per step
     warmup_ratio: float = 0.1
     weight_decay: float = 0.0
