@@ -12,7 +12,7 @@ from SST-2 train, frozen MiniLM mean-pooled features; a logistic-regression head
 alone vs. on real + ``--synthetic`` (64) GAN-synthesised features per class (``FeatureGAN``, 1000 steps);
 accuracy on dev.
 
-    python benchmarks/augment_effect.py              # full run (about 15 CPU-minutes; 2 LoRA seeds, 5 GAN seeds)
+    python benchmarks/augment_effect.py              # full run (about 10 CPU-minutes; 3 LoRA seeds, 5 GAN seeds)
     python benchmarks/augment_effect.py --quick      # smoke run (tiny sizes; writes augment_effect_quick.json)
 
 Writes ``benchmarks/results/augment_effect.json`` (setup, per-seed numbers, means / std, date). Wall
@@ -147,7 +147,7 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data-dir", default=os.path.join(ROOT, "..", "shared", "data"))
     p.add_argument("--train-size", type=int, default=500)
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=16)
