@@ -2,9 +2,9 @@
 
 Part 1 -- on-the-fly augmentation with LoRA: ``--train-size`` (500) SST-2 training examples (a fixed random
 subset per seed), MiniLM + LoRA r=8 (alpha 16, dropout 0.1) on query/value + the classifier head, fastpeft's
-Trainer (AdamW, lr 3e-3, linear schedule with 10% warm-up, batch 16, 2 epochs), accuracy on the whole dev split
-after the last step (no model selection on dev; length-bucketed batches). Methods, each with the same
-subset / init / batch order per seed: ``none``; ``embedding_substitution`` (p=0.5, rate=0.15, k=8);
+Trainer (AdamW, lr 3e-3, linear schedule with 10% warm-up, batch 16, 2 epochs, seeds 0-2, one thread),
+accuracy on the whole dev split after the last step (no model selection on dev; length-bucketed batches).
+Methods, each with the same subset / init / batch order per seed: ``none``; ``embedding_substitution`` (p=0.5, rate=0.15, k=8);
 ``neftune`` (alpha=5, uniform); ``mixup`` (embedding mixup, alpha=0.4).
 
 Part 2 -- GAN feature augmentation in few-shot: ``--shots`` (8) examples per class (stratified, per seed)
