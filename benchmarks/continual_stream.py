@@ -198,6 +198,10 @@ def main(argv=None) -> dict:
                                 if naive_f is not None else None),
         "wall_seconds_total": time.perf_counter() - t0,
         "note": "wall times measured on a shared 2-core CPU machine while other jobs ran: indicative only",
+        "caveats": ["one seed; each accuracy is on the task's eval examples (binomial std about "
+                    f"{(0.25 / max(a.eval_per_task, 1)) ** 0.5:.3f} at 0.5), so differences below ~0.05 are noise",
+                    "strategy hyper-parameters set once from a short calibration on a smaller sub-stream, "
+                    "not tuned on this run; stronger regularisation trades plasticity (R[i][i]) for retention"],
         "machine": {"python": platform.python_version(), "torch": torch.__version__, "cpu": platform.processor()},
     }
     write_json_atomic(report, out)

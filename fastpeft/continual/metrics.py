@@ -102,7 +102,7 @@ def plot_matrices(matrices: dict, task_names: Sequence[str], path: str, *, metri
     cols = min(n, 3)
     nrows = (n + cols - 1) // cols
     size = 1.2 + 0.9 * T
-    fig, axes = plt.subplots(nrows, cols, figsize=(size * cols + 0.8, size * nrows + 0.4), squeeze=False)
+    fig, axes = plt.subplots(nrows, cols, figsize=((size + 1.6) * cols + 0.8, (size + 1.0) * nrows), squeeze=False)
     im = None
     for ax, (title, R) in zip([a for row in axes for a in row], checked.items()):
         im = ax.imshow(R, vmin=0.0, vmax=1.0, cmap="viridis")
