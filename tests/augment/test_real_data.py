@@ -1,5 +1,6 @@
-"""Real-data smoke run of benchmarks/augment_effect.py (SST-2 + bundled MiniLM): slow, excluded by default.
-The measured numbers come from the full run (benchmarks/results/augment_effect.json)."""
+"""Real-data smoke run of benchmarks/augment_effect.py (SST-2 + bundled MiniLM): slow, runs only when
+selected with ``-m slow`` (or FASTPEFT_RUN_SLOW=1), like tests/workflow/test_real_apps.py. The measured
+numbers come from the full run (benchmarks/results/augment_effect.json)."""
 import json
 import os
 import subprocess
@@ -8,6 +9,13 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.fixture(autouse=True)
+def _only_when_selected(request):
+    expr = request.config.getoption("markexpr") or ""
+    if "slow" not in expr.replace("not slow", "") and os.environ.get("FASTPEFT_RUN_SLOW") != "1":
+        pytest.skip("slow real-data run: select with -m slow or FASTPEFT_RUN_SLOW=1")
 
 
 @pytest.mark.slow
