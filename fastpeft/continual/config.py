@@ -170,9 +170,10 @@ def strategy_params(section: dict, seed: int) -> dict:
     return params
 
 
-def run_from_config(cfg: dict) -> dict:
+def run_from_config(cfg: dict, log=None) -> dict:
     """Run the ``continual:`` section of ``cfg`` (a dict from ``fastpeft.workflow.config.build_config``,
-    plus ``continual``); returns the result dict (also written to ``output_dir/result.json``)."""
+    plus ``continual``); returns the result dict (also written to ``output_dir/result.json``).
+    ``log(message)``, when given, receives one progress line per task (the matrix row)."""
     from ..workflow.models import load_tokenizer, resolve_model_path
     from ..workflow.pipeline import apply_method, load_split
     from ..workflow.tasks import get_task
@@ -214,7 +215,7 @@ def run_from_config(cfg: dict) -> dict:
     torch.manual_seed(trcfg.seed)  # head / adapter initialisation, as in finetune
     model = apply_method(task.build_model(model_path), dict(cfg.get("method") or {"name": "lora"}), task)
     result = run_stream(model, task, stream, section["strategy"], dataclasses.replace(trcfg, output_dir=None),
-                        tokenizer=tok, output_dir=output_dir, extra={"config": {"continual": section,
+                        tokenizer=tok, output_dir=output_dir, log=log, extra={"config": {"continual": section,
                                                                                 "model": cfg["model"],
                                                                                 "task": cfg["task"],
                                                                                 "method": cfg.get("method")},

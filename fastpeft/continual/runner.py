@@ -59,7 +59,7 @@ class ContinualRunner:
     def __init__(self, model, task, stream, strategy: Strategy | str = "naive",
                  config: TrainerConfig | dict | None = None, *, tokenizer=None, collator=None,
                  callbacks=None, output_dir: str | None = None, metric: str | None = None,
-                 verbose: bool = False, extra: dict | None = None, **strategy_params):
+                 verbose: bool = False, log=None, extra: dict | None = None, **strategy_params):
         self.stream = check_stream(stream)
         if isinstance(strategy, Strategy):
             if any(v is not None for v in strategy_params.values()):
@@ -83,11 +83,15 @@ class ContinualRunner:
         self.output_dir = output_dir
         self.metric = metric or task.default_metric
         self.verbose = verbose
+        self.log_fn = log  # log(message) for progress lines; None: print them when verbose
         self.extra = dict(extra or {})
 
     def _log(self, msg: str) -> None:
-        if self.verbose:
-            print(f"[continual/{self.strategy.name}] {msg}", flush=True)
+        msg = f"[continual/{self.strategy.name}] {msg}"
+        if self.log_fn is not None:
+            self.log_fn(msg)
+        elif self.verbose:
+            print(msg, flush=True)
 
     def evaluate(self, dataset) -> dict:
         return evaluate_task(self.model, self.task, dataset, self.collator, self.config.eval_batch_size)

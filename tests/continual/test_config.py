@@ -131,7 +131,9 @@ def test_run_from_config_on_tsv_files(tmp_path, tiny_model_dir, strategy):
            "method": {"name": "lora", "r": 4, "lora_alpha": 8, "target_modules": ["query", "value"]},
            "trainer": {"lr": 1e-2, "epochs": 1, "batch_size": 16, "progress": False, "seed": 0},
            "continual": {"strategy": strategy, "tasks": tasks, "replay_size": 8}}
-    result = run_from_config(cfg)
+    lines = []
+    result = run_from_config(cfg, log=lines.append)
+    assert len(lines) == 2 and lines[0].startswith(f"[continual/{strategy}] task 0 a:")
     assert result["tasks"] == ["a", "b"] and len(result["matrix"]) == 2
     assert result["labels"] == ["0", "1"] and result["config"]["continual"]["strategy"] == strategy
     with open(out / "result.json") as f:
