@@ -146,3 +146,26 @@ def test_run_from_config_on_tsv_files(tmp_path, tiny_model_dir, strategy):
         assert result["forgetting"] == 0.0
         assert os.path.isfile(out / "adapter" / "task1_b" / "adapter_config.json")
     assert not [n for n in os.listdir(out) if n.endswith(".tmp")]
+
+
+def test_run_from_config_token_classification(tmp_path, tiny_model_dir):
+    """A stream of NER tasks (metric: entity F1): the same runner, replay and EWC's Fisher over tokens."""
+    sents = {"a": [[("John", "B-PER"), ("visited", "O"), ("Paris", "B-LOC"), (".", "O")],
+                   [("Mary", "B-PER"), ("left", "O"), ("Rome", "B-LOC")]],
+             "b": [[("Acme", "B-ORG"), ("hired", "O"), ("Peter", "B-PER")],
+                   [("Google", "B-ORG"), ("bought", "O"), ("IBM", "B-ORG")]]}
+    tasks = []
+    for name, ss in sents.items():
+        text = "\n".join("\n".join(f"{w} {t} 0" for w, t in s) + "\n" for s in ss * 4)
+        (tmp_path / f"{name}.txt").write_text(text)
+        tasks.append({"name": name, "data": {"train": str(tmp_path / f"{name}.txt"),
+                                             "validation": str(tmp_path / f"{name}.txt")}})
+    for strategy in ("ewc", "replay"):
+        cfg = {"model": tiny_model_dir, "task": "token_classification", "output_dir": None,
+               "data": {"max_length": 16, "format": "conll"},
+               "method": {"name": "lora", "r": 2, "lora_alpha": 4, "target_modules": ["query", "value"]},
+               "trainer": {"lr": 1e-2, "epochs": 1, "batch_size": 4, "progress": False},
+               "continual": {"strategy": strategy, "tasks": tasks, "replay_size": 2, "fisher_samples": 3}}
+        result = run_from_config(cfg)
+        assert result["metric"] == "f1" and len(result["matrix"]) == 2
+        assert result["labels"] == ["O", "B-LOC", "B-ORG", "B-PER"]
