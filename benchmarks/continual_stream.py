@@ -30,11 +30,14 @@ after training task i.
 
     python benchmarks/continual_stream.py            # full run (writes benchmarks/results/continual_stream.{json,png})
     python benchmarks/continual_stream.py --quick    # smoke run: tiny sizes, results in /tmp unless --out
+    python benchmarks/continual_stream.py --export-tsv runs/continual_tasks   # the stream as TSV files, for
+    fastpeft finetune --config examples/continual_stream.yaml                 # ... one strategy from a config
 """
 from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
 import platform
 import random
@@ -93,6 +96,27 @@ def stream_records(data_dir: str, n_train: int, n_eval: int, seed: int = 0, only
     return out
 
 
+def export_tsv(recs: dict, out_dir: str) -> dict:
+    """Write ``{task: (train, eval)}`` records as ``out_dir/<task>_train.tsv`` / ``<task>_dev.tsv`` (header
+    ``label<TAB>sentence``; texts contain no tabs or newlines). Returns ``{task: [train path, dev path]}``."""
+    os.makedirs(out_dir, exist_ok=True)
+    paths = {}
+    for name, splits in recs.items():
+        paths[name] = []
+        for split, rows in zip(("train", "dev"), splits):
+            path = os.path.join(out_dir, f"{name}_{split}.tsv")
+            tmp = path + ".tmp"
+            with open(tmp, "w") as f:
+                f.write("label\tsentence\n")
+                for r in rows:
+                    text = r["text"].replace("\t", " ").replace("\n", " ")
+                    f.write(f"{r['label']}\t{text}\n")
+            os.replace(tmp, path)
+            paths[name].append(path)
+    print(json.dumps(paths, indent=1))
+    return paths
+
+
 def build_model(seed: int, model_dir: str):
     import fastpeft
     from fastpeft.workflow import get_task
@@ -127,7 +151,14 @@ def main(argv=None) -> dict:
                    help="torch threads (1 avoids OpenMP spin contention on a shared machine)")
     p.add_argument("--out", default=None, help="JSON path (PNG beside it); default benchmarks/results/"
                    "continual_stream.json, or /tmp/continual_stream_quick.json with --quick")
+    p.add_argument("--export-tsv", metavar="DIR", default=None,
+                   help="write the stream's tasks as DIR/<task>_{train,dev}.tsv (label, sentence) and exit: "
+                        "the files examples/continual_stream.yaml reads")
     a = p.parse_args(argv)
+    if a.export_tsv:
+        only = [t.strip() for t in a.tasks.split(",") if t.strip()]
+        recs = stream_records(os.path.normpath(a.data_dir), a.train_per_task, a.eval_per_task, a.seed, only)
+        return export_tsv(recs, a.export_tsv)
     if a.quick:
         a.train_per_task, a.eval_per_task, a.epochs, a.fisher_samples, a.replay_size = 64, 32, 1, 16, 32
     out = a.out or (os.path.join("/tmp", "continual_stream_quick.json") if a.quick else
