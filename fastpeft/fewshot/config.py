@@ -15,6 +15,9 @@ Example (the rest of the config as for fine-tuning; ``data.validation`` is requi
       baselines: [head_only]   # also run these on the same shots (their default hyper-parameters)
       iterations: 20           # method hyper-parameters (see SECTION_KEYS): they apply to `method`
       lr: 1.0e-3
+      label_names: {0: negative, 1: positive}   # SetFit's templated examples (setfit only; off if unset)
+      template: "This sentence is {}"           # default; exactly one {} for the label name
+      template_samples: 8                       # copies per label (0 disables)
 
 ``run_from_config(cfg)`` reads the splits with the task's reader, runs every method over the seeds and
 writes ``output_dir/result.json`` atomically (temp file + rename). LoRA settings (``r``, ``lora_alpha``,
@@ -57,13 +60,16 @@ SECTION_KEYS: dict = {
     "num_virtual_tokens": (None, "int"),
     "prompt_tuning_init": (None, ("RANDOM", "SAMPLE_VOCAB")),
     "eval_batch_size": (None, "int"),
+    "label_names": (None, "label_names"),
+    "template": (None, "template"),
+    "template_samples": (None, "int0"),
 }
 RUN_KEYS = ("shots", "seeds", "method", "baselines", "min_words")
 # which hyper-parameters each method takes
 METHOD_PARAMS = {
     "setfit": {"iterations", "epochs", "lr", "batch_size", "warmup_ratio", "weight_decay", "max_length", "loss",
                "margin", "r", "lora_alpha", "lora_dropout", "target_modules", "head_C", "head_max_iter",
-               "eval_batch_size"},
+               "eval_batch_size", "label_names", "template", "template_samples"},
     "head_only": {"max_length", "head_C", "head_max_iter"},
     "prototype": {"max_length"},
     "prompt_tuning": {"num_virtual_tokens", "prompt_tuning_init", "lr", "epochs", "batch_size", "weight_decay",
@@ -134,6 +140,21 @@ def _check(key: str, value, kind):
         if isinstance(value, (list, tuple)) and value and all(isinstance(m, str) and m for m in value):
             return list(value)
         raise _err(f"{where}: expected a module name list or 'all-linear', got {value!r}")
+    if kind == "label_names":
+        from .setfit import check_label_names
+        if not isinstance(value, dict):
+            raise _err(f"{where}: expected a mapping {{label: name}}, e.g. {{0: negative, 1: positive}}, "
+                       f"got {value!r}")
+        try:
+            return dict(check_label_names(value))
+        except ValueError as e:
+            raise _err(f"fewshot.{e}") from None
+    if kind == "template":
+        from .setfit import check_template
+        try:
+            return check_template(value)
+        except ValueError as e:
+            raise _err(f"fewshot.{e}") from None
     raise AssertionError(kind)
 
 
@@ -159,6 +180,10 @@ def validate_section(section: dict | None) -> dict:
     if unused:
         raise _err(f"fewshot: key(s) {unused} do not apply to method {meth!r} "
                    f"(it takes {sorted(METHOD_PARAMS[meth])})")
+    orphan = [k for k in ("template", "template_samples") if section.get(k) is not None]
+    if orphan and out["label_names"] is None:
+        raise _err(f"fewshot: {orphan} only apply with fewshot.label_names (the templated examples are off "
+                   f"without label names)")
     out["baselines"] = [b for b in out["baselines"] if b != meth]
     return out
 

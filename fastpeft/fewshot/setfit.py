@@ -16,6 +16,11 @@ Two stages, both on the k-shot set only:
        # d = 1 - cos; loss = 0.5 * (target * d**2 + (1 - target) * F.relu(margin - d)**2).mean()
        loss.backward(); opt.step(); sched.step()                             # AdamW, linear warmup/decay
 
+Optionally (``label_names``), SetFit's templated examples (the ``setfit`` library's
+``get_templated_dataset``) are added to the shots before both stages: for every class ``c``,
+``template_samples`` copies of ``template.format(label_names[c])`` (default ``"This sentence is {}"``)
+labelled ``c``, so they take part in pair generation and in head fitting like real shots.
+
 2. **A light head.** The adapted encoder embeds the shots (mean pooling, L2-normalised) and a
    multinomial logistic regression (:mod:`fastpeft.fewshot.head`) is fitted on them. Prediction:
    ``head(normalize(mean_pool(encoder(x)))).argmax(-1)``.
@@ -37,6 +42,7 @@ from .encoder import Tokenized, embed_texts, load_encoder, sentence_embeddings
 from .head import LogisticHead
 
 LOSSES = ("cosine", "contrastive")
+DEFAULT_TEMPLATE = "This sentence is {}"   # SetFit's default (setfit.get_templated_dataset)
 
 
 @dataclass
@@ -61,6 +67,9 @@ class SetFitConfig:
     head_C: float = 1.0                  # inverse L2 strength of the logistic head
     head_max_iter: int = 200
     eval_batch_size: int = 64
+    label_names: dict | None = None      # {label: name}: add SetFit's templated examples (None: off)
+    template: str = DEFAULT_TEMPLATE     # one "{}" placeholder for the label name
+    template_samples: int = 8            # copies of each templated sentence (0: off)
 
     def __post_init__(self):
         self.validate()
@@ -84,7 +93,70 @@ class SetFitConfig:
             raise ValueError(f"weight_decay: expected a number >= 0, got {self.weight_decay!r}")
         if self.loss not in LOSSES:
             raise ValueError(f"loss: expected one of {LOSSES}, got {self.loss!r}")
+        check_template(self.template)
+        if isinstance(self.template_samples, bool) or not isinstance(self.template_samples, int) \
+                or self.template_samples < 0:
+            raise ValueError(f"template_samples: expected an int >= 0 (0 disables), got {self.template_samples!r}")
+        if self.label_names is not None:
+            check_label_names(self.label_names)
         return self
+
+
+def check_template(template) -> str:
+    """``template`` must be a string with exactly one ``{}`` placeholder (and no other format fields)."""
+    if not isinstance(template, str) or template.count("{}") != 1:
+        raise ValueError(f"template: expected a string with exactly one '{{}}' placeholder, got {template!r}")
+    try:
+        template.format("x")
+    except (IndexError, KeyError, ValueError):
+        raise ValueError(f"template: expected a string with exactly one '{{}}' placeholder and no other "
+                         f"format fields (write braces as '{{{{' / '}}}}'), got {template!r}") from None
+    return template
+
+
+def check_label_names(label_names) -> dict:
+    """``label_names`` must be a non-empty mapping ``{label: non-empty name}``."""
+    if not isinstance(label_names, dict) or not label_names:
+        raise ValueError(f"label_names: expected a non-empty mapping {{label: name}}, got {label_names!r}")
+    for k, v in label_names.items():
+        if not isinstance(v, str) or not v.strip():
+            raise ValueError(f"label_names: expected a non-empty string name for label {k!r}, got {v!r}")
+    return label_names
+
+
+def templated_examples(classes: Sequence[Hashable], label_names: dict, template: str = DEFAULT_TEMPLATE,
+                       sample_size: int = 8) -> tuple[list[str], list]:
+    """SetFit's templated examples (``setfit.get_templated_dataset``): for each class ``c`` of ``classes``
+    (in order), ``sample_size`` copies of ``template.format(label_names[c])`` labelled ``c``.
+
+    ``label_names`` keys match a class when equal to it or equal as strings (``{0: "negative"}`` names the
+    label ``"0"`` read from a TSV). Raises ValueError naming ``label_names`` when a class has no name or a
+    name's label is not among ``classes``, ``template`` / ``sample_size`` when malformed. Equivalent::
+
+        texts = [template.format(label_names[c]) for c in classes for _ in range(sample_size)]
+        labels = [c for c in classes for _ in range(sample_size)]
+    """
+    check_template(template)
+    check_label_names(label_names)
+    if isinstance(sample_size, bool) or not isinstance(sample_size, int) or sample_size < 0:
+        raise ValueError(f"sample_size: expected an int >= 0, got {sample_size!r}")
+    classes = list(classes)
+    by_str = {}
+    for k, v in label_names.items():
+        if str(k) in by_str and by_str[str(k)] != v:
+            raise ValueError(f"label_names: label {k!r} is given two names ({by_str[str(k)]!r}, {v!r})")
+        by_str[str(k)] = v
+    missing = [c for c in classes if str(c) not in by_str]
+    if missing:
+        raise ValueError(f"label_names: no name for label(s) {missing}; names given for {list(label_names)}")
+    unknown = sorted(set(by_str) - {str(c) for c in classes})
+    if unknown:
+        raise ValueError(f"label_names: label(s) {unknown} are not among the training labels {classes}")
+    texts, labels = [], []
+    for c in classes:
+        texts += [template.format(by_str[str(c)])] * sample_size
+        labels += [c] * sample_size
+    return texts, labels
 
 
 def generate_pairs(labels: Sequence[int], iterations: int, seed: int = 0) -> list[tuple[int, int, float]]:
@@ -166,6 +238,7 @@ class SetFitClassifier:
         self.encoder = self.tokenizer = self.head = None
         self.classes_: list | None = None
         self.history: list[float] = []
+        self.templated_ = 0                  # templated examples added to the shots by the last fit()
 
     def _build_encoder(self):
         import fastpeft
@@ -177,8 +250,15 @@ class SetFitClassifier:
 
     def fit(self, texts: Sequence[str], labels: Sequence[Hashable], seed: int = 0) -> "SetFitClassifier":
         texts, labels = _check_texts_labels(texts, labels)
-        self.classes_, y = _label_ids(labels)
         c = self.config
+        self.templated_ = 0
+        if c.label_names is not None and c.template_samples:
+            from .sampling import _sort_key
+            classes = sorted(set(labels), key=_sort_key)
+            extra_t, extra_l = templated_examples(classes, c.label_names, c.template, c.template_samples)
+            texts, labels = texts + extra_t, labels + extra_l
+            self.templated_ = len(extra_t)
+        self.classes_, y = _label_ids(labels)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             self.encoder, self.tokenizer = self._build_encoder()
