@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 
 from .evaluate import METHODS, evaluate_seeds
@@ -202,19 +201,9 @@ def method_params(section: dict, method: str, model: str | None, lora: dict | No
 
 
 def write_json_atomic(path: str, obj) -> None:
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=d)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """``json.dump(obj)`` to ``path`` through a temporary file, fsync and rename (never half-written)."""
+    from ..checkpoint import atomic_write_bytes
+    atomic_write_bytes(path, json.dumps(obj, indent=1).encode())
 
 
 def run_from_config(cfg: dict, *, log=print) -> dict:
