@@ -37,6 +37,15 @@ def _fresh_seed_and_backend(monkeypatch):
 
 
 @pytest.fixture
+def real_data_run_selected(request):
+    """Skip a long real-data run unless asked for: ``-m slow`` (or an expression naming slow, other than
+    "not slow") or ``FASTPEFT_RUN_SLOW=1``. Use with ``pytest.mark.usefixtures("real_data_run_selected")``."""
+    expr = request.config.getoption("markexpr") or ""
+    if "slow" not in expr.replace("not slow", "") and os.environ.get("FASTPEFT_RUN_SLOW") != "1":
+        pytest.skip("slow real-data run: select with -m slow or FASTPEFT_RUN_SLOW=1")
+
+
+@pytest.fixture
 def shared_data():
     """Path to ../shared/data; skips the test when it is not there."""
     path = os.path.normpath(SHARED_DATA)

@@ -8,14 +8,10 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.usefixtures("real_data_run_selected")
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-
-@pytest.fixture(autouse=True)
-def _only_when_selected(request):
-    expr = request.config.getoption("markexpr") or ""
-    if "slow" not in expr.replace("not slow", "") and os.environ.get("FASTPEFT_RUN_SLOW") != "1":
-        pytest.skip("slow real-data run: select with -m slow or FASTPEFT_RUN_SLOW=1")
 
 
 @pytest.mark.slow

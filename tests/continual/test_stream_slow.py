@@ -6,17 +6,11 @@ import os
 
 import pytest
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("real_data_run_selected")]
 
 _spec = importlib.util.spec_from_file_location(
     "continual_stream", os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "continual_stream.py"))
 
-
-@pytest.fixture(autouse=True)
-def _only_when_selected(request):
-    expr = request.config.getoption("markexpr") or ""
-    if "slow" not in expr.replace("not slow", "") and os.environ.get("FASTPEFT_RUN_SLOW") != "1":
-        pytest.skip("slow real-data run: select with -m slow or FASTPEFT_RUN_SLOW=1")
 
 
 def test_reduced_stream_naive_forgets_per_task_adapters_do_not(shared_data, tmp_path):

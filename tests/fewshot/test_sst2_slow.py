@@ -11,14 +11,8 @@ import os
 
 import pytest
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("real_data_run_selected")]
 
-
-@pytest.fixture(autouse=True)
-def _only_when_selected(request):
-    expr = request.config.getoption("markexpr") or ""
-    if "slow" not in expr.replace("not slow", "") and os.environ.get("FASTPEFT_RUN_SLOW") != "1":
-        pytest.skip("slow real-data run: select with -m slow or FASTPEFT_RUN_SLOW=1")
 
 
 @pytest.mark.xfail(strict=False, raises=AssertionError, reason="issue 8 target 0.75 not met: SetFit + templates 0.704 +- 0.027 over 5 seeds "

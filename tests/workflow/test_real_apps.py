@@ -12,19 +12,13 @@ import os
 
 import pytest
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("real_data_run_selected")]
 
 _spec = importlib.util.spec_from_file_location(
     "real_apps", os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "real_apps.py"))
 real_apps = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(real_apps)
 
-
-@pytest.fixture(autouse=True)
-def _only_when_selected(request):
-    expr = request.config.getoption("markexpr") or ""
-    if "slow" not in expr.replace("not slow", "") and os.environ.get("FASTPEFT_RUN_SLOW") != "1":
-        pytest.skip("slow real-data run: select with -m slow or FASTPEFT_RUN_SLOW=1")
 
 
 def _report(name, entry):
