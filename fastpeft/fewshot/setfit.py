@@ -323,3 +323,59 @@ class SetFitClassifier:
 
     def predict(self, texts: Sequence[str]) -> list:
         return [self.classes_[i] for i in self.predict_ids(texts).tolist()]
+
+    # ---- saving ----------------------------------------------------------------------------------
+    CONFIG_FILE = "setfit_config.json"
+    HEAD_FILE = "head.safetensors"
+
+    def save_pretrained(self, directory: str) -> str:
+        """Write the fitted classifier to ``directory``: ``encoder/`` (the LoRA adapter in PEFT format,
+        loadable by HF PEFT too), ``head.safetensors`` (logistic head ``weight`` [C, D], ``bias`` [C]) and
+        ``setfit_config.json`` (the config and the class labels). Every file is written atomically."""
+        import json
+        import os
+
+        from ..checkpoint import atomic_write_bytes, save_safetensors
+        self._check_fitted()
+        bad = [c for c in self.classes_ if not isinstance(c, (str, int, float, bool))]
+        if bad:
+            raise ValueError(f"classes_: only str / int / float / bool labels can be saved, got {bad[:3]!r}")
+        os.makedirs(directory, exist_ok=True)
+        self.encoder.save_pretrained(os.path.join(directory, "encoder"))
+        save_safetensors({"weight": self.head.weight.detach().contiguous(),
+                          "bias": self.head.bias.detach().contiguous()}, os.path.join(directory, self.HEAD_FILE))
+        meta = {"config": dataclasses.asdict(self.config), "classes": list(self.classes_),
+                "templated": self.templated_}
+        atomic_write_bytes(os.path.join(directory, self.CONFIG_FILE), json.dumps(meta, indent=1).encode())
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, directory: str) -> "SetFitClassifier":
+        """A classifier written by :meth:`save_pretrained`: the base encoder named in its config (loaded
+        offline) with the saved LoRA adapter, and the saved head; ready to ``predict``."""
+        import json
+        import os
+
+        import fastpeft
+        from ..checkpoint import load_safetensors
+        path = os.path.join(directory, cls.CONFIG_FILE)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"directory: {directory!r} has no {cls.CONFIG_FILE} "
+                                    f"(not written by SetFitClassifier.save_pretrained)")
+        with open(path) as f:
+            meta = json.load(f)
+        self = cls(SetFitConfig(**meta["config"]))
+        enc, self.tokenizer = load_encoder(self.config.model)
+        self.encoder = fastpeft.PeftModel.from_pretrained(enc, os.path.join(directory, "encoder"))
+        self.encoder.eval()
+        w = load_safetensors(os.path.join(directory, cls.HEAD_FILE))
+        if set(w) != {"weight", "bias"} or w["weight"].shape[0] != len(meta["classes"]):
+            raise ValueError(f"{cls.HEAD_FILE}: expected weight [{len(meta['classes'])}, D] and bias, got "
+                             f"{ {k: tuple(v.shape) for k, v in w.items()} }")
+        self.head = LogisticHead(w["weight"].shape[1], w["weight"].shape[0])
+        with torch.no_grad():
+            self.head.weight.copy_(w["weight"])
+            self.head.bias.copy_(w["bias"])
+        self.classes_ = list(meta["classes"])
+        self.templated_ = meta.get("templated", 0)
+        return self

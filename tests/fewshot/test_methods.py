@@ -109,3 +109,22 @@ def test_evaluate_seeds(tiny_bert):
         evaluate_seeds("prototype", texts, labels, ev_t, ["zzz"] * len(ev_t), k=2)
     with pytest.raises(ValueError, match="seeds"):
         evaluate_seeds("prototype", texts, labels, ev_t, ev_l, k=2, seeds=[])
+
+
+def test_setfit_save_and_load_round_trip(tiny_bert, tmp_path):
+    """save_pretrained writes the LoRA adapter (PEFT format), the head and the labels; from_pretrained
+    rebuilds a classifier with identical embeddings and predictions."""
+    texts, labels = synthetic(3, seed=5)
+    clf = SetFitClassifier(model=tiny_bert, **dict(SETFIT, iterations=1, epochs=1)).fit(texts, labels, seed=0)
+    with pytest.raises(RuntimeError, match="fit"):
+        SetFitClassifier(model=tiny_bert).save_pretrained(str(tmp_path / "unfitted"))
+    out = clf.save_pretrained(str(tmp_path / "clf"))
+    import os
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= set(os.listdir(os.path.join(out, "encoder")))
+    back = SetFitClassifier.from_pretrained(out)
+    torch.testing.assert_close(back.embed(texts), clf.embed(texts), rtol=0, atol=0)
+    assert back.predict(texts) == clf.predict(texts) and back.classes_ == clf.classes_
+    assert not torch.equal(back.embed(texts), HeadOnlyClassifier(model=tiny_bert, max_length=24).fit(
+        texts, labels).encoder.embed(texts))                      # the adapter was really loaded
+    with pytest.raises(FileNotFoundError, match="setfit_config.json"):
+        SetFitClassifier.from_pretrained(str(tmp_path))
