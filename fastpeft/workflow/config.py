@@ -119,12 +119,16 @@ def _merge(base: dict, over: dict) -> dict:
     return out
 
 
-def _num(value, where):
+def parse_number(value, where: str):
+    """A config number: ints and floats as they are, strings parsed (``"1e-3"`` -> 0.001, ``"8"`` -> 8);
+    anything else (booleans included) is a :class:`ConfigError` naming ``where``."""
     if isinstance(value, str):
         try:
             return float(value) if any(c in value for c in ".eE") else int(value)
         except ValueError:
             raise ConfigError(f"{where}: expected a number, got {value!r}") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
     return value
 
 
@@ -167,7 +171,7 @@ def validate(cfg: dict) -> dict:
             raise ConfigError(f"data.{split}: unknown key(s) {sorted(bad)}; expected some of {sorted(FILE_KEYS)}")
     for k in ("max_length", "train_limit", "validation_limit", "train_subset_seed"):
         if data.get(k) is not None:
-            data[k] = _num(data[k], f"data.{k}")
+            data[k] = parse_number(data[k], f"data.{k}")
             if not isinstance(data[k], int) or data[k] < (0 if k == "train_subset_seed" else 1):
                 raise ConfigError(f"data.{k}: expected a positive integer, got {data[k]!r}")
     method = cfg.get("method") or {}
@@ -180,9 +184,9 @@ def validate(cfg: dict) -> dict:
         raise ConfigError(f"method.backend: expected 'auto', 'fastpeft' or 'peft', got {method['backend']!r}")
     for k in ("r", "lora_alpha"):
         if k in method:
-            method[k] = _num(method[k], f"method.{k}")
+            method[k] = parse_number(method[k], f"method.{k}")
     if "lora_dropout" in method:
-        method["lora_dropout"] = float(_num(method["lora_dropout"], "method.lora_dropout"))
+        method["lora_dropout"] = float(parse_number(method["lora_dropout"], "method.lora_dropout"))
     tr = dict(cfg.get("trainer") or {}) if not isinstance(cfg.get("trainer"), TrainerConfig) \
         else dataclasses.asdict(cfg["trainer"])
     fields = {f.name: f for f in dataclasses.fields(TrainerConfig)}
@@ -195,11 +199,11 @@ def validate(cfg: dict) -> dict:
         tr.setdefault("seed", cfg["seed"])
     for k in ("lr", "weight_decay", "eps", "momentum", "warmup_ratio", "min_delta", "max_grad_norm"):
         if tr.get(k) is not None:
-            tr[k] = float(_num(tr[k], f"trainer.{k}"))
+            tr[k] = float(parse_number(tr[k], f"trainer.{k}"))
     for k in ("epochs", "max_steps", "batch_size", "eval_batch_size", "grad_accum", "eval_every", "patience",
               "save_every", "warmup_steps", "seed", "keep_checkpoints", "bucket_size", "log_every"):
         if tr.get(k) is not None:
-            tr[k] = _num(tr[k], f"trainer.{k}")
+            tr[k] = parse_number(tr[k], f"trainer.{k}")
     try:
         cfg["trainer"] = TrainerConfig(**tr)
     except (TypeError, ValueError) as e:

@@ -9,7 +9,7 @@ from fastpeft.augment import (EmbeddingMixup, EmbeddingSubstitution, NEFTune, Ra
                               callbacks_from_config)
 from fastpeft.workflow import Trainer, TrainerConfig
 
-from ..workflow.conftest import make_cls_setup, tiny_cls_files, tiny_conll_files, tiny_model_dir  # noqa: F401
+from ..workflow.conftest import Kill, KillAt, make_cls_setup, tiny_cls_files, tiny_conll_files, tiny_model_dir  # noqa: F401
 
 SPEC = [{"name": "embedding_substitution", "p": 0.5, "rate": 0.2, "k": 4},
         {"name": "mixup", "alpha": 0.4},
@@ -104,19 +104,11 @@ def test_trainer_with_grad_accum_and_resume_matches(tmp_path, tiny_model_dir, ti
     _, ref, _ = _train(tiny_model_dir, tiny_cls_files, spec, max_steps=4, grad_accum=2,
                        output_dir=str(tmp_path / "a"))
 
-    class Stop(Exception):
-        pass
-
-    class KillAt:
-        def on_step_end(self, trainer, step, loss):
-            if step == 3:
-                raise Stop()
-
     model, task, tr, dev, tok = make_cls_setup(tiny_model_dir, tiny_cls_files)
     cbs, loss_fn = callbacks_from_config(spec, model=model, tokenizer=tok, task=task)
-    with pytest.raises(Stop):
+    with pytest.raises(Kill):
         Trainer(model, task, tr, dev, _cfg(max_steps=4, grad_accum=2, save_every=2, output_dir=str(tmp_path / "b")),
-                tokenizer=tok, callbacks=cbs + [KillAt()], loss_fn=loss_fn).train()
+                tokenizer=tok, callbacks=cbs + [KillAt(3)], loss_fn=loss_fn).train()
     _, res, _ = _train(tiny_model_dir, tiny_cls_files, spec, max_steps=4, grad_accum=2,
                        output_dir=str(tmp_path / "b"), resume_from="latest")
     torch.testing.assert_close(torch.tensor(res["losses"]), torch.tensor(ref["losses"]), rtol=1e-5, atol=1e-6)

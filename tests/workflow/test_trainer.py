@@ -10,7 +10,7 @@ from fastpeft.workflow import Trainer, TrainerConfig
 from fastpeft.workflow import checkpointing as ckpt
 from fastpeft.workflow.trainer import Schedule, build_optimizer
 
-from .conftest import make_cls_setup
+from .conftest import Kill, KillAt, make_cls_setup
 
 
 def _cfg(**kw):
@@ -24,19 +24,6 @@ def _run(tiny_model_dir, tiny_cls_files, cfg, callbacks=None, dropout=0.1, backe
                                                backend=backend)
     t = Trainer(model, task, tr, dev, cfg, tokenizer=tok, callbacks=callbacks, **kw)
     return t, t.train()
-
-
-class Kill(Exception):
-    pass
-
-
-class KillAt:
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, trainer, step, loss):
-        if step == self.step:
-            raise Kill()
 
 
 def test_resume_continues_exactly(tmp_path, tiny_model_dir, tiny_cls_files):
