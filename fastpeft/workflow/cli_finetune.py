@@ -149,8 +149,7 @@ def study_summary(cfg: dict, result: dict) -> dict:
     if cfg.get("fewshot") is not None:
         keys = ("method", "k", "metric", "mean", "std")
         out = {k: result[k] for k in keys if k in result}
-        out["per_seed"] = [s.get(result.get("metric", "accuracy"), s) if isinstance(s, dict) else s
-                           for s in result.get("per_seed", [])]
+        out["per_seed"] = [s[result["metric"]] for s in result["per_seed"]]
         out["baselines"] = {n: {k: b[k] for k in ("mean", "std") if k in b}
                             for n, b in (result.get("baselines") or {}).items()}
     else:

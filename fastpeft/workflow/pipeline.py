@@ -109,12 +109,9 @@ def finetune(cfg: dict, *, callbacks=None, loss_fn=None, adversarial=None) -> di
             if callbacks or loss_fn is not None or adversarial is not None:
                 raise ValueError(f"finetune: callbacks / loss_fn / adversarial are not supported with {section}:")
             import importlib
-            import inspect
             import sys
             run = importlib.import_module(f"fastpeft.{section}.config").run_from_config
-            if "log" in inspect.signature(run).parameters:  # progress to stderr: stdout carries the summary
-                return run(cfg, log=lambda msg: print(msg, file=sys.stderr))
-            return run(cfg)
+            return run(cfg, log=lambda msg: print(msg, file=sys.stderr))  # stdout carries the summary
     from .trainer import Trainer
 
     trcfg = cfg["trainer"]
