@@ -54,6 +54,36 @@ TUNING_NOTES = ("chosen on 400 held-out train examples (>= 8 words), not dev: sh
 TEMPLATE_TUNING_NOTES = ("template_samples on 400 held-out train examples (>= 8 words), seeds 0-2, not dev: "
                          "2 -> 0.714, 8 -> 0.723, 32 -> 0.722 (within noise) -> 8; template and label names not "
                          "tuned (SetFit default, dataset README); lr 1e-3 from the first run")
+# --tune: choose SetFit settings on held-out *train* sentences only (never dev). TUNE_BASE is the recorded
+# templated recipe (fewshot_sst2_templates.json); every candidate changes some of its keys.
+TUNE_BASE = dict(SETFIT_DEFAULTS, label_names={"0": "negative", "1": "positive"}, template="This sentence is {}",
+                 template_samples=8)
+# generic sentence templates (no task words), for the multiple-templates candidates
+MULTI_TEMPLATES = ["This sentence is {}", "It was {}.", "This is {}.", "Overall, it is {}."]
+TUNE_CANDIDATES = {
+    "base": {},
+    "oversampling_e1": dict(sampling="oversampling", epochs=1),
+    "oversampling_e3": dict(sampling="oversampling", epochs=3),
+    "prior": dict(head_prior="label_names"),
+    "e2e16": dict(end_to_end_epochs=16, body_lr=1e-4),
+    "e2e16_blr5e-4": dict(end_to_end_epochs=16, body_lr=5e-4),
+    "lr5e-4": dict(lr=5e-4),
+    "lr2e-3": dict(lr=2e-3),
+    "r16": dict(r=16, lora_alpha=32),
+    "contrastive": dict(loss="contrastive"),
+    "it10": dict(iterations=10),
+    "it40": dict(iterations=40),
+    "qv_only": dict(target_modules=["query", "value"]),
+    "templates4": dict(template=MULTI_TEMPLATES, template_samples=2),
+    "templates4_s8": dict(template=MULTI_TEMPLATES, template_samples=8),
+    "e2e16_prior": dict(end_to_end_epochs=16, body_lr=1e-4, head_prior="label_names"),
+    "no_templates_prior": dict(template_samples=0, head_prior="label_names"),
+}
+TUNE_HELDOUT = dict(n=500, min_words=8, rng_seed=123)      # held-out train sentences (random.Random(rng_seed))
+TUNE_SEEDS = [100, 101, 102, 103, 104]                     # disjoint from the final seeds 0-4
+HEAD_VARIANTS = {"C0.25": dict(head_C=0.25), "C4": dict(head_C=4.0),
+                 "prior": dict(head_prior="label_names"), "prior_C0.25": dict(head_prior="label_names", head_C=0.25),
+                 "prior_C4": dict(head_prior="label_names", head_C=4.0)}
 PROMPT_DEFAULTS = dict(num_virtual_tokens=10, lr=1e-2, epochs=20, batch_size=8, max_length=64)
 
 
@@ -96,6 +126,100 @@ class HeadOnlyWithTemplates:
         return self.clf.predict(texts)
 
 
+def heldout_split(texts, n, min_words, rng_seed):
+    """Indices of ``n`` train sentences with >= ``min_words`` words (random.Random(rng_seed)): the tuning
+    evaluation set; the tuning shots are drawn from the rest of train."""
+    import random
+    cands = [i for i, t in enumerate(texts) if len(t.split()) >= min_words]
+    return sorted(random.Random(rng_seed).sample(cands, n))
+
+
+def _head_variant_accuracies(clf, shot_texts, shot_labels, ev_t, ev_l):
+    """Accuracies of other heads (HEAD_VARIANTS) on the same adapted encoder: no refit of the encoder."""
+    import torch
+
+    from fastpeft.fewshot.evaluate import accuracy
+    from fastpeft.fewshot.head import LogisticHead
+    from fastpeft.fewshot.setfit import label_name_prior
+    c = clf.config
+    texts, labels = list(shot_texts), list(shot_labels)
+    if c.label_names is not None and c.template_samples:
+        from fastpeft.fewshot.sampling import _sort_key
+        from fastpeft.fewshot.setfit import templated_examples
+        et, el = templated_examples(sorted(set(labels), key=_sort_key), c.label_names, c.template, c.template_samples)
+        texts, labels = texts + et, labels + el
+    y = torch.tensor([clf.classes_.index(l) for l in labels])
+    X, E = clf.embed(texts), clf.embed(ev_t)
+    out = {}
+    for name, kw in HEAD_VARIANTS.items():
+        prior = (label_name_prior(clf.embed, clf.classes_, c.label_names, c.template, c.head_prior_scale)
+                 if kw.get("head_prior") == "label_names" else None)
+        h = LogisticHead(X.shape[1], len(clf.classes_)).fit(X, y, C=kw.get("head_C", c.head_C),
+                                                             max_iter=c.head_max_iter, prior=prior)
+        out[name] = accuracy([clf.classes_[i] for i in h.predict(E).tolist()], ev_l)
+    return out
+
+
+def tune(args):
+    """Evaluate TUNE_CANDIDATES (SetFit settings) on held-out train sentences with the tuning seeds; merge
+    the results into the tuning JSON (one entry per candidate, rerunnable one candidate at a time)."""
+    import json
+
+    from fastpeft.fewshot import FrozenEncoder, SetFitClassifier, evaluate_seeds
+    from fastpeft.fewshot.config import write_json_atomic
+    from fastpeft.fewshot.evaluate import accuracy, mean_std
+    from fastpeft.fewshot.sampling import sample_k_shot
+    from fastpeft.workflow.data import read_table
+    tr = read_table(args.train, ["sentence", "label"], quoting="none")
+    texts, labels = [r["sentence"] for r in tr], [r["label"] for r in tr]
+    held = heldout_split(texts, **TUNE_HELDOUT)
+    ev_t, ev_l = [texts[i] for i in held], [labels[i] for i in held]
+    seeds = args.seeds if args.seeds != [0, 1, 2, 3, 4] else TUNE_SEEDS
+    if set(seeds) & {0, 1, 2, 3, 4}:
+        raise SystemExit(f"--tune: use seeds disjoint from the final seeds 0-4, got {seeds}")
+    out_path = args.out or os.path.join(HERE, "results", "fewshot_sst2_tuning.json")
+    report = json.load(open(out_path)) if os.path.exists(out_path) else {
+        "what": "SetFit settings chosen on held-out TRAIN sentences only (dev.tsv never read)",
+        "heldout": dict(TUNE_HELDOUT, note="held-out train sentences; shots drawn from the rest of train"),
+        "seeds": seeds, "shots_per_class": args.shots, "base": TUNE_BASE, "candidates": {}}
+    if report["seeds"] != seeds:
+        raise SystemExit(f"--tune: {out_path} holds seeds {report['seeds']}, asked {seeds}")
+    frozen = FrozenEncoder("minilm", max_length=64)
+    if "head_only" not in report["candidates"]:
+        r = evaluate_seeds("head_only", texts, labels, ev_t, ev_l, k=args.shots, seeds=seeds, exclude=set(held),
+                           params={"encoder": frozen})
+        report["candidates"]["head_only"] = {"overrides": "frozen features, logistic head", "mean": r["mean"],
+                                             "std": r["std"], "per_seed": [x["accuracy"] for x in r["per_seed"]]}
+    for name in args.candidates:
+        if name not in TUNE_CANDIDATES:
+            raise SystemExit(f"--candidates: unknown {name!r}; known {sorted(TUNE_CANDIDATES)}")
+        cfg = dict(TUNE_BASE, **TUNE_CANDIDATES[name])
+        accs, variants, fit_s = [], {}, []
+        for seed in seeds:
+            idx = sample_k_shot(labels, args.shots, seed, exclude=set(held))
+            st, sl = [texts[i] for i in idx], [labels[i] for i in idx]
+            t = time.perf_counter()
+            clf = SetFitClassifier(**cfg).fit(st, sl, seed=seed)
+            fit_s.append(round(time.perf_counter() - t, 1))
+            accs.append(accuracy(clf.predict(ev_t), ev_l))
+            if not cfg.get("end_to_end_epochs"):
+                for k, v in _head_variant_accuracies(clf, st, sl, ev_t, ev_l).items():
+                    variants.setdefault(k, []).append(v)
+            print(f"[tune] {name} seed={seed} acc={accs[-1]:.4f} fit {fit_s[-1]}s "
+                  f"{ {k: round(v[-1], 4) for k, v in variants.items()} }", flush=True)
+        m, sd = mean_std(accs)
+        report["candidates"][name] = {
+            "overrides": TUNE_CANDIDATES[name], "mean": m, "std": sd, "per_seed": accs, "fit_s": fit_s,
+            "head_variants": {k: {"mean": mean_std(v)[0], "per_seed": v} for k, v in variants.items()},
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+        print(f"== {name}: {m:.4f} +- {sd:.4f}  heads {({k: round(mean_std(v)[0], 4) for k, v in variants.items()})}",
+              flush=True)
+        write_json_atomic(out_path, report)
+    write_json_atomic(out_path, report)
+    print(f"wrote {out_path}")
+    return report
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--train", default=os.path.join(DATA, "train.tsv"))
@@ -114,7 +238,15 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     p.add_argument("--quick", action="store_true", help="smoke run with tiny sizes")
     p.add_argument("--out", default=None)
+    p.add_argument("--tune", action="store_true",
+                   help="evaluate --candidates on held-out train sentences (seeds 100-104), never dev")
+    p.add_argument("--candidates", nargs="+", default=["base"], help=f"with --tune: some of {list(TUNE_CANDIDATES)}")
     args = p.parse_args(argv)
+    if args.tune:
+        if args.threads:
+            import torch
+            torch.set_num_threads(args.threads)
+        return tune(args)
 
     import torch
 

@@ -16,8 +16,11 @@ Example (the rest of the config as for fine-tuning; ``data.validation`` is requi
       iterations: 20           # method hyper-parameters (see SECTION_KEYS): they apply to `method`
       lr: 1.0e-3
       label_names: {0: negative, 1: positive}   # SetFit's templated examples (setfit only; off if unset)
-      template: "This sentence is {}"           # default; exactly one {} for the label name
+      template: "This sentence is {}"           # default; exactly one {} for the label name (or a list)
       template_samples: 8                       # copies per label (0 disables)
+      sampling: random         # random (iterations rounds) | oversampling (SetFit >= 1.0, all unique pairs)
+      head_prior: none         # none | label_names: head pulled towards the label-name zero-shot classifier
+      end_to_end_epochs: 0     # > 0: SetFit's end-to-end phase (head + LoRA, cross-entropy); body_lr, head_lr
 
 ``run_from_config(cfg)`` reads the splits with the task's reader, runs every method over the seeds and
 writes ``output_dir/result.json`` atomically (temp file + rename). LoRA settings (``r``, ``lora_alpha``,
@@ -62,13 +65,20 @@ SECTION_KEYS: dict = {
     "label_names": (None, "label_names"),
     "template": (None, "template"),
     "template_samples": (None, "int0"),
+    "sampling": (None, ("random", "oversampling")),
+    "head_prior": (None, ("none", "label_names")),
+    "head_prior_scale": (None, "pos"),
+    "end_to_end_epochs": (None, "int0"),
+    "body_lr": (None, "pos"),
+    "head_lr": (None, "pos"),
 }
 RUN_KEYS = ("shots", "seeds", "method", "baselines", "min_words")
 # which hyper-parameters each method takes
 METHOD_PARAMS = {
     "setfit": {"iterations", "epochs", "lr", "batch_size", "warmup_ratio", "weight_decay", "max_length", "loss",
                "margin", "r", "lora_alpha", "lora_dropout", "target_modules", "head_C", "head_max_iter",
-               "eval_batch_size", "label_names", "template", "template_samples"},
+               "eval_batch_size", "label_names", "template", "template_samples", "sampling", "head_prior",
+               "head_prior_scale", "end_to_end_epochs", "body_lr", "head_lr"},
     "head_only": {"max_length", "head_C", "head_max_iter"},
     "prototype": {"max_length"},
     "prompt_tuning": {"num_virtual_tokens", "prompt_tuning_init", "lr", "epochs", "batch_size", "weight_decay",
@@ -177,6 +187,13 @@ def validate_section(section: dict | None) -> dict:
     if orphan and out["label_names"] is None:
         raise _err(f"fewshot: {orphan} only apply with fewshot.label_names (the templated examples are off "
                    f"without label names)")
+    if out["head_prior"] == "label_names" and out["label_names"] is None:
+        raise _err("fewshot.head_prior: 'label_names' needs fewshot.label_names (the prior is built from them)")
+    if section.get("head_prior_scale") is not None and out["head_prior"] != "label_names":
+        raise _err("fewshot.head_prior_scale: only applies with fewshot.head_prior: label_names")
+    idle = [k for k in ("body_lr", "head_lr") if section.get(k) is not None]
+    if idle and not out["end_to_end_epochs"]:
+        raise _err(f"fewshot: {idle} only apply with fewshot.end_to_end_epochs > 0 (the end-to-end phase)")
     out["baselines"] = [b for b in out["baselines"] if b != meth]
     return out
 

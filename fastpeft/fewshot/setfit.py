@@ -18,12 +18,34 @@ Two stages, both on the k-shot set only:
 
 Optionally (``label_names``), SetFit's templated examples (the ``setfit`` library's
 ``get_templated_dataset``) are added to the shots before both stages: for every class ``c``,
-``template_samples`` copies of ``template.format(label_names[c])`` (default ``"This sentence is {}"``)
+``template_samples`` copies of ``template.format(label_names[c])`` (default ``"This sentence is {}"``;
+a list of templates gives ``template_samples`` copies of every one)
 labelled ``c``, so they take part in pair generation and in head fitting like real shots.
+
+Pair sampling (``sampling``): ``"random"`` is the above (SetFit < 1.0, ``num_iterations``);
+``"oversampling"`` is SetFit >= 1.0's default (``ContrastiveDataset``): every unique pair of examples, an
+example with itself included, is built once, and the smaller of the positive / negative sets is cycled
+until it is as large as the other; ``epochs`` passes over them (``iterations`` is not used).
 
 2. **A light head.** The adapted encoder embeds the shots (mean pooling, L2-normalised) and a
    multinomial logistic regression (:mod:`fastpeft.fewshot.head`) is fitted on them. Prediction:
    ``head(normalize(mean_pool(encoder(x)))).argmax(-1)``.
+
+   ``head_prior="label_names"`` (needs ``label_names``) is a zero-shot label-name prior: the head's L2
+   penalty pulls it towards ``P = head_prior_scale * (E - E.mean(0))`` instead of zero, ``E[c]`` the
+   adapted encoder's normalised embedding of ``template.format(label_names[c])`` (the mean over a list of
+   templates): ``W = P`` alone is the
+   zero-shot cosine classifier at sentence-transformers' usual similarity scale 20 (temperature 0.05)
+   (:meth:`LogisticHead.fit` with ``prior=P``).
+
+3. **Optional end-to-end phase** (SetFit's ``end_to_end=True``; ``end_to_end_epochs`` > 0): the head from
+   stage 2 and the LoRA weights are then trained jointly with cross-entropy on the shots (templated
+   examples included), ``body_lr`` for LoRA, ``head_lr`` for the head (AdamW, no weight decay, constant
+   rate), keeping the head's own penalty. One step::
+
+       logits = head(normalize(mean_pool(encoder(x_batch))))
+       loss = F.cross_entropy(logits, y_batch) + ((head.weight - P) ** 2).sum() / (2 * head_C * N)
+       # (P = 0 without a prior)
 
 Everything random (LoRA initialisation, pair generation, batch order) flows from ``seed``; the global
 torch RNG is restored after :meth:`SetFitClassifier.fit`, so runs are deterministic on CPU.
@@ -42,6 +64,8 @@ from .encoder import Tokenized, embed_texts, load_encoder, sentence_embeddings
 from .head import LogisticHead
 
 LOSSES = ("cosine", "contrastive")
+SAMPLINGS = ("random", "oversampling")
+HEAD_PRIORS = ("none", "label_names")
 DEFAULT_TEMPLATE = "This sentence is {}"   # SetFit's default (setfit.get_templated_dataset)
 
 
@@ -68,8 +92,14 @@ class SetFitConfig:
     head_max_iter: int = 200
     eval_batch_size: int = 64
     label_names: dict | None = None      # {label: name}: add SetFit's templated examples (None: off)
-    template: str = DEFAULT_TEMPLATE     # one "{}" placeholder for the label name
+    template: str | list = DEFAULT_TEMPLATE   # one "{}" placeholder for the label name (or a list of such)
     template_samples: int = 8            # copies of each templated sentence (0: off)
+    sampling: str = "random"             # random (R rounds) | oversampling (SetFit >= 1.0: all unique pairs)
+    head_prior: str = "none"             # none | label_names (zero-shot label-name prior; needs label_names)
+    head_prior_scale: float = 20.0       # logit scale of the prior (cosine / 0.05)
+    end_to_end_epochs: int = 0           # > 0: joint head + LoRA cross-entropy phase (SetFit end_to_end)
+    body_lr: float = 1e-4                # LoRA learning rate of the end-to-end phase
+    head_lr: float = 1e-2                # head learning rate of the end-to-end phase (SetFit's)
 
     def __post_init__(self):
         self.validate()
@@ -80,7 +110,7 @@ class SetFitConfig:
             v = getattr(self, k)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{k}: expected an int >= 1, got {v!r}")
-        for k in ("lr", "head_C", "margin"):
+        for k in ("lr", "head_C", "margin", "body_lr", "head_lr", "head_prior_scale"):
             v = getattr(self, k)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
                 raise ValueError(f"{k}: expected a number > 0, got {v!r}")
@@ -93,6 +123,15 @@ class SetFitConfig:
             raise ValueError(f"weight_decay: expected a number >= 0, got {self.weight_decay!r}")
         if self.loss not in LOSSES:
             raise ValueError(f"loss: expected one of {LOSSES}, got {self.loss!r}")
+        if self.sampling not in SAMPLINGS:
+            raise ValueError(f"sampling: expected one of {SAMPLINGS}, got {self.sampling!r}")
+        if self.head_prior not in HEAD_PRIORS:
+            raise ValueError(f"head_prior: expected one of {HEAD_PRIORS}, got {self.head_prior!r}")
+        if self.head_prior == "label_names" and self.label_names is None:
+            raise ValueError("head_prior: 'label_names' needs label_names={label: name}")
+        if isinstance(self.end_to_end_epochs, bool) or not isinstance(self.end_to_end_epochs, int) \
+                or self.end_to_end_epochs < 0:
+            raise ValueError(f"end_to_end_epochs: expected an int >= 0 (0 disables), got {self.end_to_end_epochs!r}")
         check_template(self.template)
         if isinstance(self.template_samples, bool) or not isinstance(self.template_samples, int) \
                 or self.template_samples < 0:
@@ -102,8 +141,13 @@ class SetFitConfig:
         return self
 
 
-def check_template(template) -> str:
-    """``template`` must be a string with exactly one ``{}`` placeholder (and no other format fields)."""
+def check_template(template) -> str | list:
+    """``template`` must be a string with exactly one ``{}`` placeholder (and no other format fields), or
+    a non-empty list of distinct such strings."""
+    if isinstance(template, (list, tuple)):
+        if not template or len(set(map(str, template))) != len(template):
+            raise ValueError(f"template: expected a non-empty list of distinct templates, got {template!r}")
+        return [check_template(t) for t in template]
     if not isinstance(template, str) or template.count("{}") != 1:
         raise ValueError(f"template: expected a string with exactly one '{{}}' placeholder, got {template!r}")
     try:
@@ -124,10 +168,11 @@ def check_label_names(label_names) -> dict:
     return label_names
 
 
-def templated_examples(classes: Sequence[Hashable], label_names: dict, template: str = DEFAULT_TEMPLATE,
+def templated_examples(classes: Sequence[Hashable], label_names: dict, template: str | list = DEFAULT_TEMPLATE,
                        sample_size: int = 8) -> tuple[list[str], list]:
     """SetFit's templated examples (``setfit.get_templated_dataset``): for each class ``c`` of ``classes``
-    (in order), ``sample_size`` copies of ``template.format(label_names[c])`` labelled ``c``.
+    (in order), ``sample_size`` copies of ``template.format(label_names[c])`` labelled ``c`` (for a list
+    of templates: ``sample_size`` copies of each, templates in list order).
 
     ``label_names`` keys match a class when equal to it or equal as strings (``{0: "negative"}`` names the
     label ``"0"`` read from a TSV). Raises ValueError naming ``label_names`` when a class has no name or a
@@ -136,7 +181,8 @@ def templated_examples(classes: Sequence[Hashable], label_names: dict, template:
         texts = [template.format(label_names[c]) for c in classes for _ in range(sample_size)]
         labels = [c for c in classes for _ in range(sample_size)]
     """
-    check_template(template)
+    templates = check_template(template)
+    templates = templates if isinstance(templates, list) else [templates]
     check_label_names(label_names)
     if isinstance(sample_size, bool) or not isinstance(sample_size, int) or sample_size < 0:
         raise ValueError(f"sample_size: expected an int >= 0, got {sample_size!r}")
@@ -154,8 +200,9 @@ def templated_examples(classes: Sequence[Hashable], label_names: dict, template:
         raise ValueError(f"label_names: label(s) {unknown} are not among the training labels {classes}")
     texts, labels = [], []
     for c in classes:
-        texts += [template.format(by_str[str(c)])] * sample_size
-        labels += [c] * sample_size
+        for t in templates:
+            texts += [t.format(by_str[str(c)])] * sample_size
+            labels += [c] * sample_size
     return texts, labels
 
 
@@ -187,6 +234,44 @@ def generate_pairs(labels: Sequence[int], iterations: int, seed: int = 0) -> lis
             pairs.append((i, pick(other), 0.0))
     order = torch.randperm(len(pairs), generator=g).tolist()
     return [pairs[j] for j in order]
+
+
+def oversampled_pairs(labels: Sequence[int], seed: int = 0) -> list[tuple[int, int, float]]:
+    """SetFit >= 1.0's ``"oversampling"`` pairs: every unordered pair ``(i, j)`` with ``i <= j`` (an example
+    with itself included, like ``setfit.sampler.shuffle_combinations``), target 1.0 when the labels agree;
+    the positives and the negatives are each shuffled, and the smaller set is cycled until both have
+    ``max(#positives, #negatives)`` pairs; the result is shuffled. Pure function of its arguments::
+
+        pos = [(i, j, 1.) for i in range(N) for j in range(i, N) if y[i] == y[j]]       # shuffled
+        neg = [(i, j, 0.) for i in range(N) for j in range(i, N) if y[i] != y[j]]       # shuffled
+        n = max(len(pos), len(neg))
+        pairs = [pos[t % len(pos)] for t in range(n)] + [neg[t % len(neg)] for t in range(n)]  # shuffled
+    """
+    labels = list(labels)
+    if len(set(labels)) < 2:
+        raise ValueError(f"labels: pairs need at least 2 classes, got {sorted(set(map(str, labels)))}")
+    g = torch.Generator()
+    g.manual_seed(seed)
+    n = len(labels)
+    pos = [(i, j, 1.0) for i in range(n) for j in range(i, n) if labels[i] == labels[j]]
+    neg = [(i, j, 0.0) for i in range(n) for j in range(i, n) if labels[i] != labels[j]]
+    pos = [pos[t] for t in torch.randperm(len(pos), generator=g).tolist()]
+    neg = [neg[t] for t in torch.randperm(len(neg), generator=g).tolist()]
+    m = max(len(pos), len(neg))
+    pairs = [pos[t % len(pos)] for t in range(m)] + [neg[t % len(neg)] for t in range(m)]
+    return [pairs[t] for t in torch.randperm(len(pairs), generator=g).tolist()]
+
+
+def label_name_prior(embed, classes: Sequence[Hashable], label_names: dict,
+                     template: str | list = DEFAULT_TEMPLATE, scale: float = 20.0) -> torch.Tensor:
+    """The zero-shot label-name prior ``P`` [C, D] of the head: ``E[c] = embed([template.format(name_c)])``
+    (normalised embeddings, one per class in ``classes`` order; for a list of templates the mean over them),
+    centred over the classes and scaled: ``P = scale * (E - E.mean(0))`` (centring changes no softmax).
+    ``embed`` maps a list of texts to [n, D]."""
+    texts, _ = templated_examples(classes, label_names, template, 1)
+    E = embed(texts).float()
+    E = E.reshape(len(list(classes)), -1, E.shape[-1]).mean(1)       # [C, T, D] -> [C, D]
+    return scale * (E - E.mean(0, keepdim=True))
 
 
 def pair_loss(ea: torch.Tensor, eb: torch.Tensor, target: torch.Tensor, kind: str = "cosine",
@@ -239,6 +324,8 @@ class SetFitClassifier:
         self.classes_: list | None = None
         self.history: list[float] = []
         self.templated_ = 0                  # templated examples added to the shots by the last fit()
+        self.prior_: torch.Tensor | None = None      # label-name prior P [C, D] of the last fit (head_prior)
+        self.end_to_end_history: list[float] = []
 
     def _build_encoder(self):
         import fastpeft
@@ -262,12 +349,57 @@ class SetFitClassifier:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             self.encoder, self.tokenizer = self._build_encoder()
-            pairs = generate_pairs(y, c.iterations, seed)
-            self.history = self._contrastive_train(Tokenized(self.tokenizer, texts, c.max_length), pairs, seed)
-        X = self.embed(texts)
-        self.head = LogisticHead(X.shape[1], len(self.classes_)).fit(X, torch.tensor(y), C=c.head_C,
-                                                                      max_iter=c.head_max_iter)
+            pairs = (oversampled_pairs(y, seed) if c.sampling == "oversampling"
+                     else generate_pairs(y, c.iterations, seed))
+            tk = Tokenized(self.tokenizer, texts, c.max_length)
+            self.history = self._contrastive_train(tk, pairs, seed)
+            self.head = self._fit_head(texts, y)
+            self.end_to_end_history = self._end_to_end_train(tk, y, seed) if c.end_to_end_epochs else []
         return self
+
+    def _prior(self):
+        c = self.config
+        if c.head_prior != "label_names":
+            return None
+        return label_name_prior(self.embed, self.classes_, c.label_names, c.template, c.head_prior_scale)
+
+    def _fit_head(self, texts, y) -> LogisticHead:
+        """Stage 2: the logistic head on the adapted encoder's normalised embeddings of ``texts``."""
+        c = self.config
+        X = self.embed(texts)
+        self.prior_ = self._prior()
+        return LogisticHead(X.shape[1], len(self.classes_)).fit(X, torch.tensor(y), C=c.head_C,
+                                                                  max_iter=c.head_max_iter, prior=self.prior_)
+
+    def _end_to_end_train(self, tk: Tokenized, y: list[int], seed: int) -> list[float]:
+        """Stage 3 (module docstring): head + LoRA trained jointly with cross-entropy on the shots."""
+        c = self.config
+        model, head = self.encoder, self.head
+        dev = next(model.parameters()).device
+        head.to(dev)
+        ref = torch.zeros_like(head.weight) if self.prior_ is None else self.prior_.to(dev, head.weight.dtype)
+        body = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW([{"params": body, "lr": c.body_lr},
+                                 {"params": list(head.parameters()), "lr": c.head_lr}], weight_decay=0.0)
+        g = torch.Generator()
+        g.manual_seed(seed + 2)
+        yt = torch.tensor(y, device=dev)
+        n = len(y)
+        losses = []
+        model.train()
+        for _ in range(c.end_to_end_epochs):
+            order = torch.randperm(n, generator=g).tolist()
+            for s in range(0, n, c.batch_size):
+                idx = order[s:s + c.batch_size]
+                emb = sentence_embeddings(model, tk.batch(idx, dev), normalize=True)
+                loss = F.cross_entropy(head(emb.to(head.weight.dtype)), yt[idx]) + \
+                    ((head.weight - ref) ** 2).sum() / (2 * c.head_C * n)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                losses.append(float(loss.detach()))
+        model.eval()
+        return losses
 
     def _contrastive_train(self, tk: Tokenized, pairs, seed: int) -> list[float]:
         c = self.config
