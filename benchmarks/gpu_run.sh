@@ -18,6 +18,9 @@
 #   KEEP_GOING=1           run the benchmark even if the GPU tests fail (exit non-zero at the end)
 #   SKIP_BUILD=1           use the extension already built in place
 #   GPU_RUN_DEVICE=cpu     rehearse the script on a CPU machine (smoke suite, no CUDA checks)
+#   GPU_TEST_WORKERS=8     pytest-xdist processes for the GPU tests (when xdist is installed)
+#   FASTPEFT_TRITON_AUTOTUNE  configs the benchmark autotunes over: quick (default here), full, off;
+#                          the GPU tests always run with off (see README "Backends")
 set -euo pipefail
 
 usage() { echo "usage: $0 OUTDIR [--dry-run]" >&2; exit 2; }
@@ -91,13 +94,17 @@ print('fastpeft._C loaded; CUDA kernels:', m.get('with_cuda'), m.get('cuda_archs
 assert '$DEVICE' != 'cuda' or _ext.has_cuda_kernels(), 'the extension was built without CUDA kernels'"
 step "fastpeft info" 60 info.txt -- "$PY" -m fastpeft info --device "$DEVICE"
 
-# 2. GPU tests
+# 2. GPU tests (tests marked gpu, incl. tests/ops/test_gpu_kernels.py). One autotune config per kernel:
+#    every Triton config is a separate compile, and these check numbers, not speed. pytest-xdist, when
+#    there, compiles in parallel processes.
 STEP="GPU tests"
+PYTEST_ARGS=(-m gpu tests/ -q -p no:cacheprovider -rs)
+if "$PY" -c "import xdist" 2>/dev/null; then PYTEST_ARGS+=(-n "${GPU_TEST_WORKERS:-8}"); fi
 if [[ ${KEEP_GOING:-0} == 1 ]]; then
-  step "GPU tests" 150 pytest_gpu.log -- "$PY" -m pytest -m gpu tests/ -q -p no:cacheprovider || {
+  FASTPEFT_TRITON_AUTOTUNE=off step "GPU tests" 180 pytest_gpu.log -- "$PY" -m pytest "${PYTEST_ARGS[@]}" || {
     FAILED_STEPS+=("GPU tests (exit $?)"); echo "gpu_run.sh: GPU tests failed; KEEP_GOING=1, continuing" >&2; }
 else
-  step "GPU tests" 150 pytest_gpu.log -- "$PY" -m pytest -m gpu tests/ -q -p no:cacheprovider
+  FASTPEFT_TRITON_AUTOTUNE=off step "GPU tests" 180 pytest_gpu.log -- "$PY" -m pytest "${PYTEST_ARGS[@]}"
 fi
 
 # 3. the full benchmark suite, in the time that is left
@@ -105,7 +112,8 @@ LEFT=$(( TOTAL - ($(date +%s) - START) - 20 ))
 (( LEFT > 60 )) || { STEP="benchmark"; echo "gpu_run.sh: only ${LEFT}s left for the benchmark" >&2; false; }
 MAXMIN=$("$PY" -c "print(round(max(1.0, ($LEFT - 45) / 60), 2))")
 BENCH_RC=0
-step "benchmark ($SUITE suite, $DEVICE)" "$LEFT" bench.log -- \
+export FASTPEFT_TRITON_AUTOTUNE=${FASTPEFT_TRITON_AUTOTUNE:-quick}  # 2 configs per GEMM: compile time
+step "benchmark ($SUITE suite, $DEVICE, Triton autotune $FASTPEFT_TRITON_AUTOTUNE)" "$LEFT" bench.log -- \
   "$PY" -m fastpeft bench --suite "$SUITE" --device "$DEVICE" --out "$OUTDIR" --max-minutes "$MAXMIN" --strict \
   || BENCH_RC=$?
 # (a failed case makes --strict exit 3 after writing the JSON: show the summary, then fail)

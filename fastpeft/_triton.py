@@ -11,8 +11,31 @@ import os
 from typing import Optional
 
 
+AUTOTUNE_ENV = "FASTPEFT_TRITON_AUTOTUNE"
+AUTOTUNE_LEVELS = ("full", "quick", "off")
+
+
 def interpreter_on() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def autotune_level() -> str:
+    """How many configs the autotuned kernels try on a GPU (``FASTPEFT_TRITON_AUTOTUNE``, read when a
+    kernel module is first imported): ``full`` (default, every config), ``quick`` (the first two of each
+    list, the best general choices) or ``off`` (the first only). Each config is compiled on first use
+    of a new shape key, a few seconds per GEMM config: ``off`` suits test runs, ``full`` long training.
+    Raises ValueError naming the variable for any other value."""
+    v = os.environ.get(AUTOTUNE_ENV, "").strip().lower() or "full"
+    if v not in AUTOTUNE_LEVELS:
+        raise ValueError(f"{AUTOTUNE_ENV}: expected one of {', '.join(AUTOTUNE_LEVELS)}, got "
+                         f"{os.environ[AUTOTUNE_ENV]!r}")
+    return v
+
+
+def autotune_configs(configs: list, quick: int = 2) -> list:
+    """``configs`` cut to the autotune level (:func:`autotune_level`): all, the first ``quick``, or the first."""
+    level = autotune_level()
+    return configs if level == "full" else configs[:quick if level == "quick" else 1]
 
 
 def available() -> Optional[str]:

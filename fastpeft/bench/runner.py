@@ -4,6 +4,7 @@ The result schema (``SCHEMA``), one object per run::
 
     {"schema": "fastpeft-bench/1", "date": ISO-8601 UTC, "suite", "device": {...},
      "versions": {fastpeft, torch, triton, cuda, transformers, peft, python, git_commit, git_dirty},
+     "environment": {FASTPEFT_BACKEND, FASTPEFT_TRITON_AUTOTUNE, TRITON_INTERPRET} (None when unset),
      "settings": {...}, "ceilings": {"tflops", "gbs"} (when measured), "elapsed_s",
      "cases": [{"name", "group", "params", "status": ok|skipped|failed, "reason",
                 "floor", "baseline", "flops", "bytes", "tokens",
@@ -108,7 +109,8 @@ def environment(device: torch.device) -> dict:
     versions = {"fastpeft": __version__, "torch": torch.__version__, "cuda": torch.version.cuda,
                 "triton": _version("triton"), "transformers": _version("transformers"), "peft": _version("peft"),
                 "python": platform.python_version(), "git_commit": commit, "git_dirty": dirty}
-    return {"device": dev, "versions": versions}
+    env = {k: os.environ.get(k) for k in ("FASTPEFT_BACKEND", "FASTPEFT_TRITON_AUTOTUNE", "TRITON_INTERPRET")}
+    return {"device": dev, "versions": versions, "environment": env}
 
 
 def device_reason(device: torch.device) -> Optional[str]:

@@ -24,8 +24,9 @@ def _need_nvidia_backend():
         pytest.skip("Triton's NVIDIA backend is not installed")
 
 
-def _run(args, timeout):
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+def _run(args, timeout, **extra_env):
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "FASTPEFT_TRITON_AUTOTUNE")}
+    env.update(extra_env)
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     out = subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, cwd=ROOT,
                          timeout=timeout)
@@ -96,3 +97,24 @@ def test_harness_reports_a_kernel_the_gpu_compiler_rejects(tmp_path):
     ''')
     out = _run(["-c", probe], timeout=300)
     assert "REJECTED" in out.stdout and "FP32 OK True" in out.stdout, out.stdout + out.stderr[-3000:]
+
+
+@pytest.mark.parametrize("level,gemm,skinny", [("full", 8, 6), ("quick", 2, 2), ("off", 1, 1), ("", 8, 6)])
+def test_autotune_level_cuts_the_gpu_configs(level, gemm, skinny):
+    """FASTPEFT_TRITON_AUTOTUNE keeps all / the first two / the first autotune config (GPU lists; the
+    interpreter always uses one small tile)."""
+    pytest.importorskip("triton")
+    probe = ("from fastpeft.ops.lora_linear import triton_kernel as tk; "
+             "print(len(tk._fwd_gemm_kernel.configs), len(tk._dx_gemm_kernel.configs), "
+             "len(tk._shrink_kernel.configs), len(tk._da_kernel.configs))")
+    out = _run(["-c", probe], timeout=120, FASTPEFT_TRITON_AUTOTUNE=level)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == [str(gemm), str(gemm), str(skinny), str(skinny)]
+
+
+def test_bad_autotune_level_is_a_clear_error():
+    pytest.importorskip("triton")
+    out = _run(["-c", "import fastpeft.ops.lora_linear.triton_kernel"], timeout=120,
+               FASTPEFT_TRITON_AUTOTUNE="fast")
+    assert out.returncode != 0
+    assert "FASTPEFT_TRITON_AUTOTUNE: expected one of full, quick, off, got 'fast'" in out.stderr

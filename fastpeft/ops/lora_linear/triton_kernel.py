@@ -21,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..._triton import autotune_configs
 from ...kernels.philox import dropout_threshold
 from ...kernels.triton_philox import dropout_keep
 
@@ -32,22 +33,24 @@ def _interpreter() -> bool:
 
 
 def _gemm_configs():
-    """Tiles for the (M, N)-tiled GEMMs: Hopper/Ampere sizes; one small tile in the interpreter."""
+    """Tiles for the (M, N)-tiled GEMMs: Hopper/Ampere sizes, best general choices first (cut by
+    ``FASTPEFT_TRITON_AUTOTUNE``, see ``fastpeft._triton.autotune_level``); one small tile in the
+    interpreter."""
     if _interpreter():
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 2}, num_warps=1)]
     tiles = [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 32, 4, 4),
              (64, 128, 64, 4, 4), (128, 64, 64, 4, 4), (64, 64, 64, 4, 4), (128, 128, 64, 4, 4)]
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
-            for bm, bn, bk, w, s in tiles]
+    return autotune_configs([triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
+                                           num_warps=w, num_stages=s) for bm, bn, bk, w, s in tiles])
 
 
 def _skinny_configs():
-    """Tiles for the kernels with an r-wide side (shrink, dA)."""
+    """Tiles for the kernels with an r-wide side (shrink, dA), best general choices first."""
     if _interpreter():
         return [triton.Config({"BLOCK_M": 16, "BLOCK_K": 16}, num_warps=1)]
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-            for bm, bk, w, s in [(64, 64, 4, 3), (128, 64, 4, 3), (64, 128, 4, 3), (128, 128, 8, 3),
-                                 (32, 128, 4, 4), (256, 64, 8, 3)]]
+    return autotune_configs([triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+                             for bm, bk, w, s in [(64, 64, 4, 3), (128, 64, 4, 3), (64, 128, 4, 3),
+                                                  (128, 128, 8, 3), (32, 128, 4, 4), (256, 64, 8, 3)]])
 
 
 def _prune_big_rank(configs, named_args, **kwargs):
