@@ -22,7 +22,7 @@ def interpreter_on() -> bool:
 def autotune_level() -> str:
     """How many configs the autotuned kernels try on a GPU (``FASTPEFT_TRITON_AUTOTUNE``, read when a
     kernel module is first imported): ``full`` (default, every config), ``quick`` (the first two of each
-    list, the best general choices) or ``off`` (the first only). Each config is compiled on first use
+    list: the common Hopper/Ampere tiles) or ``off`` (the first only). Each config is compiled on first use
     of a new shape key, a few seconds per GEMM config: ``off`` suits test runs, ``full`` long training.
     Raises ValueError naming the variable for any other value."""
     v = os.environ.get(AUTOTUNE_ENV, "").strip().lower() or "full"

@@ -33,7 +33,7 @@ def _interpreter() -> bool:
 
 
 def _gemm_configs():
-    """Tiles for the (M, N)-tiled GEMMs: Hopper/Ampere sizes, best general choices first (cut by
+    """Tiles for the (M, N)-tiled GEMMs: Hopper/Ampere sizes, the common GEMM tiles first (cut by
     ``FASTPEFT_TRITON_AUTOTUNE``, see ``fastpeft._triton.autotune_level``); one small tile in the
     interpreter."""
     if _interpreter():
@@ -45,7 +45,7 @@ def _gemm_configs():
 
 
 def _skinny_configs():
-    """Tiles for the kernels with an r-wide side (shrink, dA), best general choices first."""
+    """Tiles for the kernels with an r-wide side (shrink, dA), the most general first."""
     if _interpreter():
         return [triton.Config({"BLOCK_M": 16, "BLOCK_K": 16}, num_warps=1)]
     return autotune_configs([triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=s)
