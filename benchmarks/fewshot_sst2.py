@@ -79,6 +79,14 @@ TUNE_CANDIDATES = {
     "e2e32": dict(end_to_end_epochs=32, body_lr=1e-4),
     "e2e16_lr5e-4": dict(end_to_end_epochs=16, body_lr=1e-4, lr=5e-4),
     "e2e16_os_e3": dict(end_to_end_epochs=16, body_lr=1e-4, sampling="oversampling", epochs=3),
+    "lr2.5e-4": dict(lr=2.5e-4),
+    "lr5e-4_prior": dict(lr=5e-4, head_prior="label_names"),
+    "lr2.5e-4_prior": dict(lr=2.5e-4, head_prior="label_names"),
+    "e2e16_lr5e-4_prior": dict(end_to_end_epochs=16, body_lr=1e-4, lr=5e-4, head_prior="label_names"),
+    "lr1.25e-4": dict(lr=1.25e-4),
+    "e2e16_lr2.5e-4": dict(end_to_end_epochs=16, body_lr=1e-4, lr=2.5e-4),
+    "e2e16_lr2.5e-4_prior": dict(end_to_end_epochs=16, body_lr=1e-4, lr=2.5e-4, head_prior="label_names"),
+    "it40_lr2.5e-4": dict(iterations=40, lr=2.5e-4),
     "e2e16_prior": dict(end_to_end_epochs=16, body_lr=1e-4, head_prior="label_names"),
     "no_templates_prior": dict(template_samples=0, head_prior="label_names"),
 }
@@ -239,6 +247,8 @@ def tune(args):
         print(f"== {name}: {m:.4f} +- {sd:.4f}  heads {({k: round(mean_std(v)[0], 4) for k, v in variants.items()})}",
               flush=True)
         write_json_atomic(out_path, report)
+    if not report.get("partial"):
+        report.pop("partial", None)
     write_json_atomic(out_path, report)
     print(f"wrote {out_path}")
     return report

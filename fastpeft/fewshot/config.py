@@ -14,7 +14,7 @@ Example (the rest of the config as for fine-tuning; ``data.validation`` is requi
       method: setfit           # setfit | head_only | prototype | prompt_tuning
       baselines: [head_only]   # also run these on the same shots (their default hyper-parameters)
       iterations: 20           # method hyper-parameters (see SECTION_KEYS): they apply to `method`
-      lr: 1.0e-3
+      lr: 2.5e-4
       label_names: {0: negative, 1: positive}   # SetFit's templated examples (setfit only; off if unset)
       template: "This sentence is {}"           # default; exactly one {} for the label name (or a list)
       template_samples: 8                       # copies per label (0 disables)
