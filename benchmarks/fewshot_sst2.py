@@ -21,6 +21,17 @@ the result files, not a blind choice.
     python benchmarks/fewshot_sst2.py --label-names 0=negative,1=positive --methods setfit head_only --threads 2
         # -> benchmarks/results/fewshot_sst2_templates.json
     python benchmarks/fewshot_sst2.py --quick    # smoke run: 2 shots, 1 seed, 32 dev sentences, tiny budgets
+
+Choosing the recipe honestly (issue 8): ``--tune --candidates NAME...`` scores SetFit candidates (TUNE_BASE, the
+templated recipe above, with the overrides of TUNE_CANDIDATES[NAME]) on 500 held-out *train* sentences
+(>= 8 words, random.Random(123)) with shots from the rest of train and seeds 100-104; dev.tsv is not read.
+Results merge into fewshot_sst2_tuning.json (resumable per seed). ``--recipe NAME`` then runs the chosen
+candidate once on dev with seeds 0-4 beside head-only (without / with the templated examples) on the same
+shots -> fewshot_sst2_tuned.json (with the tuning table as provenance):
+
+    python benchmarks/fewshot_sst2.py --tune --threads 1 --candidates base lr2.5e-4 e2e16 ...
+    python benchmarks/fewshot_sst2.py --recipe lr2.5e-4 --threads 1      # chosen: highest held-out mean
+    python benchmarks/fewshot_sst2.py --tune --quick --out /tmp/t.json    # smoke run (40 held-out, 2 shots)
 """
 from __future__ import annotations
 
