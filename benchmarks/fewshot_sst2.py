@@ -69,6 +69,7 @@ TEMPLATE_TUNING_NOTES = ("template_samples on 400 held-out train examples (>= 8 
 # templated recipe (fewshot_sst2_templates.json); every candidate changes some of its keys.
 TUNE_BASE = dict(SETFIT_DEFAULTS, label_names={"0": "negative", "1": "positive"}, template="This sentence is {}",
                  template_samples=8)
+# Not every candidate below was run (CPU budget): fewshot_sst2_tuning.json lists those that were, in order.
 # generic sentence templates (no task words), for the multiple-templates candidates
 MULTI_TEMPLATES = ["This sentence is {}", "It was {}.", "This is {}.", "Overall, it is {}."]
 TUNE_CANDIDATES = {
