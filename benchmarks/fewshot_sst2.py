@@ -110,6 +110,14 @@ HEAD_VARIANTS = {"C0.25": dict(head_C=0.25), "C4": dict(head_C=4.0),
 PROMPT_DEFAULTS = dict(num_virtual_tokens=10, lr=1e-2, epochs=20, batch_size=8, max_length=64)
 
 
+
+def _results_json(results: dict) -> dict:
+    """evaluate_seeds results per method, the shots of each seed kept apart from the per-seed scores."""
+    return {m: {"mean": r["mean"], "std": r["std"],
+                "per_seed": [{k: v for k, v in x.items() if k != "shots"} for x in r["per_seed"]],
+                "shots": {x["seed"]: x["shots"] for x in r["per_seed"]}}
+            for m, r in results.items()}
+
 def load_sst2(train_path, dev_path, dev_limit=None):
     from fastpeft.workflow.data import read_table
     tr = read_table(train_path, ["sentence", "label"], quoting="none")
@@ -316,10 +324,7 @@ def final(args):
                   "head_only_templates": "head-only fitted on the shots + the recipe's templated examples",
                   "torch": torch.__version__, "python": platform.python_version(),
                   "threads": torch.get_num_threads()},
-        "results": {m: {"mean": r["mean"], "std": r["std"],
-                        "per_seed": [{k: v for k, v in x.items() if k != "shots"} for x in r["per_seed"]],
-                        "shots": {x["seed"]: x["shots"] for x in r["per_seed"]}}
-                    for m, r in results.items()},
+        "results": _results_json(results),
         "how_chosen": ("every setting chosen on held-out TRAIN sentences (fewshot_sst2_tuning.json: "
                        f"{TUNE_HELDOUT['n']} train sentences with >= {TUNE_HELDOUT['min_words']} words, shots from "
                        f"the rest of train, seeds {TUNE_SEEDS}); dev.tsv was first read by this run, once"),
@@ -437,10 +442,7 @@ def main(argv=None):
                   "head": "multinomial logistic regression (L-BFGS, C=1) on mean-pooled L2-normalised embeddings",
                   "torch": torch.__version__, "python": platform.python_version(),
                   "threads": torch.get_num_threads()},
-        "results": {m: {"mean": r["mean"], "std": r["std"],
-                        "per_seed": [{k: v for k, v in x.items() if k != "shots"} for x in r["per_seed"]],
-                        "shots": {x["seed"]: x["shots"] for x in r["per_seed"]}}
-                    for m, r in results.items()},
+        "results": _results_json(results),
         "frozen_baselines_unrestricted_pool": unrestricted,
         "tuning": TUNING_NOTES,
         "shot_pool_choice": ("all of train (--min-words 0) after the first run's dev results showed the >= 8-word pool "
