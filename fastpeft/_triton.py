@@ -20,8 +20,8 @@ def interpreter_on() -> bool:
 
 
 def autotune_level() -> str:
-    """How many configs the autotuned kernels try on a GPU (``FASTPEFT_TRITON_AUTOTUNE``, read when a
-    kernel module is first imported): ``full`` (default, every config), ``quick`` (the first two of each
+    """How many configs the autotuned kernels try on a GPU (``FASTPEFT_TRITON_AUTOTUNE``, read whenever
+    a kernel autotunes for a new shape): ``full`` (default, every config), ``quick`` (the first two of each
     list: the common Hopper/Ampere tiles) or ``off`` (the first only). Each config is compiled on first use
     of a new shape key, a few seconds per GEMM config: ``off`` suits test runs, ``full`` long training.
     Raises ValueError naming the variable for any other value."""

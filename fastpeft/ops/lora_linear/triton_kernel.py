@@ -32,32 +32,50 @@ def _interpreter() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+# Tiles. Ranks up to 64 (R_PAD <= 64) use the common Hopper/Ampere tiles, the first of which fits the
+# shared memory of every supported GPU in every dtype (FASTPEFT_TRITON_AUTOTUNE=off keeps only it); wider ranks
+# (R_PAD 128 / 256) hold [BLOCK_M, R_PAD] epilogue tiles and an R_PAD-wide operand, so they get their own
+# small-footprint tiles (BLOCK_M * R_PAD <= 128 * 128, BLOCK_K 32) that also fit the 163 KiB of shared
+# memory of an A100 in fp32 (checked by tests/triton_aot.py for sm_80 and sm_90).
+WIDE_RANK = 64
+_GEMM_TILES = [(128, 128, 32, 4, 4), (128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3),
+               (64, 128, 64, 4, 4), (128, 64, 64, 4, 4), (64, 64, 64, 4, 4), (128, 128, 64, 4, 4)]
+_GEMM_TILES_WIDE = [(64, 64, 32, 4, 3), (64, 128, 32, 4, 3), (32, 128, 32, 4, 3)]
+_SKINNY_TILES = [(64, 64, 4, 3), (128, 64, 4, 3), (64, 128, 4, 3), (128, 128, 8, 3), (32, 128, 4, 4),
+                 (256, 64, 8, 3)]
+_SKINNY_TILES_WIDE = [(32, 32, 4, 3), (64, 32, 4, 2), (32, 64, 4, 2)]
+
+
 def _gemm_configs():
-    """Tiles for the (M, N)-tiled GEMMs: Hopper/Ampere sizes, the common GEMM tiles first (cut by
-    ``FASTPEFT_TRITON_AUTOTUNE``, see ``fastpeft._triton.autotune_level``); one small tile in the
-    interpreter."""
+    """Tiles for the (M, N)-tiled GEMMs (one small tile in the interpreter); :func:`_prune_configs`
+    picks the list for the rank and cuts it to ``FASTPEFT_TRITON_AUTOTUNE``."""
     if _interpreter():
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 2}, num_warps=1)]
-    tiles = [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 32, 4, 4),
-             (64, 128, 64, 4, 4), (128, 64, 64, 4, 4), (64, 64, 64, 4, 4), (128, 128, 64, 4, 4)]
-    return autotune_configs([triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
-                                           num_warps=w, num_stages=s) for bm, bn, bk, w, s in tiles])
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
+            for bm, bn, bk, w, s in _GEMM_TILES + _GEMM_TILES_WIDE]
 
 
 def _skinny_configs():
-    """Tiles for the kernels with an r-wide side (shrink, dA), the most general first."""
+    """Tiles for the kernels with an r-wide side (shrink, dA); see :func:`_gemm_configs`."""
     if _interpreter():
         return [triton.Config({"BLOCK_M": 16, "BLOCK_K": 16}, num_warps=1)]
-    return autotune_configs([triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-                             for bm, bk, w, s in [(64, 64, 4, 3), (128, 64, 4, 3), (64, 128, 4, 3),
-                                                  (128, 128, 8, 3), (32, 128, 4, 4), (256, 64, 8, 3)]])
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+            for bm, bk, w, s in _SKINNY_TILES + _SKINNY_TILES_WIDE]
 
 
-def _prune_big_rank(configs, named_args, **kwargs):
-    """Keep register use sane for wide ranks: the epilogue holds a [BLOCK, R_PAD] tile."""
+_WIDE = {(bm, bn, bk, w, s) for bm, bn, bk, w, s in _GEMM_TILES_WIDE} | \
+    {(bm, None, bk, w, s) for bm, bk, w, s in _SKINNY_TILES_WIDE}
+
+
+def _is_wide(c) -> bool:
+    return (c.kwargs["BLOCK_M"], c.kwargs.get("BLOCK_N"), c.kwargs["BLOCK_K"], c.num_warps, c.num_stages) in _WIDE
+
+
+def _prune_configs(configs, named_args, **kwargs):
+    """The tiles for this rank (the wide-rank list above R_PAD 64), cut to the autotune level."""
     r_pad = kwargs.get("R_PAD", named_args.get("R_PAD", 16))
-    keep = [c for c in configs if r_pad <= 64 or c.kwargs["BLOCK_M"] * r_pad <= 128 * 128]
-    return keep or configs[-1:]
+    keep = [c for c in configs if _is_wide(c) == (r_pad > WIDE_RANK)] or list(configs)
+    return autotune_configs(keep)
 
 
 @triton.jit
@@ -69,7 +87,7 @@ def _grouped_pid(pid, num_m, num_n, GROUP_M: tl.constexpr):
 
 
 @triton.autotune(configs=_skinny_configs(), key=["M", "K", "R_PAD", "HAS_DROPOUT"],
-                 prune_configs_by={"early_config_prune": _prune_big_rank})
+                 prune_configs_by={"early_config_prune": _prune_configs})
 @triton.jit
 def _shrink_kernel(x_ptr, a_ptr, u_ptr, M, K, R, stride_xm, stride_xk, stride_ar, stride_ak,
                    seed, threshold, inv_keep,
@@ -94,7 +112,7 @@ def _shrink_kernel(x_ptr, a_ptr, u_ptr, M, K, R, stride_xm, stride_xk, stride_ar
 
 
 @triton.autotune(configs=_gemm_configs(), key=["M", "N", "K", "R_PAD"],
-                 prune_configs_by={"early_config_prune": _prune_big_rank})
+                 prune_configs_by={"early_config_prune": _prune_configs})
 @triton.jit
 def _fwd_gemm_kernel(x_ptr, w_ptr, b_ptr, u_ptr, lb_ptr, y_ptr, M, N, K, R, scale,
                      stride_xm, stride_xk, stride_wn, stride_wk, stride_bn, stride_br, stride_bias,
@@ -125,7 +143,7 @@ def _fwd_gemm_kernel(x_ptr, w_ptr, b_ptr, u_ptr, lb_ptr, y_ptr, M, N, K, R, scal
 
 
 @triton.autotune(configs=_gemm_configs(), key=["M", "N", "K", "R_PAD", "HAS_DROPOUT"],
-                 prune_configs_by={"early_config_prune": _prune_big_rank})
+                 prune_configs_by={"early_config_prune": _prune_configs})
 @triton.jit
 def _dx_gemm_kernel(dy_ptr, w_ptr, g_ptr, a_ptr, dx_ptr, M, N, K, R, stride_dm, stride_dn, stride_wn, stride_wk,
                     stride_ar, stride_ak, seed, threshold, inv_keep,
@@ -157,7 +175,8 @@ def _dx_gemm_kernel(dy_ptr, w_ptr, g_ptr, a_ptr, dx_ptr, M, N, K, R, stride_dm, 
              mask=(rm[:, None] < M) & (rk[None, :] < K))
 
 
-@triton.autotune(configs=_skinny_configs(), key=["M", "K", "R_PAD", "HAS_DROPOUT", "SPLIT"])
+@triton.autotune(configs=_skinny_configs(), key=["M", "K", "R_PAD", "HAS_DROPOUT", "SPLIT"],
+                 prune_configs_by={"early_config_prune": _prune_configs})
 @triton.jit
 def _da_kernel(g_ptr, x_ptr, ws_ptr, M, K, R, stride_xm, stride_xk, seed, threshold, inv_keep,
                HAS_DROPOUT: tl.constexpr, R_PAD: tl.constexpr, PRECISION: tl.constexpr, SPLIT: tl.constexpr,
