@@ -99,6 +99,8 @@ TUNE_CANDIDATES = {
     "e2e16_lr2.5e-4": dict(end_to_end_epochs=16, body_lr=1e-4, lr=2.5e-4),
     "e2e16_lr2.5e-4_prior": dict(end_to_end_epochs=16, body_lr=1e-4, lr=2.5e-4, head_prior="label_names"),
     "it40_lr2.5e-4": dict(iterations=40, lr=2.5e-4),
+    "r16_lr2.5e-4": dict(r=16, lora_alpha=32, lr=2.5e-4),
+    "contrastive_lr2.5e-4": dict(loss="contrastive", lr=2.5e-4),
     "e2e16_prior": dict(end_to_end_epochs=16, body_lr=1e-4, head_prior="label_names"),
     "no_templates_prior": dict(template_samples=0, head_prior="label_names"),
 }
