@@ -45,7 +45,7 @@ def collect(device: str | None = None) -> dict:
         "extension": {"loaded": _ext.load() is not None, "reason": _ext.unavailable_reason(),
                       "build": _ext.metadata()},
         "triton_interpreter": _triton.interpreter_on(),
-        "triton_autotune": os.environ.get(_triton.AUTOTUNE_ENV) or "full",
+        "triton_autotune": _autotune_level(),
         "forced": os.environ.get("FASTPEFT_BACKEND") or None,
         "device": device,
         "ops": {},
@@ -64,6 +64,13 @@ def collect(device: str | None = None) -> dict:
             entry["error"] = str(e)
         report["ops"][name] = entry
     return report
+
+
+def _autotune_level() -> str:
+    try:
+        return _triton.autotune_level()
+    except ValueError as e:  # info must not fail: show what is wrong instead
+        return f"invalid ({e})"
 
 
 def format_report(r: dict) -> str:

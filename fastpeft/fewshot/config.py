@@ -34,6 +34,7 @@ import os
 import time
 
 from .evaluate import METHODS, evaluate_seeds
+from .setfit import HEAD_PRIORS, LOSSES, SAMPLINGS
 
 # key -> (default, kind). kind: "int" (>=1), "int0" (>=0), "pos" (number > 0), "frac" ([0, 1)), "nonneg",
 # or a tuple of allowed strings; None default = the method's own default.
@@ -51,7 +52,7 @@ SECTION_KEYS: dict = {
     "warmup_ratio": (None, "frac"),
     "weight_decay": (None, "nonneg"),
     "max_length": (None, "int"),
-    "loss": (None, ("cosine", "contrastive")),
+    "loss": (None, LOSSES),
     "margin": (None, "pos"),
     "r": (None, "int"),
     "lora_alpha": (None, "int"),
@@ -65,8 +66,8 @@ SECTION_KEYS: dict = {
     "label_names": (None, "label_names"),
     "template": (None, "template"),
     "template_samples": (None, "int0"),
-    "sampling": (None, ("random", "oversampling")),
-    "head_prior": (None, ("none", "label_names")),
+    "sampling": (None, SAMPLINGS),
+    "head_prior": (None, HEAD_PRIORS),
     "head_prior_scale": (None, "pos"),
     "end_to_end_epochs": (None, "int0"),
     "body_lr": (None, "pos"),

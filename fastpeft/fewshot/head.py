@@ -42,6 +42,10 @@ class LogisticHead(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
 
+    def penalty(self, prior: torch.Tensor, C: float, n: int) -> torch.Tensor:
+        """The L2 term of the objective: ``((weight - prior) ** 2).sum() / (2 * C * n)``."""
+        return ((self.weight - prior) ** 2).sum() / (2 * C * n)
+
     def fit(self, X: torch.Tensor, y: torch.Tensor, *, C: float = 1.0, max_iter: int = 200,
             prior: torch.Tensor | None = None) -> "LogisticHead":
         X, y = _check_xy(X, y, self.weight.shape[0], self.weight.shape[1])
@@ -66,7 +70,7 @@ class LogisticHead(torch.nn.Module):
 
         def closure():
             opt.zero_grad()
-            loss = F.cross_entropy(self(X), y) + ((self.weight - P) ** 2).sum() / (2 * C * n)
+            loss = F.cross_entropy(self(X), y) + self.penalty(P, C, n)
             loss.backward()
             return loss
 

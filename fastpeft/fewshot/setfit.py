@@ -130,13 +130,11 @@ class SetFitConfig:
             raise ValueError(f"head_prior: expected one of {HEAD_PRIORS}, got {self.head_prior!r}")
         if self.head_prior == "label_names" and self.label_names is None:
             raise ValueError("head_prior: 'label_names' needs label_names={label: name}")
-        if isinstance(self.end_to_end_epochs, bool) or not isinstance(self.end_to_end_epochs, int) \
-                or self.end_to_end_epochs < 0:
-            raise ValueError(f"end_to_end_epochs: expected an int >= 0 (0 disables), got {self.end_to_end_epochs!r}")
+        for k in ("end_to_end_epochs", "template_samples"):
+            v = getattr(self, k)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"{k}: expected an int >= 0 (0 disables), got {v!r}")
         check_template(self.template)
-        if isinstance(self.template_samples, bool) or not isinstance(self.template_samples, int) \
-                or self.template_samples < 0:
-            raise ValueError(f"template_samples: expected an int >= 0 (0 disables), got {self.template_samples!r}")
         if self.label_names is not None:
             check_label_names(self.label_names)
         return self
@@ -393,8 +391,7 @@ class SetFitClassifier:
             for s in range(0, n, c.batch_size):
                 idx = order[s:s + c.batch_size]
                 emb = sentence_embeddings(model, tk.batch(idx, dev), normalize=True)
-                loss = F.cross_entropy(head(emb.to(head.weight.dtype)), yt[idx]) + \
-                    ((head.weight - ref) ** 2).sum() / (2 * c.head_C * n)
+                loss = F.cross_entropy(head(emb.to(head.weight.dtype)), yt[idx]) + head.penalty(ref, c.head_C, n)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()

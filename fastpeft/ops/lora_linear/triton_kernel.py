@@ -15,21 +15,15 @@ fp32 dots use IEEE precision unless ``torch.backends.cuda.matmul.allow_tf32`` is
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from ..._triton import autotune_configs
+from ..._triton import autotune_configs, interpreter_on
 from ...kernels.philox import dropout_threshold
 from ...kernels.triton_philox import dropout_keep
 
 STREAM = 0  # Philox stream of the LoRA dropout mask (same as the torch and cpu backends)
-
-
-def _interpreter() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 # Tiles. Ranks up to 64 (R_PAD <= 64) use the common Hopper/Ampere tiles, the first of which fits the
@@ -49,7 +43,7 @@ _SKINNY_TILES_WIDE = [(32, 32, 4, 3), (64, 32, 4, 2), (32, 64, 4, 2)]
 def _gemm_configs():
     """Tiles for the (M, N)-tiled GEMMs (one small tile in the interpreter); :func:`_prune_configs`
     picks the list for the rank and cuts it to ``FASTPEFT_TRITON_AUTOTUNE``."""
-    if _interpreter():
+    if interpreter_on():
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 2}, num_warps=1)]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
             for bm, bn, bk, w, s in _GEMM_TILES + _GEMM_TILES_WIDE]
@@ -57,7 +51,7 @@ def _gemm_configs():
 
 def _skinny_configs():
     """Tiles for the kernels with an r-wide side (shrink, dA); see :func:`_gemm_configs`."""
-    if _interpreter():
+    if interpreter_on():
         return [triton.Config({"BLOCK_M": 16, "BLOCK_K": 16}, num_warps=1)]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=s)
             for bm, bk, w, s in _SKINNY_TILES + _SKINNY_TILES_WIDE]
@@ -212,7 +206,7 @@ def _r_pad(r: int) -> int:
 
 
 def _precision(dtype: torch.dtype) -> str:
-    if dtype == torch.float32 and not _interpreter() and torch.backends.cuda.matmul.allow_tf32:
+    if dtype == torch.float32 and not interpreter_on() and torch.backends.cuda.matmul.allow_tf32:
         return "tf32"
     return "ieee"
 
