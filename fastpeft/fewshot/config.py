@@ -21,6 +21,8 @@ Example (the rest of the config as for fine-tuning; ``data.validation`` is requi
       sampling: random         # random (iterations rounds) | oversampling (SetFit >= 1.0, all unique pairs)
       head_prior: none         # none | label_names: head pulled towards the label-name zero-shot classifier
       end_to_end_epochs: 0     # > 0: SetFit's end-to-end phase (head + LoRA, cross-entropy); body_lr, head_lr
+      augment: []              # token-level ops making altered copies of the shots, e.g. [random_deletion]
+      augment_copies: 1        # copies of every shot per op; augment_rate: 0.1 (fraction of tokens changed)
 
 ``run_from_config(cfg)`` reads the splits with the task's reader, runs every method over the seeds and
 writes ``output_dir/result.json`` atomically (temp file + rename). LoRA settings (``r``, ``lora_alpha``,
@@ -37,6 +39,7 @@ from .evaluate import METHODS, evaluate_seeds
 from .setfit import HEAD_PRIORS, LOSSES, SAMPLINGS
 
 # key -> (default, kind). kind: "int" (>=1), "int0" (>=0), "pos" (number > 0), "frac" ([0, 1)), "nonneg",
+# "unit" ((0, 1]),
 # or a tuple of allowed strings; None default = the method's own default.
 SECTION_KEYS: dict = {
     "shots": (8, "int"),
@@ -72,6 +75,9 @@ SECTION_KEYS: dict = {
     "end_to_end_epochs": (None, "int0"),
     "body_lr": (None, "pos"),
     "head_lr": (None, "pos"),
+    "augment": (None, "augment"),
+    "augment_copies": (None, "int"),
+    "augment_rate": (None, "unit"),
 }
 RUN_KEYS = ("shots", "seeds", "method", "baselines", "min_words")
 # which hyper-parameters each method takes
@@ -79,7 +85,8 @@ METHOD_PARAMS = {
     "setfit": {"iterations", "epochs", "lr", "batch_size", "warmup_ratio", "weight_decay", "max_length", "loss",
                "margin", "r", "lora_alpha", "lora_dropout", "target_modules", "head_C", "head_max_iter",
                "eval_batch_size", "label_names", "template", "template_samples", "sampling", "head_prior",
-               "head_prior_scale", "end_to_end_epochs", "body_lr", "head_lr"},
+               "head_prior_scale", "end_to_end_epochs", "body_lr", "head_lr", "augment", "augment_copies",
+               "augment_rate"},
     "head_only": {"max_length", "head_C", "head_max_iter"},
     "prototype": {"max_length"},
     "prompt_tuning": {"num_virtual_tokens", "prompt_tuning_init", "lr", "epochs", "batch_size", "weight_decay",
@@ -110,11 +117,11 @@ def _check(key: str, value, kind):
         if not isinstance(v, int) or v < lo:
             raise _err(f"{where}: expected an integer >= {lo}, got {value!r}")
         return v
-    if kind in ("pos", "frac", "nonneg"):
+    if kind in ("pos", "frac", "nonneg", "unit"):
         v = float(_number(value, where))
-        ok = {"pos": v > 0, "frac": 0 <= v < 1, "nonneg": v >= 0}[kind]
+        ok = {"pos": v > 0, "frac": 0 <= v < 1, "nonneg": v >= 0, "unit": 0 < v <= 1}[kind]
         if not ok:
-            want = {"pos": "> 0", "frac": "in [0, 1)", "nonneg": ">= 0"}[kind]
+            want = {"pos": "> 0", "frac": "in [0, 1)", "nonneg": ">= 0", "unit": "in (0, 1]"}[kind]
             raise _err(f"{where}: expected a number {want}, got {value!r}")
         return v
     if kind == "seeds":
@@ -151,6 +158,12 @@ def _check(key: str, value, kind):
                        f"got {value!r}")
         try:
             return dict(check_label_names(value))
+        except ValueError as e:
+            raise _err(f"fewshot.{e}") from None
+    if kind == "augment":
+        from .setfit import check_augment
+        try:
+            return check_augment([value] if isinstance(value, str) else value)
         except ValueError as e:
             raise _err(f"fewshot.{e}") from None
     if kind == "template":
@@ -192,6 +205,9 @@ def validate_section(section: dict | None) -> dict:
         raise _err("fewshot.head_prior: 'label_names' needs fewshot.label_names (the prior is built from them)")
     if section.get("head_prior_scale") is not None and out["head_prior"] != "label_names":
         raise _err("fewshot.head_prior_scale: only applies with fewshot.head_prior: label_names")
+    idle = [k for k in ("augment_copies", "augment_rate") if section.get(k) is not None]
+    if idle and not out["augment"]:
+        raise _err(f"fewshot: {idle} only apply with a non-empty fewshot.augment (the shot augmentation)")
     idle = [k for k in ("body_lr", "head_lr") if section.get(k) is not None]
     if idle and not out["end_to_end_epochs"]:
         raise _err(f"fewshot: {idle} only apply with fewshot.end_to_end_epochs > 0 (the end-to-end phase)")

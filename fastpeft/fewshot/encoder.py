@@ -58,6 +58,14 @@ class Tokenized:
     def __len__(self):
         return len(self.input_ids)
 
+    def extend(self, rows: Sequence[Sequence[int]]) -> "Tokenized":
+        """Append already-tokenised rows (lists of token ids, special tokens included)."""
+        rows = [[int(t) for t in r] for r in rows]
+        if any(not r for r in rows):
+            raise ValueError("rows: expected non-empty token-id lists, got an empty one")
+        self.input_ids = list(self.input_ids) + rows
+        return self
+
     def batch(self, idx: Sequence[int], device=None) -> dict:
         rows = [self.input_ids[i] for i in idx]
         n = max(len(r) for r in rows)
@@ -77,14 +85,21 @@ def sentence_embeddings(model, batch: dict, normalize: bool = False) -> torch.Te
     return F.normalize(emb, dim=-1) if normalize else emb
 
 
-@torch.no_grad()
 def embed_texts(model, tokenizer, texts: Sequence[str], *, batch_size: int = 64, max_length: int = 64,
                 normalize: bool = True) -> torch.Tensor:
     """Embeddings [N, D] (float32, CPU) of ``texts``; batches sorted by length (less padding), results
     returned in input order. The model is put in eval mode for the call and restored after."""
     if batch_size < 1:
         raise ValueError(f"batch_size: expected >= 1, got {batch_size}")
-    tk = Tokenized(tokenizer, texts, max_length)
+    return embed_tokenized(model, Tokenized(tokenizer, texts, max_length), batch_size=batch_size,
+                           normalize=normalize)
+
+
+@torch.no_grad()
+def embed_tokenized(model, tk: Tokenized, *, batch_size: int = 64, normalize: bool = True) -> torch.Tensor:
+    """:func:`embed_texts` for texts already tokenised (:class:`Tokenized`) -> [len(tk), D]."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size: expected >= 1, got {batch_size}")
     dev = next(model.parameters()).device
     order = sorted(range(len(tk)), key=lambda i: len(tk.input_ids[i]))
     out = [None] * len(tk)

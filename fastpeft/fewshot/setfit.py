@@ -22,6 +22,17 @@ Optionally (``label_names``), SetFit's templated examples (the ``setfit`` librar
 a list of templates gives ``template_samples`` copies of every one)
 labelled ``c``, so they take part in pair generation and in head fitting like real shots.
 
+Optionally (``augment``), altered copies of the real shots join them before both stages, with the
+shot's label: every operation named in ``augment`` (token-level ops of :mod:`fastpeft.augment.text`:
+``random_swap``, ``random_deletion``, ``random_insertion``, ``token_masking``,
+``embedding_substitution``) makes ``augment_copies`` copies of each shot, each changing
+``augment_rate`` of its tokens (at least one). Templated examples are not altered. Equivalent::
+
+    for name in augment:
+        op = TEXT_OPS[name](p=1.0, rate=augment_rate, seed=..., tokenizer=tok, max_length=max_length)
+        for _ in range(augment_copies):
+            extra_ids += unpad(op(pad(shot_ids)))        # same labels as the shots
+
 Pair sampling (``sampling``): ``"random"`` is the above (SetFit < 1.0, ``num_iterations``);
 ``"oversampling"`` is SetFit >= 1.0's default (``ContrastiveDataset``): every unique pair of examples, an
 example with itself included, is built once, and the smaller of the positive / negative sets is cycled
@@ -60,7 +71,7 @@ from typing import Hashable, Sequence
 import torch
 import torch.nn.functional as F
 
-from .encoder import Tokenized, embed_texts, load_encoder, sentence_embeddings
+from .encoder import Tokenized, embed_texts, embed_tokenized, load_encoder, sentence_embeddings
 from .head import LogisticHead
 
 LOSSES = ("cosine", "contrastive")
@@ -101,13 +112,16 @@ class SetFitConfig:
     end_to_end_epochs: int = 0           # > 0: joint head + LoRA cross-entropy phase (SetFit end_to_end)
     body_lr: float = 1e-4                # LoRA learning rate of the end-to-end phase
     head_lr: float = 1e-2                # head learning rate of the end-to-end phase (SetFit's)
+    augment: list = field(default_factory=list)   # token-level ops making altered copies of the shots ([]: off)
+    augment_copies: int = 1              # copies of every shot per op in augment
+    augment_rate: float = 0.1            # fraction of a copy's tokens changed (at least one)
 
     def __post_init__(self):
         self.validate()
 
     def validate(self) -> "SetFitConfig":
         for k in ("iterations", "epochs", "batch_size", "max_length", "r", "lora_alpha", "head_max_iter",
-                  "eval_batch_size"):
+                  "eval_batch_size", "augment_copies"):
             v = getattr(self, k)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{k}: expected an int >= 1, got {v!r}")
@@ -115,6 +129,7 @@ class SetFitConfig:
             v = getattr(self, k)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
                 raise ValueError(f"{k}: expected a number > 0, got {v!r}")
+        check_augment(self.augment)
         for k in ("warmup_ratio", "lora_dropout"):
             v = getattr(self, k)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < 1:
@@ -130,6 +145,9 @@ class SetFitConfig:
             raise ValueError(f"head_prior: expected one of {HEAD_PRIORS}, got {self.head_prior!r}")
         if self.head_prior == "label_names" and self.label_names is None:
             raise ValueError("head_prior: 'label_names' needs label_names={label: name}")
+        if isinstance(self.augment_rate, bool) or not isinstance(self.augment_rate, (int, float)) \
+                or not 0 < self.augment_rate <= 1:
+            raise ValueError(f"augment_rate: expected a number in (0, 1], got {self.augment_rate!r}")
         for k in ("end_to_end_epochs", "template_samples"):
             v = getattr(self, k)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
@@ -155,6 +173,35 @@ def check_template(template) -> str | list:
         raise ValueError(f"template: expected a string with exactly one '{{}}' placeholder and no other "
                          f"format fields (write braces as '{{{{' / '}}}}'), got {template!r}") from None
     return template
+
+
+def check_augment(augment) -> list:
+    """``augment`` must be a list of distinct token-level op names of :mod:`fastpeft.augment.text`."""
+    from ..augment.text import TEXT_OPS
+    if not isinstance(augment, (list, tuple)) or any(not isinstance(a, str) for a in augment) \
+            or len(set(augment)) != len(augment):
+        raise ValueError(f"augment: expected a list of distinct names from {sorted(TEXT_OPS)}, got {augment!r}")
+    unknown = [a for a in augment if a not in TEXT_OPS]
+    if unknown:
+        raise ValueError(f"augment: unknown operation(s) {unknown}; known {sorted(TEXT_OPS)}")
+    return list(augment)
+
+
+def augmented_copies(tk: Tokenized, idx: Sequence[int], ops: Sequence, copies: int) -> list[list[int]]:
+    """Token-id rows of altered copies of the rows ``idx`` of ``tk``: for each op of ``ops`` (token-level
+    :mod:`fastpeft.augment.text` operations, e.g. with ``p=1``), ``copies`` calls on the padded rows; the
+    result is ordered op, copy, row (so row ``t`` copies ``idx[t % len(idx)]``). Padding is stripped."""
+    idx = list(idx)
+    if not idx:
+        return []
+    batch = tk.batch(idx)
+    rows = []
+    for op in ops:
+        for _ in range(copies):
+            out = op(dict(batch))
+            keep = out["attention_mask"].bool()
+            rows += [out["input_ids"][b][keep[b]].tolist() for b in range(len(idx))]
+    return rows
 
 
 def check_label_names(label_names) -> dict:
@@ -323,6 +370,7 @@ class SetFitClassifier:
         self.classes_: list | None = None
         self.history: list[float] = []
         self.templated_ = 0                  # templated examples added to the shots by the last fit()
+        self.augmented_ = 0                  # altered copies of the shots added by the last fit() (augment)
         self.prior_: torch.Tensor | None = None      # label-name prior P [C, D] of the last fit (head_prior)
         self.end_to_end_history: list[float] = []
 
@@ -348,13 +396,33 @@ class SetFitClassifier:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             self.encoder, self.tokenizer = self._build_encoder()
+            tk = Tokenized(self.tokenizer, texts, c.max_length)
+            self.augmented_ = 0
+            if c.augment:
+                shots = len(texts) - self.templated_             # the real shots come first
+                rows = augmented_copies(tk, range(shots), self._augment_ops(seed), c.augment_copies)
+                tk.extend(rows)
+                y = y + [y[t % shots] for t in range(len(rows))]
+                self.augmented_ = len(rows)
             pairs = (oversampled_pairs(y, seed) if c.sampling == "oversampling"
                      else generate_pairs(y, c.iterations, seed))
-            tk = Tokenized(self.tokenizer, texts, c.max_length)
             self.history = self._contrastive_train(tk, pairs, seed)
-            self.head = self._fit_head(texts, y)
+            self.head = self._fit_head(tk, y)
             self.end_to_end_history = self._end_to_end_train(tk, y, seed) if c.end_to_end_epochs else []
         return self
+
+    def _augment_ops(self, seed: int) -> list:
+        """The ``augment`` operations, each with its own seed derived from ``seed``."""
+        from ..augment.text import TEXT_OPS
+        c = self.config
+        ops = []
+        for k, name in enumerate(c.augment):
+            kw = dict(p=1.0, rate=c.augment_rate, seed=seed * 1009 + k, tokenizer=self.tokenizer,
+                      max_length=c.max_length)
+            if name == "embedding_substitution":
+                kw["model"] = self.encoder
+            ops.append(TEXT_OPS[name](**kw))
+        return ops
 
     def _prior(self):
         c = self.config
@@ -362,10 +430,10 @@ class SetFitClassifier:
             return None
         return label_name_prior(self.embed, self.classes_, c.label_names, c.template, c.head_prior_scale)
 
-    def _fit_head(self, texts, y) -> LogisticHead:
-        """Stage 2: the logistic head on the adapted encoder's normalised embeddings of ``texts``."""
+    def _fit_head(self, tk: Tokenized, y) -> LogisticHead:
+        """Stage 2: the logistic head on the adapted encoder's normalised embeddings of the examples."""
         c = self.config
-        X = self.embed(texts)
+        X = embed_tokenized(self.encoder, tk, batch_size=c.eval_batch_size)
         self.prior_ = self._prior()
         return LogisticHead(X.shape[1], len(self.classes_)).fit(X, torch.tensor(y), C=c.head_C,
                                                                   max_iter=c.head_max_iter, prior=self.prior_)

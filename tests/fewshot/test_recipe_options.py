@@ -1,4 +1,5 @@
-"""SetFit recipe options: oversampling pairs, the label-name prior head, the end-to-end phase, their config keys."""
+"""SetFit recipe options: oversampling pairs, the label-name prior head, the end-to-end phase, shot
+augmentation, their config keys."""
 import math
 
 import pytest
@@ -9,7 +10,7 @@ from fastpeft.fewshot import SetFitClassifier, SetFitConfig
 from fastpeft.fewshot import setfit as setfit_mod
 from fastpeft.fewshot.config import method_params, run_from_config, validate_section
 from fastpeft.fewshot.head import LogisticHead
-from fastpeft.fewshot.setfit import label_name_prior, oversampled_pairs
+from fastpeft.fewshot.setfit import augmented_copies, label_name_prior, oversampled_pairs
 
 from . import synthetic, tiny_bert  # noqa: F401  (fixture)
 from .test_config import _cfg
@@ -198,3 +199,110 @@ def test_several_templates():
     assert validate_section({"label_names": NAMES, "template": ["a {}", "b {}."]})["template"] == ["a {}", "b {}."]
     with pytest.raises(ValueError, match="fewshot.template"):
         validate_section({"label_names": NAMES, "template": ["a {}", 3]})
+
+
+# ---- shot augmentation --------------------------------------------------------------------------------
+def _tok():
+    from transformers import AutoTokenizer
+    from fastpeft.workflow.models import resolve_model_path
+    return AutoTokenizer.from_pretrained(resolve_model_path("minilm"))
+
+
+def test_augmented_copies_order_and_content():
+    from fastpeft.augment.text import RandomDeletion, TokenMasking
+    from fastpeft.fewshot.encoder import Tokenized
+    tok = _tok()
+    tk = Tokenized(tok, ["the movie was really great fun", "a dull and boring plot", "ok"], 32)
+    ops = [RandomDeletion(p=1.0, rate=0.25, seed=1, tokenizer=tok), TokenMasking(p=1.0, rate=0.25, seed=2,
+                                                                                  tokenizer=tok)]
+    rows = augmented_copies(tk, [0, 1, 2], ops, copies=2)
+    assert len(rows) == 2 * 2 * 3                                  # op, copy, row
+    special = {tok.cls_token_id, tok.sep_token_id}
+    for t, row in enumerate(rows):
+        src = tk.input_ids[t % 3]
+        assert row[0] == tok.cls_token_id and row[-1] == tok.sep_token_id and tok.pad_token_id not in row
+        real = len(src) - 2
+        n = max(1, round(0.25 * real))
+        if t < 6:                                                  # deletion: n real tokens dropped, order kept
+            assert len(row) == len(src) - min(n, real - 1)        # at least one real token stays
+            it = iter(src)
+            assert all(any(x == y for y in it) for x in row)       # a subsequence of the source
+        else:                                                      # masking: n real tokens -> [MASK]
+            assert len(row) == len(src)
+            changed = [i for i, (a, b) in enumerate(zip(src, row)) if a != b]
+            assert len(changed) == n and all(row[i] == tok.mask_token_id for i in changed)
+            assert all(src[i] not in special for i in changed)
+    assert rows[0:3] != rows[3:6]                                  # the two copies differ
+    again = [RandomDeletion(p=1.0, rate=0.25, seed=1, tokenizer=tok), TokenMasking(p=1.0, rate=0.25, seed=2,
+                                                                                   tokenizer=tok)]
+    assert augmented_copies(tk, [0, 1, 2], again, copies=2) == rows   # seeded
+    assert augmented_copies(tk, [], ops, copies=2) == []
+
+
+def test_fit_with_augment_adds_labelled_copies_of_the_real_shots(tiny_bert, monkeypatch):
+    texts, labels = synthetic(3, seed=5)        # 6 shots
+    seen = {}
+    fit_head = SetFitClassifier._fit_head
+
+    def spy(self, tk, y):
+        seen["ids"], seen["y"] = list(tk.input_ids), list(y)
+        return fit_head(self, tk, y)
+    monkeypatch.setattr(SetFitClassifier, "_fit_head", spy)
+    pairs = _spy_pairs(monkeypatch)
+    clf = SetFitClassifier(model=tiny_bert, label_names=NAMES, template_samples=1,
+                           augment=["random_swap", "token_masking"], augment_copies=2, augment_rate=0.3, **KW)
+    clf.fit(texts, labels, seed=0)
+    assert clf.templated_ == 2 and clf.augmented_ == 2 * 2 * 6
+    n = 6 + 2 + 24
+    assert len(seen["ids"]) == len(seen["y"]) == n
+    assert len(pairs["pairs"]) == 2 * KW["iterations"] * n and max(max(a, b) for a, b, _ in pairs["pairs"]) == n - 1
+    y = [clf.classes_.index(l) for l in labels]
+    assert seen["y"][8:] == [y[t % 6] for t in range(24)]          # every copy keeps its shot's label
+    swapped = 0
+    for t in range(24):                                            # ... and its tokens (swap / mask only)
+        src, row = seen["ids"][t % 6], seen["ids"][8 + t]
+        assert len(row) == len(src)
+        if t < 12:                                                 # (swapping two equal words changes nothing)
+            assert sorted(row) == sorted(src)
+            swapped += row != src
+        else:
+            assert row != src
+    assert swapped >= 6
+    again = SetFitClassifier(model=tiny_bert, label_names=NAMES, template_samples=1,
+                             augment=["random_swap", "token_masking"], augment_copies=2, augment_rate=0.3, **KW)
+    assert again.fit(texts, labels, seed=0).history == clf.history                     # seeded
+    plain = SetFitClassifier(model=tiny_bert, label_names=NAMES, template_samples=1, **KW).fit(texts, labels, seed=0)
+    assert plain.augmented_ == 0 and len(seen["ids"]) == 8                             # off by default
+
+
+def test_fit_with_embedding_substitution(tiny_bert):
+    texts, labels = synthetic(2, seed=6)
+    clf = SetFitClassifier(model=tiny_bert, augment=["embedding_substitution"], **KW).fit(texts, labels, seed=0)
+    assert clf.augmented_ == 4 and set(clf.predict(texts)) <= {"pos", "neg"}
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(augment=["paraphrase"]), r"augment: unknown operation\(s\) \['paraphrase'\]"),
+    (dict(augment="random_swap"), "augment: expected a list of distinct names"),
+    (dict(augment=["random_swap", "random_swap"]), "augment: expected a list of distinct names"),
+    (dict(augment_copies=0), "augment_copies: expected an int >= 1"),
+    (dict(augment_rate=0), r"augment_rate: expected a number in \(0, 1\]"),
+    (dict(augment_rate=1.5), "augment_rate"),
+])
+def test_setfit_config_augment_errors(kw, match):
+    with pytest.raises(ValueError, match=match):
+        SetFitConfig(**kw)
+
+
+def test_config_section_augment():
+    s = validate_section({"augment": "random_deletion", "augment_copies": 3, "augment_rate": "0.2"})
+    p = method_params(s, "setfit", "minilm")
+    assert p["augment"] == ["random_deletion"] and p["augment_copies"] == 3 and p["augment_rate"] == 0.2
+    SetFitConfig(**{k: v for k, v in p.items() if k != "model"})
+    for section, match in [({"augment": ["nope"]}, r"fewshot.augment: unknown operation"),
+                           ({"augment_copies": 2}, "only apply with a non-empty fewshot.augment"),
+                           ({"augment": ["random_swap"], "augment_rate": 0}, r"fewshot.augment_rate: expected a "
+                                                                               r"number in \(0, 1\]"),
+                           ({"method": "head_only", "augment": ["random_swap"]}, "do not apply to method")]:
+        with pytest.raises(ValueError, match=match):
+            validate_section(section)

@@ -71,9 +71,10 @@ def _spy(monkeypatch):
 def test_setfit_fit_adds_templates_to_pairs_and_head(tiny_bert, monkeypatch):
     texts, labels = synthetic(2, seed=0)                       # 4 shots, "pos"/"neg" interleaved
     seen = _spy(monkeypatch)
-    embedded = []
-    embed = SetFitClassifier.embed
-    monkeypatch.setattr(SetFitClassifier, "embed", lambda self, t: embedded.append(list(t)) or embed(self, t))
+    embedded = []                                              # the examples the head is fitted on, decoded
+    fit_head = SetFitClassifier._fit_head
+    monkeypatch.setattr(SetFitClassifier, "_fit_head", lambda self, tk, y: embedded.append(
+        [self.tokenizer.decode(r, skip_special_tokens=True) for r in tk.input_ids]) or fit_head(self, tk, y))
     clf = SetFitClassifier(model=tiny_bert, iterations=2, max_length=16, batch_size=8,
                            label_names={"pos": "good", "neg": "bad"}, template_samples=3)
     clf.fit(texts, labels, seed=0)
@@ -86,7 +87,7 @@ def test_setfit_fit_adds_templates_to_pairs_and_head(tiny_bert, monkeypatch):
     y = [clf.classes_.index(l) for l in labels] + [clf.classes_.index(c) for c in ("neg",) * 3 + ("pos",) * 3]
     assert seen["head_y"] == y
     assert all((y[a] == y[b]) == (t == 1.0) for a, b, t in seen["pairs"])
-    assert embedded[0][len(texts):] == ["This sentence is bad"] * 3 + ["This sentence is good"] * 3
+    assert embedded[0][len(texts):] == ["this sentence is bad"] * 3 + ["this sentence is good"] * 3   # uncased
     assert set(clf.predict(texts)) <= {"pos", "neg"}
 
 
