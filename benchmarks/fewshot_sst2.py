@@ -31,6 +31,8 @@ shots -> fewshot_sst2_tuned.json (with the tuning table as provenance):
 
     python benchmarks/fewshot_sst2.py --tune --threads 1 --candidates base lr2.5e-4 e2e16 ...
     python benchmarks/fewshot_sst2.py --recipe lr2.5e-4 --threads 1      # chosen: highest held-out mean
+    python benchmarks/fewshot_sst2.py --recipe ens3_lr2.5e-4 --threads 2 \
+        --out benchmarks/results/fewshot_sst2_tuned_ens3.json   # third session's choice (3-run seed ensemble)
     python benchmarks/fewshot_sst2.py --tune --quick --out /tmp/t.json    # smoke run (40 held-out, 2 shots)
 """
 from __future__ import annotations
@@ -103,6 +105,18 @@ TUNE_CANDIDATES = {
     "contrastive_lr2.5e-4": dict(loss="contrastive", lr=2.5e-4),
     "e2e16_prior": dict(end_to_end_epochs=16, body_lr=1e-4, head_prior="label_names"),
     "no_templates_prior": dict(template_samples=0, head_prior="label_names"),
+    # third session, around the chosen lr 2.5e-4: fewer adapted modules, LoRA dropout
+    "qv_lr2.5e-4": dict(target_modules=["query", "value"], lr=2.5e-4),
+    "ld0.1_lr2.5e-4": dict(lora_dropout=0.1, lr=2.5e-4),
+    # altered copies of the shots (SetFitConfig.augment): EDA-style deletion / swap, token masking
+    "aug_del_swap_lr2.5e-4": dict(augment=["random_deletion", "random_swap"], lr=2.5e-4),
+    "aug_mask2_lr2.5e-4": dict(augment=["token_masking"], augment_copies=2, lr=2.5e-4),
+    # LM-BFF's (Gao et al. 2021) SST-2 verbalizers and template instead of the dataset's label names
+    "great_terrible_lr2.5e-4": dict(label_names={"0": "terrible", "1": "great"}, lr=2.5e-4),
+    "lmbff_lr2.5e-4": dict(label_names={"0": "terrible", "1": "great"}, template="It was {}.", lr=2.5e-4),
+    # several SetFit runs on the same shots (member m: seed + 7919 m; member 0 is the single model),
+    # softmax probabilities averaged (SeedEnsemble below)
+    "ens3_lr2.5e-4": dict(ensemble=3, lr=2.5e-4),
 }
 TUNE_HELDOUT = dict(n=500, min_words=8, rng_seed=123)      # held-out train sentences (random.Random(rng_seed))
 TUNE_SEEDS = [100, 101, 102, 103, 104]                     # disjoint from the final seeds 0-4
@@ -157,6 +171,33 @@ class HeadOnlyWithTemplates:
 
     def predict(self, texts):
         return self.clf.predict(texts)
+
+
+class SeedEnsemble:
+    """``k`` SetFit classifiers fitted on the same shots with seeds ``seed + 7919 * m`` (member 0 is the
+    single model of that seed); predictions average the members' head probabilities::
+
+        p = mean_m softmax(head_m(embed_m(x)))   -> argmax
+    """
+
+    def __init__(self, k, **cfg):
+        self.k, self.cfg = k, cfg
+
+    def fit(self, texts, labels, seed=0):
+        from fastpeft.fewshot import SetFitClassifier
+        self.members = [SetFitClassifier(**self.cfg).fit(texts, labels, seed=seed + 7919 * m) for m in range(self.k)]
+        return self
+
+    def member_probs(self, texts):
+        import torch
+        with torch.no_grad():
+            return [torch.softmax(m.head(m.embed(texts).to(m.head.weight.dtype)), -1) for m in self.members]
+
+    def predict(self, texts, probs=None):
+        import torch
+        probs = self.member_probs(texts) if probs is None else probs
+        classes = self.members[0].classes_
+        return [classes[i] for i in torch.stack(probs).mean(0).argmax(-1).tolist()]
 
 
 def heldout_split(texts, n, min_words, rng_seed):
@@ -248,9 +289,19 @@ def tune(args):
             idx = sample_k_shot(labels, args.shots, seed, exclude=set(held))
             st, sl = [texts[i] for i in idx], [labels[i] for i in idx]
             t = time.perf_counter()
+            if cfg.get("ensemble", 1) > 1:
+                ens = SeedEnsemble(cfg["ensemble"], **{k: v for k, v in cfg.items() if k != "ensemble"})
+                ens.fit(st, sl, seed)
+                probs = ens.member_probs(ev_t)
+                rec = {"accuracy": accuracy(ens.predict(ev_t, probs), ev_l), "fit_s": round(time.perf_counter() - t, 1),
+                       "members": [accuracy(ens.predict(ev_t, [p]), ev_l) for p in probs]}
+                done[str(seed)] = rec
+                write_json_atomic(out_path, report)
+                print(f"[tune] {name} seed={seed} acc={rec['accuracy']:.4f} members {rec['members']}", flush=True)
+                continue
             clf = SetFitClassifier(**cfg).fit(st, sl, seed=seed)
             rec = {"accuracy": accuracy(clf.predict(ev_t), ev_l), "fit_s": round(time.perf_counter() - t, 1)}
-            if not cfg.get("end_to_end_epochs"):
+            if not cfg.get("end_to_end_epochs") and not cfg.get("augment"):    # same head examples only
                 rec["head_variants"] = _head_variant_accuracies(clf, st, sl, ev_t, ev_l)
             done[str(seed)] = rec
             write_json_atomic(out_path, report)
@@ -263,6 +314,8 @@ def tune(args):
         report["candidates"][name] = {
             "overrides": TUNE_CANDIDATES[name], "mean": m, "std": sd, "per_seed": accs,
             "fit_s": [r["fit_s"] for r in recs],
+            **({"members_per_seed": [r["members"] for r in recs],
+                "member_mean": mean_std([a for r in recs for a in r["members"]])[0]} if "members" in recs[0] else {}),
             "head_variants": {k: {"mean": mean_std(v)[0], "per_seed": v} for k, v in variants.items()},
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
         del report["partial"][name]
@@ -303,6 +356,22 @@ def final(args):
     log = lambda s: print(s, flush=True)  # noqa: E731
     results, walls = {}, {}
     runs = {"setfit": ("setfit", setfit), "head_only": ("head_only", {"encoder": frozen})}
+    member_acc = []                                  # per seed, each ensemble member's dev accuracy
+    if setfit.get("ensemble", 1) > 1:
+        from fastpeft.fewshot.evaluate import accuracy
+
+        class DevEnsemble(SeedEnsemble):
+            def predict(self, texts, probs=None):
+                probs = self.member_probs(texts)
+                member_acc.append([accuracy(super(DevEnsemble, self).predict(texts, [p]), dev_l) for p in probs])
+                return super().predict(texts, probs)
+
+        def setfit_ensemble():
+            return DevEnsemble(setfit["ensemble"], **{k: v for k, v in setfit.items() if k != "ensemble"})
+        setfit_ensemble.__name__ = "setfit"
+        runs["setfit"] = (setfit_ensemble, None)
+    earlier = sorted(f for f in os.listdir(os.path.join(HERE, "results")) if f.startswith("fewshot_sst2")
+                     and f.endswith(".json") and "tuning" not in f and "quick" not in f)    # dev results so far
 
     def head_only_templates():
         return HeadOnlyWithTemplates(frozen, setfit["label_names"], setfit["template"], setfit["template_samples"])
@@ -327,9 +396,11 @@ def final(args):
                   "torch": torch.__version__, "python": platform.python_version(),
                   "threads": torch.get_num_threads()},
         "results": _results_json(results),
+        **({"ensemble_members_per_seed": member_acc} if member_acc else {}),
         "how_chosen": ("every setting chosen on held-out TRAIN sentences (fewshot_sst2_tuning.json: "
                        f"{TUNE_HELDOUT['n']} train sentences with >= {TUNE_HELDOUT['min_words']} words, shots from "
-                       f"the rest of train, seeds {TUNE_SEEDS}); dev.tsv was first read by this run, once"),
+                       f"the rest of train, seeds {TUNE_SEEDS}); this recipe was run on dev once, by this run"),
+        "earlier_dev_runs": [f for f in earlier if f != os.path.basename(out_path)],   # other recipes
         "tuning_table": ({k: {"overrides": v["overrides"], "mean": v["mean"], "std": v["std"]}
                           for k, v in tuning["candidates"].items()} if tuning else None),
         "wall_s": {"total": round(time.perf_counter() - t0, 1), **walls},

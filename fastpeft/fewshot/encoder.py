@@ -89,8 +89,6 @@ def embed_texts(model, tokenizer, texts: Sequence[str], *, batch_size: int = 64,
                 normalize: bool = True) -> torch.Tensor:
     """Embeddings [N, D] (float32, CPU) of ``texts``; batches sorted by length (less padding), results
     returned in input order. The model is put in eval mode for the call and restored after."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size: expected >= 1, got {batch_size}")
     return embed_tokenized(model, Tokenized(tokenizer, texts, max_length), batch_size=batch_size,
                            normalize=normalize)
 

@@ -176,9 +176,10 @@ def test_config_section_new_keys_errors(section, match):
 def test_run_from_config_with_recipe_options(tmp_path, tiny_bert):
     cfg = _cfg(tmp_path, tiny_bert, {"shots": 2, "seeds": [0], "method": "setfit", "sampling": "oversampling",
                                      "label_names": NAMES, "template_samples": 1, "head_prior": "label_names",
-                                     "end_to_end_epochs": 1})
+                                     "end_to_end_epochs": 1, "augment": ["random_deletion"], "augment_rate": 0.5})
     res = run_from_config(cfg, log=None)
     assert res["fewshot"]["sampling"] == "oversampling" and res["fewshot"]["end_to_end_epochs"] == 1
+    assert res["fewshot"]["augment"] == ["random_deletion"] and res["fewshot"]["augment_rate"] == 0.5
     assert len(res["per_seed"]) == 1 and 0.0 <= res["mean"] <= 1.0
 
 
