@@ -198,6 +198,8 @@ def test_execute_writes_json_with_every_figure(tmp_path, capsys):
     for k in ("fastpeft", "torch", "triton", "cuda", "python", "git_commit"):
         assert k in res["versions"]
     assert res["device"]["type"] == "cpu" and res["date"]
+    if os.path.exists("/proc/stat"):
+        assert res["device"]["others_load"] >= 0
     by = {c["name"]: c for c in res["cases"]}
     ok = by["toy/ok"]
     assert ok["status"] == "ok" and ok["params"] == {"n": 64}
@@ -411,3 +413,43 @@ def test_e2e_minilm_without_the_package_uses_the_same_architecture_random_init(m
     assert shapes(random_init) == shapes(pretrained)
     built = e2e.minilm_build(2, 8, 4, 0.1, torch.float32)(torch.device("cpu"))
     assert built.extra["model_weights"] == e2e.RANDOM_MINILM
+
+
+def test_busy_warning_counts_other_processes_not_the_benchmark_itself():
+    from fastpeft.bench.report import OTHERS_LOAD_LIMIT, busy_warning
+    cpu = {"type": "cpu", "cpu_count": 2}
+    # the benchmark's own threads push the load average to ~2 by the end: not a reason to flag the run
+    assert busy_warning({"device": dict(cpu, loadavg_start=[0.3], loadavg_end=[1.9], others_load=0.02)}) == ""
+    w = busy_warning({"device": dict(cpu, loadavg_start=[0.3], loadavg_end=[1.9], others_load=0.9)})
+    assert "other processes kept 0.90 of 2 cores busy" in w
+    assert busy_warning({"device": dict(cpu, others_load=OTHERS_LOAD_LIMIT)}) == ""
+    # runs recorded without others_load (or where /proc/stat is missing): the load-average rule
+    assert "load average 1.9" in busy_warning({"device": dict(cpu, loadavg_start=[0.3], loadavg_end=[1.9])})
+    assert "load average 1.9" in busy_warning({"device": dict(cpu, loadavg_end=[1.9], others_load=None)})
+    assert busy_warning({"device": dict(cpu, loadavg_start=[0.3], loadavg_end=[0.4])}) == ""
+    assert busy_warning({"device": {"type": "cuda", "cpu_count": 2, "others_load": 5.0}}) == ""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/stat"), reason="needs /proc/stat (Linux)")
+def test_others_load_sees_a_competing_process_and_not_our_own_work():
+    import subprocess
+    import sys
+    import time
+    s0 = runner._cpu_seconds()
+    t0 = time.perf_counter()
+    x = 0
+    while time.perf_counter() - t0 < 0.6:       # our own work: not counted
+        x += 1
+    quiet = runner._others_load(s0, runner._cpu_seconds(), time.perf_counter() - t0)
+    spin = subprocess.Popen([sys.executable, "-c", "import time\nt=time.time()\nwhile time.time()-t<5: pass"])
+    try:
+        time.sleep(0.3)
+        s0, t0 = runner._cpu_seconds(), time.perf_counter()
+        time.sleep(1.0)
+        busy = runner._others_load(s0, runner._cpu_seconds(), time.perf_counter() - t0)
+    finally:
+        spin.kill()
+        spin.wait()
+    assert busy > 0.6, busy                     # one spinning core
+    assert quiet < busy - 0.4, (quiet, busy)
+    assert runner._others_load(None, s0, 1.0) is None and runner._others_load(s0, s0, 0.0) is None

@@ -143,12 +143,27 @@ def _env_note(result: dict) -> str:
     return ("\n" + "  ".join(f"{k}={v}" for k, v in env.items())) if env else ""
 
 
+OTHERS_LOAD_LIMIT = 0.25      # cores kept busy by other processes during a CPU run before it is flagged
+
+
 def busy_warning(result: dict) -> str:
-    """A line warning that the CPU was busy (load above half the cores) during the run."""
+    """A line warning that other work competed with a CPU run: other processes kept more than
+    ``OTHERS_LOAD_LIMIT`` cores busy on average during it (``device.others_load``, measured from
+    /proc/stat minus this process's CPU time). Where that was not measured (runs recorded before it
+    existed, or no /proc/stat), the 1-minute load average at start and end above half the cores flags the
+    run; it also counts the benchmark's own threads, so it flags every multi-threaded run."""
     d = result.get("device", {})
-    loads = [x[0] for x in (d.get("loadavg_start"), d.get("loadavg_end")) if x]
+    if d.get("type") != "cpu":
+        return ""
     n = d.get("cpu_count") or 1
-    if d.get("type") == "cpu" and loads and max(loads) > 0.5 * n + 0.5:
+    others = d.get("others_load")
+    if others is not None:
+        if others > OTHERS_LOAD_LIMIT:
+            return (f"WARNING: other processes kept {others:.2f} of {n} cores busy during the run: "
+                    "CPU timings are not representative\n")
+        return ""
+    loads = [x[0] for x in (d.get("loadavg_start"), d.get("loadavg_end")) if x]
+    if loads and max(loads) > 0.5 * n + 0.5:
         return (f"WARNING: the machine was busy (load average {max(loads):.1f} on {n} cores): "
                 "CPU timings are not representative\n")
     return ""

@@ -231,6 +231,7 @@ def run(cases: Iterable[Case], device: torch.device, settings: Settings, suite: 
     out.update(environment(device))
     out["settings"] = {k: getattr(settings, k) for k in Settings.__dataclass_fields__}
     out["device"]["loadavg_start"] = _loadavg()
+    cpu_start = _cpu_seconds()
     out["ceilings"] = {}
     out["cases"] = []
     cases = list(cases)
@@ -257,7 +258,29 @@ def run(cases: Iterable[Case], device: torch.device, settings: Settings, suite: 
             on_case(res)
     out["elapsed_s"] = round(time.perf_counter() - start, 3)
     out["device"]["loadavg_end"] = _loadavg()
+    out["device"]["others_load"] = _others_load(cpu_start, _cpu_seconds(), out["elapsed_s"])
     return out
+
+
+def _cpu_seconds() -> Optional[tuple[float, float]]:
+    """(CPU seconds all processes spent busy since boot, CPU seconds of this process) on Linux, else None."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+        busy = sum(fields) - fields[3] - (fields[4] if len(fields) > 4 else 0)     # minus idle and iowait
+        t = os.times()
+        return busy / os.sysconf("SC_CLK_TCK"), t.user + t.system + t.children_user + t.children_system
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
+
+
+def _others_load(start, end, elapsed: float) -> Optional[float]:
+    """Average number of cores other processes kept busy during the run: the machine's busy CPU time
+    minus this process's, over the wall time. Unlike the load average after the run, it does not count
+    the benchmark's own threads (which make every multi-threaded CPU run look 'busy')."""
+    if start is None or end is None or elapsed <= 0:
+        return None
+    return round(max(0.0, (end[0] - start[0]) - (end[1] - start[1])) / elapsed, 3)
 
 
 def _loadavg() -> Optional[list[float]]:
