@@ -267,7 +267,9 @@ def _cpu_seconds() -> Optional[tuple[float, float]]:
     try:
         with open("/proc/stat") as f:
             fields = [int(x) for x in f.readline().split()[1:]]
-        busy = sum(fields) - fields[3] - (fields[4] if len(fields) > 4 else 0)     # minus idle and iowait
+        # user nice system irq softirq steal (guest time is already inside user; idle and iowait are not
+        # busy). Steal (the hypervisor ran someone else on our vCPU) counts as other work too.
+        busy = sum(fields[i] for i in (0, 1, 2, 5, 6, 7) if i < len(fields))
         t = os.times()
         return busy / os.sysconf("SC_CLK_TCK"), t.user + t.system + t.children_user + t.children_system
     except (OSError, ValueError, IndexError, AttributeError):
@@ -275,8 +277,8 @@ def _cpu_seconds() -> Optional[tuple[float, float]]:
 
 
 def _others_load(start, end, elapsed: float) -> Optional[float]:
-    """Average number of cores other processes kept busy during the run: the machine's busy CPU time
-    minus this process's, over the wall time. Unlike the load average after the run, it does not count
+    """Average number of cores other processes (or, in a VM, the hypervisor's steal) kept busy during the
+    run: the machine's busy CPU time minus this process's, over the wall time. Unlike the load average after the run, it does not count
     the benchmark's own threads (which make every multi-threaded CPU run look 'busy')."""
     if start is None or end is None or elapsed <= 0:
         return None
