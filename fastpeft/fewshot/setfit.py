@@ -371,6 +371,8 @@ class SetFitClassifier:
         self.history: list[float] = []
         self.templated_ = 0                  # templated examples added to the shots by the last fit()
         self.augmented_ = 0                  # altered copies of the shots added by the last fit() (augment)
+        self.train_tokens_: Tokenized | None = None  # the last fit's examples (shots, templated, altered copies)
+        self.train_y_: list[int] = []               # ... and their class ids (indices into classes_)
         self.prior_: torch.Tensor | None = None      # label-name prior P [C, D] of the last fit (head_prior)
         self.end_to_end_history: list[float] = []
 
@@ -406,6 +408,7 @@ class SetFitClassifier:
                 self.augmented_ = len(rows)
             pairs = (oversampled_pairs(y, seed) if c.sampling == "oversampling"
                      else generate_pairs(y, c.iterations, seed))
+            self.train_tokens_, self.train_y_ = tk, y
             self.history = self._contrastive_train(tk, pairs, seed)
             self.head = self._fit_head(tk, y)
             self.end_to_end_history = self._end_to_end_train(tk, y, seed) if c.end_to_end_epochs else []

@@ -204,9 +204,9 @@ def test_several_templates():
 
 # ---- shot augmentation --------------------------------------------------------------------------------
 def _tok():
-    from transformers import AutoTokenizer
-    from fastpeft.workflow.models import resolve_model_path
-    return AutoTokenizer.from_pretrained(resolve_model_path("minilm"))
+    from fastpeft.fewshot.encoder import resolve_encoder_path
+    from fastpeft.workflow.models import load_tokenizer
+    return load_tokenizer(resolve_encoder_path(None))
 
 
 def test_augmented_copies_order_and_content():
@@ -259,6 +259,7 @@ def test_fit_with_augment_adds_labelled_copies_of_the_real_shots(tiny_bert, monk
     assert len(pairs["pairs"]) == 2 * KW["iterations"] * n and max(max(a, b) for a, b, _ in pairs["pairs"]) == n - 1
     y = [clf.classes_.index(l) for l in labels]
     assert seen["y"][8:] == [y[t % 6] for t in range(24)]          # every copy keeps its shot's label
+    assert clf.train_tokens_.input_ids == seen["ids"] and clf.train_y_ == seen["y"]    # kept on the classifier
     swapped = 0
     for t in range(24):                                            # ... and its tokens (swap / mask only)
         src, row = seen["ids"][t % 6], seen["ids"][8 + t]
