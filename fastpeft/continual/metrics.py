@@ -139,20 +139,3 @@ def plot_matrix(R, task_names: Sequence[str], path: str, *, title: str = "accura
     """A single heat-map (see :func:`plot_matrices`)."""
     return plot_matrices({title: R}, task_names, path, metric=metric)
 
-
-def write_json_atomic(obj, path: str) -> str:
-    """``json.dump(obj, path)`` through a temporary file, fsync and ``os.replace`` (never half-written)."""
-    import json
-    from ..workflow.checkpointing import atomic_write
-    with atomic_write(path) as f:
-        json.dump(obj, f, indent=1, default=_json_default, allow_nan=True)
-        f.write("\n")
-    return path
-
-
-def _json_default(o):
-    if hasattr(o, "item"):
-        return o.item()
-    if hasattr(o, "tolist"):
-        return o.tolist()
-    return str(o)

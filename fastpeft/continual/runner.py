@@ -35,6 +35,7 @@ import time
 
 import torch
 
+from ..fileio import atomic_dir, write_json_atomic
 from ..workflow.data import PaddingCollator, make_loader
 from ..workflow.trainer import Trainer, TrainerConfig
 from . import metrics as CM
@@ -143,12 +144,11 @@ class ContinualRunner:
         if png:
             files["matrix_png"] = png
         if hasattr(self.model, "save_pretrained") and hasattr(self.model, "peft_config"):
-            from ..workflow.checkpointing import atomic_dir
             path = os.path.join(self.output_dir, "adapter")
             with atomic_dir(path) as tmp:
                 self.model.save_pretrained(tmp)
             files["adapter"] = path
-        CM.write_json_atomic(dict(result, files=files), files["result"])
+        write_json_atomic(files["result"], dict(result, files=files))
         return files
 
 

@@ -35,6 +35,7 @@ import json
 import os
 import time
 
+from ..fileio import write_json_atomic
 from .evaluate import METHODS, evaluate_seeds
 from .setfit import HEAD_PRIORS, LOSSES, SAMPLINGS
 
@@ -226,12 +227,6 @@ def method_params(section: dict, method: str, model: str | None, lora: dict | No
     elif section.get("max_length") is not None:
         params["max_length"] = section["max_length"]
     return params
-
-
-def write_json_atomic(path: str, obj) -> None:
-    """``json.dump(obj)`` to ``path`` through a temporary file, fsync and rename (never half-written)."""
-    from ..checkpoint import atomic_write_bytes
-    atomic_write_bytes(path, json.dumps(obj, indent=1).encode())
 
 
 def run_from_config(cfg: dict, *, log=print) -> dict:

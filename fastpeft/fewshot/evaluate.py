@@ -18,6 +18,7 @@ import math
 import time
 from typing import Callable, Hashable, Sequence
 
+from ..workflow.metrics import accuracy
 from .sampling import sample_k_shot
 
 METHODS = ("setfit", "head_only", "prototype", "prompt_tuning")
@@ -38,14 +39,6 @@ def make_classifier(method: str, **params):
         from .baselines import PromptTuningClassifier
         return PromptTuningClassifier(**params)
     raise ValueError(f"method: unknown few-shot method {method!r}; expected one of {list(METHODS)}")
-
-
-def accuracy(pred: Sequence, gold: Sequence) -> float:
-    if len(pred) != len(gold):
-        raise ValueError(f"pred: expected {len(gold)} predictions, got {len(pred)}")
-    if not gold:
-        raise ValueError("gold: no examples to score")
-    return sum(p == g for p, g in zip(pred, gold)) / len(gold)
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -71,7 +64,7 @@ def _check_seeds(seeds) -> list[int]:
     return seeds
 
 
-def summarize(per_seed: list[dict], metric: str = "accuracy") -> dict:
+def summarize_seeds(per_seed: list[dict], metric: str = "accuracy") -> dict:
     """``{"per_seed": per_seed, "mean": m, "std": s}`` over ``per_seed[i][metric]``."""
     m, s = mean_std([r[metric] for r in per_seed])
     return {"metric": metric, "per_seed": per_seed, "mean": m, "std": s}
@@ -122,5 +115,5 @@ def evaluate_seeds(method: str | Callable[[], object], train_texts: Sequence[str
             log(f"[fewshot] {name} seed={seed} k={k} accuracy={rec['accuracy']:.4f} "
                 f"(fit {rec['fit_s']}s, predict {rec['predict_s']}s)")
     out = {"method": name, "k": k}
-    out.update(summarize(per_seed))
+    out.update(summarize_seeds(per_seed))
     return out

@@ -37,6 +37,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from ..blocks import ARCHS, find_typed_blocks
 from .base import PeftConfig
 
 PEFT_TYPE = "BOTTLENECK_ADAPTER"
@@ -123,43 +124,6 @@ class BottleneckAdapter(nn.Module):
 
     def extra_repr(self) -> str:
         return f"activation={self.activation!r}, dropout={self.dropout}"
-
-
-# -- finding blocks -------------------------------------------------------------------------
-def _has(m: nn.Module, path: str) -> bool:
-    for part in path.split("."):
-        m = getattr(m, part, None)
-        if not isinstance(m, nn.Module):
-            return False
-    return True
-
-
-#: kind -> (attention-output site, FFN-output site, parallel input site, parallel add site)
-_ARCHS = {
-    "bert": ("attention.output.dense", "output.dense", "intermediate", "output.dense"),
-    "llama": ("self_attn.o_proj", "mlp.down_proj", "mlp", "mlp"),
-    "gpt2": ("attn.c_proj", "mlp.c_proj", "mlp", "mlp"),
-    "vit": ("attention.o_proj", "mlp.fc2", "mlp", "mlp"),  # transformers 5 ViTLayer
-}
-
-
-def _block_kind(m: nn.Module) -> Optional[str]:
-    for kind, sites in _ARCHS.items():
-        if all(_has(m, s) for s in sites):
-            return kind
-    return None
-
-
-def find_blocks(model: nn.Module) -> list:
-    """``[(path, block, kind)]`` of the transformer blocks of ``model``, outermost matches only."""
-    out = []
-    for name, m in model.named_modules():
-        if any(name.startswith(p + ".") for p, _, _ in out):
-            continue
-        kind = _block_kind(m)
-        if kind is not None and name:
-            out.append((name, m, kind))
-    return out
 
 
 def _out_features(m: nn.Module) -> int:
@@ -268,13 +232,13 @@ def inject(model: nn.Module, config: BottleneckAdapterConfig, adapter_name: str 
     st = _state(model)
     if adapter_name in st.configs:
         raise ValueError(f"adapter_name: an adapter named {adapter_name!r} already exists")
-    blocks = find_blocks(model)
+    blocks = find_typed_blocks(model)
     if not blocks:
         lists = [f"{n} ({type(m[0]).__name__} x{len(m)})" for n, m in model.named_modules()
                  if isinstance(m, nn.ModuleList) and len(m)]
         raise ValueError("bottleneck adapters: no transformer block recognised in "
                          f"{type(model).__name__}; a block needs "
-                         + "; ".join(f"{k}-like: {', '.join(v[:2])}" for k, v in _ARCHS.items())
+                         + "; ".join(f"{k}-like: {', '.join(v[:2])}" for k, v in ARCHS.items())
                          + f". Module lists of the model (candidates): {lists or 'none'}")
     if config.layers_to_transform is not None:
         bad = [i for i in config.layers_to_transform if not isinstance(i, int) or not 0 <= i < len(blocks)]
@@ -286,7 +250,7 @@ def inject(model: nn.Module, config: BottleneckAdapterConfig, adapter_name: str 
     # plan everything first (sizes, devices), then mutate: nothing half-done on error
     plan = []
     for path, block, kind in blocks:
-        attn_site, ffn_site, par_in, par_add = _ARCHS[kind]
+        attn_site, ffn_site, par_in, par_add = ARCHS[kind]
         for k in kinds:
             site = attn_site if k == "attn" else ffn_site
             size_src = block.get_submodule(ffn_site if k == "ffn" else attn_site)
@@ -307,7 +271,7 @@ def inject(model: nn.Module, config: BottleneckAdapterConfig, adapter_name: str 
                                                         config.adapter_dropout, config.init_weights,
                                                         device=device, dtype=dtype)
             if config.adapter_type == "parallel":
-                _, _, par_in, par_add = _ARCHS[kind]
+                _, _, par_in, par_add = ARCHS[kind]
                 slot = {}
                 add_mod = block.get_submodule(par_add)
                 _set_ctx(add_mod, adapter_name, (st, container, slot))

@@ -15,56 +15,19 @@ one, never a torn one. Single files are written the same way (:func:`atomic_writ
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import random
 import shutil
-import tempfile
 
 import torch
+
+from ..fileio import atomic_dir, atomic_write  # noqa: F401  (re-exported: ckpt.atomic_write)
 
 STATE_JSON = "state.json"
 STATE_TENSORS = "state.safetensors"
 
 
-@contextlib.contextmanager
-def atomic_write(path: str, mode: str = "w"):
-    """Open a temporary file next to ``path``; on success fsync and rename it onto ``path``."""
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=d)
-    try:
-        with os.fdopen(fd, mode) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
-@contextlib.contextmanager
-def atomic_dir(path: str):
-    """Yield a temporary directory next to ``path``; on success replace ``path`` with it."""
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=parent)
-    try:
-        yield tmp
-        old = None
-        if os.path.exists(path):
-            old = tempfile.mkdtemp(prefix="." + os.path.basename(path) + ".", suffix=".old", dir=parent)
-            os.rmdir(old)
-            os.replace(path, old)
-        os.replace(tmp, path)
-        if old:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 # --------------------------------------------------------------------------- state (de)serialisation

@@ -5,6 +5,8 @@ import os
 
 import pytest
 
+from fastpeft.fileio import write_json_atomic
+
 from fastpeft.continual import metrics as CM
 
 R3 = [[0.9, 0.2, 0.1],
@@ -63,7 +65,7 @@ def test_plot_and_json_are_written(tmp_path):
         CM.plot_matrix(R3, ["a", "b"], str(tmp_path / "x.png"))
     with pytest.raises(ValueError, match="matrices"):
         CM.plot_matrices({}, ["a"], str(tmp_path / "y.png"))
-    p = CM.write_json_atomic({"R": R3, "x": float("nan")}, str(tmp_path / "r.json"))
+    p = write_json_atomic(str(tmp_path / "r.json"), {"R": R3, "x": float("nan")})
     with open(p) as f:
         assert json.load(f)["R"] == R3
     assert [n for n in os.listdir(tmp_path) if n.startswith(".")] == []  # no temporary files left

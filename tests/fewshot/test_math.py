@@ -7,7 +7,8 @@ import torch.nn.functional as F
 
 from fastpeft.fewshot.baselines import class_prototypes, prototype_predict
 from fastpeft.fewshot.encoder import mean_pool
-from fastpeft.fewshot.evaluate import accuracy, mean_std
+from fastpeft.fewshot.evaluate import mean_std
+from fastpeft.workflow.metrics import accuracy
 from fastpeft.fewshot.head import LogisticHead, fit_logistic_head
 from fastpeft.fewshot.setfit import generate_pairs, pair_loss
 

@@ -4,7 +4,7 @@ import torch
 
 from fastpeft.fewshot import (HeadOnlyClassifier, PromptTuningClassifier, PrototypeClassifier, SetFitClassifier,
                               evaluate_seeds, make_classifier)
-from fastpeft.fewshot.evaluate import accuracy
+from fastpeft.workflow.metrics import accuracy
 
 from . import synthetic, tiny_bert  # noqa: F401  (fixture)
 

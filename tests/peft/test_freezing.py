@@ -4,7 +4,8 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from fastpeft.freezing import FreezeConfig, apply_freezing, find_blocks  # noqa: E402
+from fastpeft.blocks import find_block_list as find_blocks  # noqa: E402
+from fastpeft.freezing import FreezeConfig, apply_freezing  # noqa: E402
 
 
 def bert():
