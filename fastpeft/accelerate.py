@@ -7,15 +7,11 @@ the layer's state allows it and PEFT's own ``forward`` otherwise.  No parameter,
 buffer or attribute is added or renamed, so ``state_dict`` keys and
 ``save_pretrained`` output are unchanged; ``restore`` swaps the original class back.
 
-The fused path is taken at a call only when all of these hold (checked every call):
-no extra forward arguments (e.g. ``adapter_names`` for a mixed-adapter batch),
-adapters enabled, nothing merged, exactly one active adapter on the layer, no LoRA
-variant (DoRA, ...), no ``lora_bias``, dropout is ``nn.Dropout`` / ``nn.Identity``,
-the base layer is a plain ``nn.Linear`` or transformers ``Conv1D`` (not quantised)
-with ``fan_in_fan_out`` matching it, x / weight / bias share one floating dtype, the LoRA
-weights have that dtype or are fp32 on an fp16/bf16 model (PEFT's default upcast; the fused op then
-computes the low-rank branch in the activation dtype, PEFT in fp32: equal to that dtype's rounding),
-and autocast is off.  Otherwise PEFT's forward runs.
+The fused path is taken at a call only when the layer's base layer is a plain ``nn.Linear`` or
+transformers ``Conv1D`` (not quantised) and the call and the layer's state allow it (one active,
+unmerged, enabled vanilla adapter; dtypes the op pairs; no autocast): the rule is
+:mod:`fastpeft.ops.lora_linear.layer`, shared with fastpeft's own LoRA layers.  Otherwise PEFT's
+forward runs.
 
 Note: with ``lora_dropout > 0`` in training mode the fused op draws its mask from
 fastpeft's Philox RNG (seeded from torch's generator), not from ``nn.Dropout``'s, so
@@ -26,8 +22,10 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
-import torch
 import torch.nn as nn
+
+from ._optional import peft_lora_linear_cls
+from .ops.lora_linear.layer import base_layer_reason, call_reason, fused_lora_forward
 
 _FAST_CLASSES: dict = {}
 _ORIG_ATTR = "_fastpeft_original_class"
@@ -59,82 +57,10 @@ class AccelerateSummary:
     __repr__ = __str__
 
 
-def _peft_lora_linear_cls():
-    try:
-        from peft.tuners.lora.layer import Linear
-        return Linear
-    except Exception:
-        return None
-
-
-def _conv1d_cls():
-    try:
-        from transformers.pytorch_utils import Conv1D
-        return Conv1D
-    except Exception:
-        return None
-
-
-def _static_reason(layer) -> str | None:
-    """Why this layer can never take the fused path (None: it can be patched)."""
-    base = layer.get_base_layer()
-    conv1d = _conv1d_cls()
-    if type(base) is nn.Linear:
-        return None if not layer.fan_in_fan_out else "fan_in_fan_out=True on an nn.Linear base layer"
-    if conv1d is not None and type(base) is conv1d:
-        return None if layer.fan_in_fan_out else "Conv1D base layer without fan_in_fan_out"
-    return f"unsupported or quantised base layer ({type(base).__name__})"
-
-
-def _dynamic_reason(layer, x=None, args=(), kwargs=None) -> str | None:
-    """Why the current call/state cannot take the fused path (None: it can)."""
-    if kwargs:
-        return "adapter_names (mixed-adapter batch)" if "adapter_names" in kwargs else "extra forward arguments"
-    if args:
-        return "extra forward arguments"
-    if layer.disable_adapters:
-        return "adapters disabled"
-    if layer.merged:
-        return "adapter merged"
-    active = [a for a in layer.active_adapters if a in layer.lora_A.keys()]
-    if len(active) != 1:
-        return "several active adapters" if active else "no active adapter on this layer"
-    a = active[0]
-    if a in getattr(layer, "lora_variant", {}) or layer.use_dora.get(a, False):
-        return "LoRA variant (DoRA or other)"
-    if layer.lora_B[a].bias is not None:
-        return "lora_bias"
-    if type(layer.lora_dropout[a]) not in (nn.Dropout, nn.Identity):
-        return "custom dropout module"
-    base = layer.get_base_layer()
-    w = base.weight
-    from .tuners.lora import lora_dtypes_fusable
-    if not lora_dtypes_fusable(layer.lora_A[a].weight, layer.lora_B[a].weight, w.dtype):
-        return "LoRA weights in a dtype the fused op does not pair with the base weight's"
-    if not w.dtype.is_floating_point:
-        return "non-floating base weight"
-    if base.bias is not None and base.bias.dtype != w.dtype:
-        return "base bias dtype differs from weight"
-    if x is not None and x.dtype != w.dtype:
-        return "input dtype differs from the weight"
-    if x is not None:
-        from .tuners.lora import autocast_on
-        if autocast_on(x):
-            return "autocast enabled"
-    return None
-
-
 def _fast_forward(self, x, *args, **kwargs):
-    if _dynamic_reason(self, x, args, kwargs) is not None:
+    if call_reason(self, x, args, kwargs) is not None:
         return super(type(self), self).forward(x, *args, **kwargs)
-    from .ops.lora_linear import lora_linear
-    a = next(a for a in self.active_adapters if a in self.lora_A.keys())
-    base = self.get_base_layer()
-    W = base.weight.t() if self.fan_in_fan_out else base.weight
-    drop = self.lora_dropout[a]
-    p = float(drop.p) if (self.training and type(drop) is nn.Dropout) else 0.0
-    return lora_linear(x, W, base.bias, self.lora_A[a].weight, self.lora_B[a].weight,
-                       self.scaling[a], dropout_p=p, seed=None)
+    return fused_lora_forward(self, x)
 
 
 def _fast_class(orig: type) -> type:
@@ -151,7 +77,7 @@ def _fast_class(orig: type) -> type:
 def __getattr__(name: str):
     # Unpickling a model saved while accelerated, in a fresh process: rebuild the class.
     if name == "Fastpeft" + "Linear":
-        lin = _peft_lora_linear_cls()
+        lin = peft_lora_linear_cls()
         if lin is not None:
             return _fast_class(lin)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
@@ -172,7 +98,7 @@ def accelerate(peft_model: nn.Module) -> AccelerateSummary:
         n = sum(isinstance(m, FastLinear) for m in peft_model.modules())
         return AccelerateSummary(note=f"already a fastpeft model: its {n} LoRA Linear layer(s) use the fused "
                                       "op natively; nothing to do")
-    lin = _peft_lora_linear_cls()
+    lin = peft_lora_linear_cls()
     if lin is None:
         raise ImportError("fastpeft.accelerate needs the `peft` package (pip install peft)")
     summary = AccelerateSummary()
@@ -188,7 +114,7 @@ def accelerate(peft_model: nn.Module) -> AccelerateSummary:
             if type(m) is not lin:
                 skipped[f"unsupported LoRA layer class {type(m).__name__}"] += 1
                 continue
-            reason = _static_reason(m)
+            reason = base_layer_reason(m)
             if reason is not None:
                 skipped[reason] += 1
                 continue
@@ -203,7 +129,7 @@ def accelerate(peft_model: nn.Module) -> AccelerateSummary:
             except Exception:
                 pass
             continue
-        reason = _dynamic_reason(m)
+        reason = call_reason(m)
         if reason is None:
             summary.accelerated += 1
         else:

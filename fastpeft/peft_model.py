@@ -19,7 +19,6 @@ import contextlib
 import copy
 import inspect
 import os
-import re
 import types
 import warnings
 from typing import Optional, Union

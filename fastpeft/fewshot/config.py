@@ -31,7 +31,6 @@ unless the ``fewshot`` section sets them. The ``trainer`` section is not used by
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 

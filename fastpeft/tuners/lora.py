@@ -30,8 +30,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import register_tuner
+from ..ops.lora_linear.layer import call_reason, fused_lora_forward
 from .base import PeftConfig
-from .targeting import find_targets, get_submodule_parent, pattern_value, _conv1d_cls
+from .._optional import conv1d_cls
+from .targeting import find_targets, get_submodule_parent, pattern_value
 
 PEFT_TYPE = "LORA"
 _BIAS_MODES = ("none", "all", "lora_only")
@@ -102,24 +104,6 @@ def _lora_from_dict(cls, d: dict):
 
 
 LoraConfig.from_dict = classmethod(_lora_from_dict)
-
-
-def autocast_on(x: torch.Tensor) -> bool:
-    try:
-        return torch.is_autocast_enabled(x.device.type)
-    except TypeError:  # older torch: no device argument
-        return torch.is_autocast_enabled() if x.is_cuda else torch.is_autocast_cpu_enabled()
-
-
-def lora_dtypes_fusable(lora_A: torch.Tensor, lora_B: torch.Tensor, act_dtype: torch.dtype) -> bool:
-    """Whether the fused op takes these LoRA weights with activations of ``act_dtype``: the same
-    dtype, or fp32 adapters on a half-precision model (HF PEFT's default upcast).  In the mixed
-    case the op computes in the activation dtype and returns fp32 gradients; PEFT computes the
-    low-rank branch in fp32, so the two agree to the activation dtype's rounding."""
-    if lora_A.dtype != lora_B.dtype:
-        return False
-    return lora_A.dtype == act_dtype or (lora_A.dtype == torch.float32
-                                         and act_dtype in (torch.float16, torch.bfloat16))
 
 
 def _check_rank(name, r):
@@ -381,39 +365,9 @@ class Linear(nn.Module, LoraLayer):
         lora_result = B(A(x))
         return (mag_norm_scale - 1) * base_result + mag_norm_scale * lora_result * s
 
-    def _fused_adapter(self, x: torch.Tensor, args, kwargs) -> Optional[str]:
-        """The adapter the fused op can run, or None when the plain path must run."""
-        if args or kwargs or self._disable_adapters or self.merged_adapters:
-            return None
-        active = [a for a in self._active_adapter if a in self.lora_A]
-        if len(active) != 1:
-            return None
-        a = active[0]
-        if self.use_dora.get(a) or self.lora_B[a].bias is not None:
-            return None
-        drop = self.lora_dropout[a]
-        if not isinstance(drop, (nn.Identity, nn.Dropout)):
-            return None
-        w = self.base_layer.weight
-        if not (x.dtype == w.dtype and x.dtype.is_floating_point):
-            return None
-        if not lora_dtypes_fusable(self.lora_A[a].weight, self.lora_B[a].weight, x.dtype):
-            return None
-        if autocast_on(x):  # PEFT's path lets autocast pick each matmul's dtype
-            return None
-        b = self.base_layer.bias
-        if b is not None and b.dtype != x.dtype:
-            return None
-        return a
-
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        a = self._fused_adapter(x, args, kwargs)
-        if a is not None:
-            from ..ops.lora_linear import lora_linear
-            drop = self.lora_dropout[a]
-            p = float(drop.p) if (self.training and isinstance(drop, nn.Dropout)) else 0.0
-            return lora_linear(x, self._weight_out_in(), self.base_layer.bias, self.lora_A[a].weight,
-                               self.lora_B[a].weight, self.scaling[a], dropout_p=p, seed=None)
+        if call_reason(self, x, args, kwargs) is None:
+            return fused_lora_forward(self, x)
         return self._plain_forward(x, *args, **kwargs)
 
     def _adapter_rows(self, a: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
@@ -574,7 +528,7 @@ LORA_LAYER_TYPES = (Linear, Embedding, Conv2d)
 
 # -- tuner functions (the registry contract) -------------------------------------------
 def _supported_types() -> tuple:
-    c = _conv1d_cls()
+    c = conv1d_cls()
     base = (nn.Linear, nn.Embedding, nn.Conv2d) + LORA_LAYER_TYPES
     return base if c is None else base + (c,)
 
@@ -587,7 +541,7 @@ def lora_layers(model: nn.Module, adapter_name: Optional[str] = None):
 
 
 def _new_layer(name: str, target: nn.Module, adapter_name: str, r: int, alpha: float, config: LoraConfig):
-    conv1d = _conv1d_cls()
+    conv1d = conv1d_cls()
     if conv1d is not None and isinstance(target, conv1d):
         if not config.fan_in_fan_out:
             warnings.warn(f"{name}: transformers Conv1D stores its weight as [in, out]; using "

@@ -7,24 +7,18 @@ from __future__ import annotations
 
 import re
 import warnings
-from typing import Iterable, Optional
+from typing import Optional
 
 import torch.nn as nn
+
+from .._optional import conv1d_cls
 
 ALL_LINEAR = "all-linear"
 SEQ_CLS_HEAD_NAMES = ("score", "classifier")
 
 
-def _conv1d_cls():
-    try:
-        from transformers.pytorch_utils import Conv1D
-        return Conv1D
-    except Exception:  # transformers absent
-        return None
-
-
 def linear_types() -> tuple:
-    c = _conv1d_cls()
+    c = conv1d_cls()
     return (nn.Linear,) if c is None else (nn.Linear, c)
 
 

@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import json
 import os
-import warnings
 
 import torch
 
-from .data import EncodedDataset, make_loader, PaddingCollator, take
+from .data import make_loader, PaddingCollator, take
 from .models import load_tokenizer, resolve_model_path
 from .tasks import get_task
 

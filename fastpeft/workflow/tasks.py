@@ -19,7 +19,6 @@ match / F1); seq2seq would encode ``(source, target)`` pairs with ``text_target=
 """
 from __future__ import annotations
 
-import math
 import os
 from typing import Sequence
 

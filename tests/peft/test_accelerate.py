@@ -2,7 +2,6 @@
 PEFT's outputs and gradients, the fused op where the layer state allows it and PEFT's
 forward otherwise (merged, disabled, several adapters, mixed batch, DoRA)."""
 import copy
-import os
 import warnings
 
 import pytest
