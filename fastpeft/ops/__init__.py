@@ -6,10 +6,12 @@ import torch
 from .scaled_add import scaled_add
 from .bottleneck_adapter import bottleneck_adapter
 from .lora_linear import lora_linear
+from .lora_linear_multi import lora_embedding_multi, lora_linear_multi
 from .adv_perturb_update import adv_perturb_init, adv_perturb_update
 from .grad_tail import grad_tail, grad_tail_, grad_tail_apply_
 
-__all__ = ["scaled_add", "bottleneck_adapter", "lora_linear", "adv_perturb_update", "adv_perturb_init",
+__all__ = ["scaled_add", "bottleneck_adapter", "lora_linear", "lora_linear_multi", "lora_embedding_multi",
+           "adv_perturb_update", "adv_perturb_init",
            "grad_tail", "grad_tail_", "grad_tail_apply_", "example_inputs"]
 
 
@@ -25,6 +27,9 @@ def example_inputs(device: str = "cpu") -> dict:
                                torch.zeros(8, 4, **f32), torch.zeros(8, **f32), "relu", 0.1, 0, True),
         "lora_linear": (torch.zeros(2, 8, **f32), torch.zeros(4, 8, **f32), torch.zeros(4, **f32),
                         torch.zeros(2, 8, **f32), torch.zeros(4, 2, **f32), 1.0, 0.1, 0),
+        "lora_linear_multi": (torch.zeros(2, 8, **f32), torch.zeros(4, 8, **f32), None, torch.zeros(3, 2, 8, **f32),
+                              torch.zeros(3, 4, 2, **f32), torch.ones(3, **f32),
+                              torch.tensor([0, -1], device=d), None, None),
         "adv_perturb_update": (torch.zeros(2, 3, 8, **f32), torch.zeros(2, 3, 8, **f32), torch.ones(2, 3, **f32),
                                "l2_example", 0.1, 1.0),
         "adv_perturb_init": (torch.zeros(2, 3, 8, **f32), torch.ones(2, 3, **f32), "uniform", "l2_example", 1.0, 0),
