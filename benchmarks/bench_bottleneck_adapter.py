@@ -25,6 +25,7 @@ import os
 
 import pytest
 import torch
+from conftest import run_benchmark
 
 import fastpeft
 from fastpeft.ops import bottleneck_adapter
@@ -163,16 +164,7 @@ def _run(benchmark, variant, case, device):
     benchmark.group = f"bottleneck_adapter-{device}-{_case_id(case)}"
     benchmark.extra_info.update(variant=variant, M=M, H=H, Bn=Bn, dropout_p=p, dtype=str(dtype),
                                 activation=ACTIVATION)
-    if device == "cuda":
-        def timed():
-            fn()
-            torch.cuda.synchronize()
-
-        timed()
-        benchmark(timed)
-    else:
-        fn()  # warm up
-        benchmark(fn)
+    run_benchmark(benchmark, fn, device)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

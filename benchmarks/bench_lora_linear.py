@@ -22,6 +22,7 @@ import os
 
 import pytest
 import torch
+from conftest import run_benchmark
 
 import fastpeft
 from fastpeft.ops import lora_linear
@@ -174,16 +175,9 @@ def _run(benchmark, variant, case, device):
     benchmark.group = f"lora_linear-{device}-{_case_id(case)}"
     benchmark.extra_info.update(variant=variant, M=M, K=K, N=N, r=r, dropout_p=p, dtype=str(dtype))
     if device == "cuda":
-        def timed():
-            fn()
-            torch.cuda.synchronize()
-
-        timed()
+        fn()
         benchmark.extra_info["peak_mem_bytes"] = peak_memory_cuda(fn)
-        benchmark(timed)
-    else:
-        fn()  # warm up
-        benchmark(fn)
+    run_benchmark(benchmark, fn, device)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

@@ -20,3 +20,18 @@ def pytest_collection_modifyitems(config, items):
 def tiny() -> bool:
     """FASTPEFT_BENCH_TINY=1: smoke-test sizes."""
     return os.environ.get("FASTPEFT_BENCH_TINY", "") not in ("", "0")
+
+
+def run_benchmark(benchmark, fn, device: str) -> None:
+    """Time the zero-argument ``fn`` with pytest-benchmark after one warm-up call; on CUDA each call
+    ends with a synchronise so that the kernels' time is counted."""
+    if device == "cuda":
+        def timed():
+            fn()
+            torch.cuda.synchronize()
+
+        timed()
+        benchmark(timed)
+    else:
+        fn()  # warm up
+        benchmark(fn)
