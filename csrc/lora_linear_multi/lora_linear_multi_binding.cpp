@@ -93,14 +93,14 @@ at::Tensor lora_linear_multi_cpu(const at::Tensor& x, const at::Tensor& weight, 
                           ? lora_multi_segments<int32_t>(cptr<int32_t>(idx), M, n, bounds.data(), order.data())
                           : lora_multi_segments<int64_t>(cptr<int64_t>(idx), M, n, bounds.data(), order.data());
   TORCH_CHECK_VALUE(bad < 0, "adapter_index: expected values in [-1, ", n, ") (-1 = base only; n_adapters = ", n,
-                    "), got ", bad >= 0 ? idx[bad].item<int64_t>() : 0, " at row ", bad);
+                    "), got ", bad >= 0 ? idx[bad].item<int64_t>() : 0, " at adapter_index[", bad, "]");
   std::vector<double> s(n);
   const at::Tensor sd = scales.to(at::kDouble).contiguous();
   for (int64_t a = 0; a < n; ++a) s[a] = cptr<double>(sd)[a];
   std::vector<int64_t> rk;
   if (ranks.has_value()) {
-    TORCH_CHECK_VALUE(static_cast<int64_t>(ranks->size()) == n, "ranks: expected ", n, " entries (one per adapter), got ",
-                      ranks->size());
+    TORCH_CHECK_VALUE(static_cast<int64_t>(ranks->size()) == n, "ranks: expected ", n,
+                      " entries (one per adapter), got ", ranks->size());
     for (int64_t v : *ranks) TORCH_CHECK_VALUE(v >= 0 && v <= r, "ranks: expected values in [0, ", r, "], got ", v);
     rk.assign(ranks->begin(), ranks->end());
   }

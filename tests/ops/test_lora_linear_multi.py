@@ -192,7 +192,8 @@ def test_ranks_skip_what_lies_beyond(backend):
     inp = make((29,), 21, 18, 3, 5, torch.float32, dev, ranks=ranks)
     want = oracle(**inp, rows_index=assignment("random", 29, 3).to(dev), ranks=ranks)
     beyond = (torch.arange(5) >= torch.tensor(ranks).reshape(3, 1)).to(dev)     # [n, r_max]: j >= ranks[a]
-    noisy = dict(inp, lora_A=inp["lora_A"] + 100.0 * beyond[:, :, None], lora_B=inp["lora_B"] - 50.0 * beyond[:, None, :])
+    noisy = dict(inp, lora_A=inp["lora_A"] + 100.0 * beyond[:, :, None],
+                 lora_B=inp["lora_B"] - 50.0 * beyond[:, None, :])
     for layout in layouts_of(backend):
         check(run(backend, noisy, assignment("random", 29, 3).to(dev), ranks=ranks, layout=layout), want,
               torch.float32, f"ranks ({layout})")
@@ -244,10 +245,12 @@ def test_bad_adapter_index_raises_clearly(backend):
     with fastpeft.use_backend(backend, op=OP_NAME):
         for bad, row in (([0, 1, 2, -1, 0, 1], 2), ([0, -2, 0, 0, 0, 0], 1)):
             with pytest.raises(ValueError, match=rf"adapter_index: expected values in \[-1, 2\).*got {bad[row]} at "
-                                                 rf"row {row}"):
+                                                 rf"adapter_index\[{row}\]"):
                 run(backend, inp, torch.tensor(bad, device=dev))
-        with pytest.raises(ValueError, match=r"adapter_index: expected values in \[-1, 2\).*got 5 at row 1"):
+        with pytest.raises(ValueError, match=r"expected values in \[-1, 2\).*got 5 at adapter_index\[1\]"):
             run(backend, inp, torch.tensor([0, 5], device=dev))      # per sequence: checked before the broadcast
+        with pytest.raises(ValueError, match=r"got -4 at adapter_index\[1, 2\]"):
+            run(backend, inp, torch.tensor([[0, 1, 1], [0, 0, -4]], device=dev))  # shaped like x.shape[:-1]
         with pytest.raises(TypeError, match="adapter_index: expected dtype"):
             run(backend, inp, torch.zeros(6, device=dev))
         with pytest.raises(ValueError, match=r"adapter_index: expected shape \[6\].*\[2, 3\].*or \[2\]"):
@@ -271,7 +274,7 @@ def test_unchecked_index_is_memory_safe():
         if p.marks or device_of(backend) != "cpu":
             continue
         if backend == "cpu":
-            with pytest.raises(ValueError, match=r"adapter_index: expected values in \[-1, 2\).*got 7 at row 1"):
+            with pytest.raises(ValueError, match=r"expected values in \[-1, 2\).*got 7 at adapter_index\[1\]"):
                 run(backend, inp, idx, check_index=False)
             continue
         for layout in layouts_of(backend):
@@ -303,7 +306,8 @@ def test_bad_arguments_name_themselves():
     for args, exc, msg in cases:
         with pytest.raises(exc, match=msg):
             lora_linear_multi(*args, idx)
-    for ranks, msg in (([1, 2], "ranks: expected a sequence of 3 ints"), ([1, 2, 3], r"ranks: expected ints in \[0, 2\]"),
+    for ranks, msg in (([1, 2], "ranks: expected a sequence of 3 ints"),
+                       ([1, 2, 3], r"ranks: expected ints in \[0, 2\]"),
                        ([1, True, 0], "ranks: expected ints"), (torch.tensor([1, 1, 1]), "ranks: expected a sequence")):
         with pytest.raises(ValueError, match=msg):
             lora_linear_multi(x, w, b, A, B, s, idx, ranks=ranks)
@@ -325,7 +329,7 @@ def test_cpu_op_checks_its_own_arguments():
     op = torch.ops.fastpeft.lora_linear_multi
     with pytest.raises(ValueError, match="adapter_index must be"):
         op(x, w, b, A, B, s, torch.zeros(3, dtype=torch.long), None)
-    with pytest.raises(ValueError, match=r"adapter_index: expected values in \[-1, 3\).*got 3 at row 2"):
+    with pytest.raises(ValueError, match=r"expected values in \[-1, 3\).*got 3 at adapter_index\[2\]"):
         op(x, w, b, A, B, s, torch.tensor([0, 1, 3, -1]), None)
     with pytest.raises(ValueError, match=r"ranks: expected values in \[0, 2\]"):
         op(x, w, b, A, B, s, torch.tensor([0, 1, 2, -1]), [1, 3, 1])
@@ -411,7 +415,7 @@ def test_embedding_matches_float64_oracle(dtype):
 def test_embedding_bad_input():
     w, A, B, s = torch.randn(10, 4), torch.randn(2, 3, 10), torch.randn(2, 4, 3), torch.ones(2)
     ids = torch.tensor([[1, 2], [3, 4]])
-    with pytest.raises(ValueError, match=r"adapter_index: expected values in \[-1, 2\).*got 2 at row 1"):
+    with pytest.raises(ValueError, match=r"expected values in \[-1, 2\).*got 2 at adapter_index\[1\]"):
         lora_embedding_multi(ids, w, A, B, s, torch.tensor([0, 2]))
     with pytest.raises(ValueError, match=r"lora_A: expected shape \[n_adapters, r_max, 10\].*V = weight.shape\[0\]"):
         lora_embedding_multi(ids, w, A[:, :, :9], B, s, torch.tensor([0, 1]))

@@ -126,9 +126,10 @@ def _checked_index(adapter_index: torch.Tensor, n_adapters: int) -> torch.Tensor
     if adapter_index.numel():
         lo, hi = torch.stack(torch.aminmax(adapter_index)).tolist()
         if lo < -1 or hi >= n_adapters:
-            row = int(((adapter_index < -1) | (adapter_index >= n_adapters)).nonzero()[0, 0])
+            pos = [int(i) for i in ((adapter_index < -1) | (adapter_index >= n_adapters)).nonzero()[0]]
             raise ValueError(f"adapter_index: expected values in [-1, {n_adapters}) (-1 = base only, "
-                             f"n_adapters = {n_adapters}), got {int(adapter_index[row])} at row {row}")
+                             f"n_adapters = {n_adapters}), got {int(adapter_index[tuple(pos)])} at "
+                             f"adapter_index{pos}")
     return adapter_index.clone()
 
 
