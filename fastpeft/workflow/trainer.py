@@ -44,8 +44,8 @@ import torch
 from .. import amp
 from . import checkpointing as ckpt
 from . import distributed as D
-from .data import EncodedDataset, PaddingCollator, make_loader
-from .tasks import Task, model_inputs
+from .data import EncodedDataset, make_loader
+from .tasks import Task
 
 
 # --------------------------------------------------------------------------- configuration
@@ -266,8 +266,7 @@ class Trainer:
         self.train_data = train_data
         self.eval_data = eval_data
         self.tokenizer = tokenizer
-        pad = getattr(tokenizer, "pad_token_id", None)
-        self.collator = collator or PaddingCollator(pad if pad is not None else 0)
+        self.collator = collator or task.collator(tokenizer)
         self.callbacks = list(callbacks or [])
         self.loss_fn = loss_fn
         self.adversarial = adversarial
@@ -302,10 +301,9 @@ class Trainer:
 
     def forward(self, model, batch):
         """(loss, logits) of the task, with ``loss_fn`` replacing the task loss when given."""
-        if self.loss_fn is None:
+        if self.loss_fn is None:  # (a task's own forward(model, batch) need not know about loss_fn)
             return self.task.forward(model, batch)
-        out = model(**model_inputs(batch))
-        return self.loss_fn(out, batch), out.logits
+        return self.task.forward(model, batch, loss_fn=self.loss_fn)
 
     def _autocast(self):
         """Autocast to ``config.precision`` on the training device (a null context for fp32)."""
@@ -471,8 +469,7 @@ class Trainer:
         if cfg.output_dir and self.info.is_main:
             os.makedirs(cfg.output_dir, exist_ok=True)
         self.metric = cfg.metric or self.task.default_metric
-        self.mode = cfg.mode or (self.task.default_mode if cfg.metric is None else
-                                 ("min" if "loss" in self.metric or "perplexity" in self.metric else "max"))
+        self.mode = cfg.mode or (self.task.default_mode if cfg.metric is None else self.task.metric_mode(self.metric))
         self.model.to(self.device)
         if self.info.enabled:
             kind = "ddp" if cfg.distributed == "auto" else cfg.distributed
@@ -579,7 +576,7 @@ class Trainer:
     def _record_step(self, run: _Run, micro: list[dict], loss: float) -> bool:
         """Advance :attr:`state` past the step just taken, log it; True when it completed an epoch."""
         cfg, st = self.config, self.state
-        n_ex = sum(len(b["input_ids"]) for b in micro) * self.info.world_size
+        n_ex = sum(self.task.num_examples(b) for b in micro) * self.info.world_size
         st.step += 1
         st.batch_in_epoch += len(micro)
         st.examples += n_ex
