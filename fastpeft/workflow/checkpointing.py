@@ -28,8 +28,6 @@ STATE_JSON = "state.json"
 STATE_TENSORS = "state.safetensors"
 
 
-
-
 # --------------------------------------------------------------------------- state (de)serialisation
 
 def _json_safe(obj):
