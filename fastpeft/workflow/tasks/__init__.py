@@ -42,8 +42,9 @@ Optional (the defaults in :class:`Task` fit token-sequence tasks whose model ret
 * ``metric_mode(metric)`` -- which way a metric improves when the config names one (default: ``"min"`` for
   losses and perplexity, else ``"max"``).
 
-:meth:`Task.outputs` (batches moved to the model's device, with the model's outputs) is the loop
-``evaluate`` / ``predict`` usually need.
+Helpers: :meth:`Task.outputs` (batches moved to the model's device, with the model's outputs) is the loop
+``evaluate`` / ``predict`` usually need; :meth:`Task.labelled_model` is ``build_model`` for a head over
+``labels``.
 """
 from __future__ import annotations
 

@@ -61,6 +61,13 @@ class Task:
     def fit_labels(self, records) -> list[str] | None:
         return None
 
+    def labelled_model(self, model_path: str, auto_class):
+        """``auto_class`` (a transformers ``AutoModelFor...``) from ``model_path``, its head sized and named
+        for :attr:`labels` (``build_model`` of tasks with a label vocabulary)."""
+        from ..models import load_base_model
+        return load_base_model(model_path, auto_class, num_labels=len(self.labels),
+                               id2label=dict(enumerate(self.labels)), label2id=self.label2id)
+
     # ---- batches and the training step
     def collator(self, tokenizer):
         """Turns a list of encoded examples into a batch: padding to the batch's longest ``input_ids``."""

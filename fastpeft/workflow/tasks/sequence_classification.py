@@ -71,9 +71,7 @@ class SequenceClassification(Task):
 
     def build_model(self, model_path: str):
         from transformers import AutoModelForSequenceClassification
-        from ..models import load_base_model
-        return load_base_model(model_path, AutoModelForSequenceClassification, num_labels=len(self.labels),
-                               id2label=dict(enumerate(self.labels)), label2id=self.label2id)
+        return self.labelled_model(model_path, AutoModelForSequenceClassification)
 
     @torch.no_grad()
     def predict_ids(self, model, loader):

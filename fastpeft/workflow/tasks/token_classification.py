@@ -82,9 +82,7 @@ class TokenClassification(Task):
 
     def build_model(self, model_path: str):
         from transformers import AutoModelForTokenClassification
-        from ..models import load_base_model
-        return load_base_model(model_path, AutoModelForTokenClassification, num_labels=len(self.labels),
-                               id2label=dict(enumerate(self.labels)), label2id=self.label2id)
+        return self.labelled_model(model_path, AutoModelForTokenClassification)
 
     @torch.no_grad()
     def predict_tags(self, model, loader):
