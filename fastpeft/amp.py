@@ -284,7 +284,7 @@ class GradScaler:
         return GradTailStats(multiplier, norm, found_inf)
 
     def clip_grad_norm_(self, optimizer, max_norm: float) -> torch.Tensor:
-        """Unscale and clip (fused); returns the unscaled pre-clip total norm (like ``clip_grad_norm_``)."""
+        """Unscale and clip; returns the unscaled pre-clip total norm (like ``clip_grad_norm_``)."""
         if max_norm is None:
             raise ValueError("max_norm: expected a finite number >= 0, got None")
         return self.unscale_(optimizer, max_norm=max_norm).total_norm
