@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from .base import PeftConfig
+from .registry import register_tuner
 from .targeting import find_targets, linear_types, candidate_names
 
 try:  # transformers is optional for plain nn.Module models
@@ -296,7 +297,7 @@ def _mark_trainable(model: nn.Module, inference_mode: bool) -> None:
             p.requires_grad_(k in m.active_adapters and not inference_mode)
 
 
-def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict:
+def adapter_state_dict(model: nn.Module, adapter_name: str = "default", *, config=None) -> dict:
     """On-disk tensors: ``{"<path>.ia3_l": tensor}`` (HF PEFT keys without ``base_model.model.``)."""
     out = {}
     for n, m in iter_ia3_layers(model):
@@ -305,7 +306,7 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict:
     return out
 
 
-def load_adapter_state_dict(model: nn.Module, state: dict, adapter_name: str = "default") -> None:
+def load_adapter_state_dict(model: nn.Module, state: dict, adapter_name: str = "default", *, config=None) -> None:
     """Validate (missing / unexpected keys, shapes) and copy ``state`` into ``adapter_name``'s vectors."""
     params = {f"{n}.ia3_l": m.ia3_l[adapter_name] for n, m in iter_ia3_layers(model) if adapter_name in m.ia3_l}
     _check_and_copy(params, state, "IA3")
@@ -324,8 +325,9 @@ def _check_and_copy(params: dict, state: dict, what: str) -> None:
             p.copy_(state[k].to(device=p.device, dtype=p.dtype))
 
 
-def remove(model: nn.Module, adapter_name: str = "default") -> None:
-    """Drop ``adapter_name``; wrappers left without adapters are replaced by their base layer."""
+def remove(model: nn.Module, adapter_name: str = "default", *, unwrap_empty: bool = True) -> None:
+    """Drop ``adapter_name``; wrappers left without adapters are replaced by their base layer
+    (always: IA3 does not keep empty wrappers, whatever ``unwrap_empty``)."""
     for name, m in list(iter_ia3_layers(model)):
         if adapter_name not in m.ia3_l:
             continue
@@ -341,7 +343,7 @@ def remove(model: nn.Module, adapter_name: str = "default") -> None:
             setattr(parent, child, m.base_layer)
 
 
-def merge(model: nn.Module, adapter_names=None, safe_merge: bool = False) -> None:
+def merge(model: nn.Module, adapter_names=None, *, safe_merge: bool = False) -> None:
     """Fold the (active or named) adapters into the base weights.  ``safe_merge`` checks every
     layer first and raises, with nothing merged, when a merged weight would be non-finite."""
     layers = [m for _, m in iter_ia3_layers(model)]
@@ -361,7 +363,7 @@ def unmerge(model: nn.Module) -> None:
         m.unmerge()
 
 
-def set_adapter(model: nn.Module, adapter_names, inference_mode: bool = False) -> None:
+def set_adapter(model: nn.Module, adapter_names, *, inference_mode: bool = False) -> None:
     names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
     for _, m in iter_ia3_layers(model):
         m.active_adapters = [n for n in names if n in m.ia3_l]
@@ -373,8 +375,6 @@ def enable_adapters(model: nn.Module, enabled: bool) -> None:
     for _, m in iter_ia3_layers(model):
         m.disable_adapters = not enabled
 
-
-from . import register_tuner  # noqa: E402  (fastpeft.tuners defines it before importing methods)
 
 register_tuner(PEFT_TYPE, IA3Config, inject, adapter_state_dict, load_adapter_state_dict,
                remove=remove, merge=merge, unmerge=unmerge, set_adapter=set_adapter,
