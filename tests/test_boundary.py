@@ -7,7 +7,8 @@
   ``fastpeft/workflow/config.py``;
 * at run time: a lean install (no transformers, peft, PyYAML, matplotlib, tqdm) imports fastpeft, patches a
   model, trains a step, saves and loads the adapter and runs an op, with no application module imported;
-* ``fastpeft.Trainer`` and the other workflow names resolve on first use.
+* ``fastpeft.Trainer`` and the other workflow names resolve on first use;
+* an application missing an optional package says in one line which extra installs it.
 """
 import ast
 import os
@@ -235,3 +236,30 @@ def test_the_workflow_imports_no_study_package_until_a_config_uses_it():
     """)
     assert p.returncode == 0, p.stderr
     assert p.stdout.strip().splitlines()[-1] == "['workflow']"
+
+
+# ---- a missing optional package: one line naming the extra ----------------------------------------------
+def test_yaml_config_without_pyyaml_names_the_extra(monkeypatch, tmp_path, capsys):
+    from fastpeft._optional import MissingExtra
+    from fastpeft.cli import main
+    from fastpeft.workflow.config import load_yaml, to_yaml
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("model: minilm\n")
+    monkeypatch.setitem(sys.modules, "yaml", None)
+    with pytest.raises(MissingExtra, match=r"needs PyYAML: pip install 'fastpeft\[train\]'"):
+        load_yaml(str(cfg))
+    with pytest.raises(MissingExtra, match="PyYAML"):
+        to_yaml({"model": "minilm"})
+    assert main(["finetune", "--config", str(cfg)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "fastpeft finetune: fastpeft's YAML config needs PyYAML: pip install 'fastpeft[train]'"
+
+
+def test_a_broken_optional_package_is_not_reported_as_missing(monkeypatch):
+    from fastpeft._optional import import_extra
+
+    monkeypatch.setitem(sys.modules, "yaml.nested_missing", None)
+    with pytest.raises(ModuleNotFoundError) as e:
+        import_extra("yaml.nested_missing", "x")
+    assert type(e.value) is ModuleNotFoundError

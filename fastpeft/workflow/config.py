@@ -37,17 +37,17 @@ Layout (every section optional except ``model``, ``task`` and ``data.train``)::
 a stream of tasks trained in sequence); they cannot be combined with each other. Their packages own them:
 :data:`STUDY_SECTIONS` is the one place where the workflow reaches them (CONTRIBUTING.md, "Package map").
 
-Errors are :class:`~fastpeft.workflow.config_checks.ConfigError`.
+Errors are :class:`~fastpeft.workflow.config_checks.ConfigError`; reading and writing YAML needs PyYAML
+(``pip install 'fastpeft[train]'``).
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
 
-import yaml
-
 from .. import (BitFitConfig, BottleneckAdapterConfig, IA3Config, LoraConfig, PrefixTuningConfig,
                 PromptTuningConfig)
+from .._optional import import_extra
 from .config_checks import DATA_KEYS, FILE_KEYS, ConfigError, check_data, parse_number  # noqa: F401  (API)
 from .tasks import TASKS
 from .trainer import TrainerConfig
@@ -92,7 +92,12 @@ DEFAULTS = {
 }
 
 
+def _yaml():
+    return import_extra("yaml", "fastpeft's YAML config")
+
+
 def load_yaml(path: str) -> dict:
+    yaml = _yaml()
     try:
         with open(path) as f:
             cfg = yaml.safe_load(f)
@@ -128,7 +133,7 @@ def parse_override(text: str):
     if "=" not in text:
         raise ConfigError(f"--set: expected KEY=VALUE, got {text!r}")
     k, v = text.split("=", 1)
-    value = yaml.safe_load(v) if v != "" else None
+    value = _yaml().safe_load(v) if v != "" else None
     if isinstance(value, str):  # YAML 1.1 does not read 1e-3 as a float
         try:
             value = float(value) if any(c in value for c in ".eE") else value
@@ -240,4 +245,4 @@ def to_yaml(cfg: dict) -> str:
     if isinstance(out.get("trainer"), TrainerConfig):
         out["trainer"] = dataclasses.asdict(out["trainer"])
         out["trainer"]["betas"] = list(out["trainer"]["betas"])
-    return yaml.safe_dump(out, sort_keys=False)
+    return _yaml().safe_dump(out, sort_keys=False)

@@ -16,6 +16,7 @@ import sys
 import torch
 
 from .. import LoraConfig, PeftModel, get_peft_model
+from .._optional import import_extra
 from ..adversarial import build as build_adversarial_method
 from .config import CALLBACK_SECTIONS, METHOD_CLASSES, STUDY_SECTIONS, to_yaml
 from .data import make_loader, PaddingCollator, take
@@ -32,7 +33,7 @@ def peft_api(backend: str = "auto"):
         return get_peft_model, LoraConfig, PeftModel, "fastpeft"
     if backend != "peft":
         raise ValueError(f"method.backend: expected 'auto', 'fastpeft' or 'peft', got {backend!r}")
-    import peft
+    peft = import_extra("peft", "method.backend: peft")
     return peft.get_peft_model, peft.LoraConfig, peft.PeftModel, "peft"
 
 
