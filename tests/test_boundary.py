@@ -198,8 +198,6 @@ def test_import_fastpeft_imports_no_application():
     assert p.stdout.strip().splitlines()[-1] == "APPS [] False"
 
 
-@pytest.mark.xfail(strict=True, reason="fastpeft/tuners/ia3.py imports transformers at module level; "
-                                       "the package map allows it only inside functions (_optional.conv1d_cls)")
 def test_import_fastpeft_does_not_import_transformers():
     p = run_py("import sys, fastpeft; print('transformers' in sys.modules)")
     assert p.returncode == 0, p.stderr

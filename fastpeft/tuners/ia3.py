@@ -25,13 +25,9 @@ import torch
 from torch import nn
 
 from .base import PeftConfig
+from .._optional import conv1d_cls
 from .registry import register_tuner
 from .targeting import find_targets, linear_types, candidate_names
-
-try:  # transformers is optional for plain nn.Module models
-    from transformers.pytorch_utils import Conv1D as _HFConv1D
-except Exception:  # pragma: no cover
-    _HFConv1D = None
 
 PEFT_TYPE = "IA3"
 
@@ -94,7 +90,8 @@ class IA3Linear(nn.Module):
         self.base_layer = base_layer
         self.ia3_l = nn.ParameterDict()
         self.is_feedforward = is_feedforward
-        self.fan_in_fan_out = _HFConv1D is not None and isinstance(base_layer, _HFConv1D)
+        conv1d = conv1d_cls()
+        self.fan_in_fan_out = conv1d is not None and isinstance(base_layer, conv1d)
         if self.fan_in_fan_out:
             self.in_features, self.out_features = base_layer.weight.shape
         else:

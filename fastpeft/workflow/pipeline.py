@@ -19,7 +19,7 @@ from .. import LoraConfig, PeftModel, get_peft_model
 from .._optional import import_extra
 from ..adversarial import build as build_adversarial_method
 from .config import CALLBACK_SECTIONS, METHOD_CLASSES, STUDY_SECTIONS, to_yaml
-from .data import make_loader, PaddingCollator, take
+from .data import make_loader, take
 from .models import load_tokenizer, resolve_model_path
 from .tasks import get_task
 
@@ -182,8 +182,7 @@ def run_on_file(adapter_dir: str, path: str, *, mode: str, model: str | None = N
     with_labels = mode == "evaluate"
     recs = task.read(path, dcfg, limit=limit, with_labels=with_labels)
     ds = task.encode(recs, tok, max_length or info.get("max_length", 128), with_labels=with_labels)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    loader = make_loader(ds, PaddingCollator(pad), batch_size, shuffle=False)
+    loader = make_loader(ds, task.collator(tok), batch_size, shuffle=False)
     with torch.no_grad():
         if with_labels:
             return task.evaluate(m, loader, ds)

@@ -42,6 +42,7 @@ from typing import Callable
 import torch
 
 from .. import amp
+from .._optional import import_extra
 from . import checkpointing as ckpt
 from . import distributed as D
 from .data import EncodedDataset, make_loader
@@ -502,7 +503,7 @@ class Trainer:
 
         self.pbar = None
         if cfg.progress and self.info.is_main:
-            from tqdm.auto import tqdm
+            tqdm = import_extra("tqdm.auto", "the trainer's progress bar (trainer.progress: false turns it off)").tqdm
             self.pbar = tqdm(total=total_steps, initial=self.state.step, desc="train", dynamic_ncols=True)
         t0 = time.perf_counter()
         return _Run(loader, batches_per_epoch, total_steps, t0, time_since=t0)
