@@ -45,11 +45,12 @@ def test_op_package_has_its_files(package):
         op = backends.get_op(name)
         assert op.example is not None, f"op {name}: define_op({name!r}, example=...) is missing"
         assert set(op.impls) <= set(backends.BACKENDS) and "torch" in op.impls, f"op {name}: no torch backend"
-    assert os.path.exists(os.path.join(ROOT, "tests", "ops", f"test_{package}.py"))
-    assert os.path.exists(os.path.join(ROOT, "benchmarks", f"bench_{package}.py"))
+    for rel in (f"tests/ops/test_{package}.py", f"benchmarks/bench_{package}.py",
+                f"fastpeft/bench/cases/ops/{package}.py"):
+        assert os.path.exists(os.path.join(ROOT, rel)), f"op package {package}: {rel} is missing (see CONTRIBUTING.md)"
     cases = importlib.import_module(f"fastpeft.bench.cases.ops.{package}")
-    assert cases.VARIANTS and callable(cases.cases)
-    assert cases.cases("smoke", torch.device("cpu")), f"no smoke case for {package}"
+    assert cases.VARIANTS and callable(cases.cases), f"{cases.__name__}: needs VARIANTS and cases(suite, device)"
+    assert cases.cases("smoke", torch.device("cpu")), f"{cases.__name__}: no case in the smoke suite"
     kernel = os.path.join(ROOT, "fastpeft", "ops", package, "triton_kernel.py")
     if os.path.exists(kernel):  # parsed, not imported: Triton may be missing here
         tree = ast.parse(open(kernel).read())
