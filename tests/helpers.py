@@ -22,8 +22,11 @@ TOL = {
 
 def runnable_backends(op_name: str, *example_args) -> list:
     """pytest params: every backend of ``op_name``, skipped with the reason where
-    it cannot take ``example_args`` here (so a broken build shows as skips in -ra)."""
+    it cannot take ``example_args`` (default: the op's own CPU example inputs) here
+    (so a broken build shows as skips in -ra)."""
     op = backends.get_op(op_name)
+    if not example_args:
+        example_args = op.example_inputs("cpu")
     params = []
     for name in backends.BACKENDS:
         if name not in op.impls:

@@ -6,10 +6,8 @@ is compared with it on random adapter assignments (with -1 rows), adapters with 
 one adapter, a batch on the base alone, ranks that differ, 3-D x with per-row and per-sequence
 indices, non-contiguous x and a Conv1D-layout weight.  Triton runs through the interpreter on CPU
 (fp32 / fp16: no bf16 tl.dot there) and on a GPU in the ``gpu`` tests at the end; the kernels are
-compiled for sm_90 by the ahead-of-time test.
+compiled for sm_90 by tests/ops/test_triton_aot.py (through ``triton_kernel.aot_launches``).
 """
-import os
-
 import pytest
 import torch
 from torch.library import opcheck
@@ -21,18 +19,9 @@ from fastpeft.ops.lora_linear_multi import lora_linear_multi_loop
 
 from ..helpers import check_scaled as check
 from ..helpers import run_cpp_unit_test, runnable_backends
-from .test_triton_aot import _need_nvidia_backend, _run, _summary
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 OP_NAME = "lora_linear_multi"
-
-
-def _example():
-    return (torch.zeros(2, 8), torch.zeros(4, 8), None, torch.zeros(3, 2, 8), torch.zeros(3, 4, 2), torch.ones(3),
-            torch.tensor([0, -1]), None, None)
-
-
-BACKENDS = runnable_backends(OP_NAME, *_example())
+BACKENDS = runnable_backends(OP_NAME)
 
 
 def _ok(backend):
@@ -86,8 +75,6 @@ def oracle(x, weight, bias, lora_A, lora_B, scales, rows_index, ranks=None):
             ra = lora_A.shape[1] if ranks is None else ranks[a]
             y[m] += scales[a] * (lora_B[a, :, :ra] @ (lora_A[a, :ra] @ x2[m]))
     return y.reshape(*x.shape[:-1], weight.shape[0])
-
-
 
 
 def run(backend, inp, adapter_index, **kw):
@@ -431,52 +418,6 @@ def test_embedding_bad_input():
 def test_cpp_kernel_unit_test(tmp_path):
     """csrc/lora_linear_multi/lora_linear_multi_test.cpp: the counting sort and the low-rank rows vs naive loops."""
     run_cpp_unit_test(OP_NAME, tmp_path)
-
-
-# -- the Triton kernels compile for real GPUs ---------------------------------------------------------
-# tests/triton_aot.py's own driver, pointed at this op's launches (its drive_all_ops does not call
-# aot_launches() yet): quick = one launch per kernel and combination of argument dtypes, first config;
-# otherwise every distinct launch, and every config of each kernel's first launch.
-_AOT_PROBE = """
-import sys
-sys.path[:0] = [{root!r}, {tests!r}]
-import triton_aot
-from fastpeft.ops.lora_linear_multi import aot_launches, triton_kernel
-
-
-def drive():
-    with triton_aot.Recorder() as rec:
-        aot_launches()
-    return rec.launches
-
-
-triton_aot.drive_all_ops = drive
-triton_aot.expected_kernels = lambda: {{f"{{triton_kernel.__name__}}.{{n}}" for n in vars(triton_kernel)
-                                       if n.endswith("_kernel")}}
-sys.exit(triton_aot.main({argv!r}))
-"""
-
-
-def _aot(argv, timeout):
-    _need_nvidia_backend()
-    out = _run(["-c", _AOT_PROBE.format(root=ROOT, tests=os.path.join(ROOT, "tests"), argv=argv)], timeout=timeout)
-    s = _summary(out)
-    assert out.returncode == 0 and not s["failures"], "\n".join(s["failures"]) + out.stderr[-2000:]
-    assert len(s["kernels"]) == 4 and s["compiled"] >= 4, s
-
-
-def test_triton_kernels_compile_for_hopper():
-    """Each kernel, for every combination of argument dtypes its launcher produces (fp32 / fp16 / bf16,
-    int32 / int64 indices), first autotune config, compiled for sm_90 by triton.compile (no GPU needed)."""
-    _aot(["--arch", "90", "--quick"], 900)
-
-
-@pytest.mark.slow
-def test_every_launch_and_config_compiles_for_ampere_and_hopper():
-    """Every distinct recorded launch (ranks padding to 16 / 64 / 256, SGMV row tiles 16 / 32 / 64, both
-    layouts), and every autotune config of each kernel's first launch, for sm_80 and sm_90; each autotuned
-    launch has a config within the shared-memory limit."""
-    _aot(["--arch", "90", "--arch", "80"], 3600)
 
 
 # -- on a GPU (benchmarks/gpu_run.sh runs -m gpu) ----------------------------------------------------

@@ -35,22 +35,20 @@ for free, while it sorts).
 
 Files of this op: ``reference.py``, ``triton_kernel.py``, ``csrc/lora_linear_multi/`` (torch-free
 ``_cpu.cpp``, ``_binding.cpp``, ``_test.cpp``), ``tests/ops/test_lora_linear_multi.py``,
-``benchmarks/bench_lora_linear_multi.py``.
+``fastpeft/bench/cases/ops/lora_linear_multi.py``, ``benchmarks/bench_lora_linear_multi.py``.
 """
 from __future__ import annotations
 
-import itertools
 import math
 from typing import Optional, Sequence
 
 import torch
 
-from ... import _ext, _triton
 from ...backends import define_op
-from .._checks import check_same_device, check_tensor, device_reason, dtype_reason
+from .._checks import check_same_device, check_tensor
+from .._register import compiled_op, random_tensors, register_backend, triton_op
 from .reference import lora_embedding_multi_reference, lora_linear_multi_loop, lora_linear_multi_reference
 
-OP = define_op("lora_linear_multi")
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 INDEX_DTYPES = (torch.int32, torch.int64)
 CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
@@ -58,6 +56,19 @@ GPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 LAYOUTS = (None, "auto", "sgmv", "bgmv")
 MAX_TRITON_RANK = 256
 MAX_TRITON_ADAPTERS = 1024  # each SGMV program scans a vector of next_power_of_2(n_adapters) entries
+
+
+def _example(device, dtype):
+    """The arguments of ``OP`` (after the public function's checks): 7 rows over 3 adapters of
+    different true ranks, two rows on the base alone."""
+    randn = random_tensors(device, dtype)
+    M, K, N, n, r = 7, 8, 5, 3, 4
+    return (randn(M, K), randn(N, K, scale=K ** -0.5), randn(N), randn(n, r, K, scale=K ** -0.5),
+            randn(n, N, r, scale=r ** -0.5), torch.tensor([0.5, 2.0, 1.25], device=device),
+            torch.tensor([0, 2, -1, 1, 2, 0, -1], device=device), [4, 2, 3], None)
+
+
+OP = define_op("lora_linear_multi", example=_example)
 
 
 # -- argument checks (shared with lora_embedding_multi) ------------------------------
@@ -233,37 +244,22 @@ def lora_embedding_multi(input_ids: torch.Tensor, weight: torch.Tensor, lora_A: 
     return lora_embedding_multi_reference(input_ids, weight, lora_A, lora_B, scales, idx, ranks)
 
 
-# -- torch --------------------------------------------------------------------------------
-OP.register("torch")(lora_linear_multi_reference)
-
-
+# -- the ops' fake: y [..., N] ---------------------------------------------------------------
+# Inference only: no backward is registered (the public functions refuse inputs that require grad).
 def _fake(x, weight, bias, lora_A, lora_B, scales, adapter_index, ranks, layout=None):
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
-# -- cpu (compiled: torch.ops.fastpeft.lora_linear_multi) ------------------------------------
-if _ext.load() is not None and hasattr(torch.ops.fastpeft, "lora_linear_multi"):
-    torch.library.register_fake("fastpeft::lora_linear_multi")(_fake)
+# -- cpu: torch.ops.fastpeft.lora_linear_multi (csrc/lora_linear_multi/) -----------------------------
+compiled_op("lora_linear_multi", fake=_fake)
 
 
-def _cpu_available():
-    reason = _ext.cpu_available()
-    if reason is None and not hasattr(torch.ops.fastpeft, "lora_linear_multi"):
-        reason = "fastpeft._C was built without lora_linear_multi (rebuild the extension)"
-    return reason
-
-
-def _cpu_supports(x, weight, bias, lora_A, lora_B, scales, adapter_index, ranks, layout, forced):
-    return device_reason(x, "cpu", "cpu backend") or dtype_reason(x, CPU_DTYPES, "cpu backend")
-
-
-@OP.register("cpu", available=_cpu_available, supports=_cpu_supports)
 def _lora_linear_multi_cpu(x, weight, bias, lora_A, lora_B, scales, adapter_index, ranks, layout):
     return torch.ops.fastpeft.lora_linear_multi(x, weight, bias, lora_A, lora_B, scales, adapter_index, ranks)
 
 
-# -- triton (a custom op + fake, so opcheck and torch.compile work) ---------------------------
-@torch.library.custom_op("fastpeft::lora_linear_multi_triton", mutates_args=())
+# -- triton: torch.ops.fastpeft.lora_linear_multi_triton ------------------------------------------
+@triton_op("lora_linear_multi_triton", fake=_fake)
 def _lora_linear_multi_triton(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                               lora_A: torch.Tensor, lora_B: torch.Tensor, scales: torch.Tensor,
                               adapter_index: torch.Tensor, ranks: Optional[list[int]], layout: str) -> torch.Tensor:
@@ -272,38 +268,22 @@ def _lora_linear_multi_triton(x: torch.Tensor, weight: torch.Tensor, bias: Optio
     return lora_linear_multi_triton(x, weight, bias, lora_A, lora_B, scales, adapter_index, ranks, layout)
 
 
-_lora_linear_multi_triton.register_fake(_fake)
-
-
-def _triton_supports(x, weight, bias, lora_A, lora_B, scales, adapter_index, ranks, layout, forced):
-    reason = _triton.supports_device(x.device, forced) or dtype_reason(x, GPU_DTYPES, "triton backend")
-    if reason is None and lora_A.shape[1] > MAX_TRITON_RANK:
-        reason = f"triton backend supports ranks up to {MAX_TRITON_RANK}, got r_max = {lora_A.shape[1]}"
-    if reason is None and lora_A.shape[0] > MAX_TRITON_ADAPTERS:
-        reason = f"triton backend supports up to {MAX_TRITON_ADAPTERS} adapters, got {lora_A.shape[0]}"
-    return reason
-
-
-@OP.register("triton", available=_triton.available, supports=_triton_supports)
 def _lora_linear_multi_on_triton(x, weight, bias, lora_A, lora_B, scales, adapter_index, ranks, layout):
     return _lora_linear_multi_triton(x, weight, bias, lora_A, lora_B, scales, adapter_index, ranks, layout or "auto")
 
 
-def aot_launches() -> None:
-    """Call the Triton launcher on small CPU tensors for every dtype and variant (both layouts, ranks that
-    pad to 16 / 64 / 256, int32 and int64 indices, each SGMV row tile), for the ahead-of-time compile
-    check (under its recorder nothing runs on a GPU)."""
-    from .triton_kernel import lora_linear_multi_triton
-
-    K, N, n = 48, 56, 3
-    for dt, r, layout, idt in itertools.product(GPU_DTYPES, (1, 16, 64, 256), ("sgmv", "bgmv"),
-                                                INDEX_DTYPES):
-        for M in ((40, 100, 200) if layout == "sgmv" else (40,)):  # SGMV row tiles 16 / 32 / 64
-            x, w = torch.zeros(M, K, dtype=dt), torch.zeros(N, K, dtype=dt)
-            a, b = torch.zeros(n, r, K, dtype=dt), torch.zeros(n, N, r, dtype=dt)
-            idx = (torch.arange(M) % (n + 1) - 1).to(idt)
-            lora_linear_multi_triton(x, w, torch.zeros(N, dtype=dt) if r == 16 else None, a, b, torch.ones(n),
-                                     idx, [r] * n if r == 64 else None, layout)
+def _fits_triton(x, weight, bias, lora_A, *args, forced):
+    n, r = lora_A.shape[:2]
+    if r > MAX_TRITON_RANK:
+        return f"triton backend supports ranks up to {MAX_TRITON_RANK}, got r_max = {r}"
+    if n > MAX_TRITON_ADAPTERS:
+        return f"triton backend supports up to {MAX_TRITON_ADAPTERS} adapters, got {n}"
+    return None
 
 
-__all__ = ["lora_linear_multi", "lora_embedding_multi", "lora_linear_multi_loop", "OP", "aot_launches"]
+# -- backends ----------------------------------------------------------------------------------
+register_backend(OP, "torch")(lora_linear_multi_reference)
+register_backend(OP, "cpu", dtypes=CPU_DTYPES, needs=["lora_linear_multi"])(_lora_linear_multi_cpu)
+register_backend(OP, "triton", dtypes=GPU_DTYPES, also=_fits_triton)(_lora_linear_multi_on_triton)
+
+__all__ = ["lora_linear_multi", "lora_embedding_multi", "lora_linear_multi_loop", "OP"]

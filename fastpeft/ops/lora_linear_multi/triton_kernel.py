@@ -240,3 +240,21 @@ def lora_linear_multi_triton(x, weight, bias, lora_A, lora_B, scales, adapter_in
                 u, lora_B, rk, sc, order, bounds, y, N, n, *lora_B.stride(), y.stride(0),
                 N_PAD=n_pad, R_PAD=r_pad, PRECISION=prec, BLOCK_M=block_m)
     return y.view(*x.shape[:-1], N)
+
+
+def aot_launches() -> None:
+    """Every launch this module must compile for on a GPU, on CPU tensors (tests/triton_aot.py records
+    them instead of running them): each activation dtype, both layouts, ranks that pad to 16 / 64 / 256,
+    int32 and int64 indices, each SGMV row tile, bias or not, ranks given or not."""
+    import itertools
+
+    from . import GPU_DTYPES, INDEX_DTYPES
+
+    K, N, n = 48, 56, 3
+    for dt, r, layout, idt in itertools.product(GPU_DTYPES, (1, 16, 64, 256), LAYOUTS, INDEX_DTYPES):
+        for M in ((40, 100, 200) if layout == "sgmv" else (40,)):  # SGMV row tiles 16 / 32 / 64
+            x, w = torch.zeros(M, K, dtype=dt), torch.zeros(N, K, dtype=dt)
+            a, b = torch.zeros(n, r, K, dtype=dt), torch.zeros(n, N, r, dtype=dt)
+            idx = (torch.arange(M) % (n + 1) - 1).to(idt)
+            lora_linear_multi_triton(x, w, torch.zeros(N, dtype=dt) if r == 16 else None, a, b, torch.ones(n),
+                                     idx, [r] * n if r == 64 else None, layout)
