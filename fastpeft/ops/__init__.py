@@ -1,6 +1,7 @@
 """fastpeft's fused ops.  Each is a plain function that dispatches through the
 backend registry (:mod:`fastpeft.backends`) to ``cuda``, ``triton``, ``cpu`` or
-``torch`` and is differentiable.
+``torch`` and is differentiable, except the inference-only (serving) ``lora_linear_multi`` and
+``lora_embedding_multi``.
 
 Every op package ``fastpeft/ops/<name>/`` describes itself (its registry entries with example
 inputs, its backends and dtypes, ``triton_kernel.aot_launches()``); what iterates over all
@@ -15,6 +16,7 @@ import torch
 from .scaled_add import scaled_add
 from .bottleneck_adapter import bottleneck_adapter
 from .lora_linear import lora_linear
+from .lora_linear_multi import lora_embedding_multi, lora_linear_multi
 from .adv_perturb_update import adv_perturb_init, adv_perturb_update
 from .grad_tail import grad_tail, grad_tail_, grad_tail_apply_
 

@@ -7,9 +7,6 @@ None biases, dtypes and mixed precision; dropout statistics and mask identity
 backward; opcheck of every registered op; torch.compile(fullgraph=True); errors.
 """
 import math
-import os
-import shutil
-import subprocess
 
 import pytest
 import torch
@@ -20,7 +17,7 @@ from fastpeft.backends import BackendError
 from fastpeft.ops import bottleneck_adapter
 from fastpeft.ops.bottleneck_adapter import adapter_keep_mask, bottleneck_adapter_reference
 
-from ..helpers import TOL, assert_close, runnable_backends
+from ..helpers import TOL, assert_close, run_cpp_unit_test, runnable_backends
 
 f32 = torch.float32
 BACKENDS = runnable_backends("bottleneck_adapter")
@@ -418,15 +415,5 @@ def test_triton_on_gpu_matches_float64(activation, residual, p, dtype):
 
 # -- the torch-free C++ kernels ---------------------------------------------------
 def test_cpp_kernel_unit_test(tmp_path):
-    """Builds and runs csrc/bottleneck_adapter/bottleneck_adapter_test.cpp (torch-free) with g++."""
-    cxx = shutil.which(os.environ.get("CXX", "g++"))
-    if cxx is None:
-        pytest.skip("no C++ compiler")
-    src = os.path.join(os.path.dirname(__file__), "..", "..", "csrc", "bottleneck_adapter")
-    exe = tmp_path / "bottleneck_adapter_test"
-    build = subprocess.run([cxx, "-std=c++17", "-O1", "-fopenmp", os.path.join(src, "bottleneck_adapter_test.cpp"),
-                            os.path.join(src, "bottleneck_adapter_cpu.cpp"), "-o", str(exe)],
-                           capture_output=True, text=True, timeout=120)
-    assert build.returncode == 0, build.stderr[-3000:]
-    result = subprocess.run([str(exe)], capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    """Builds and runs csrc/bottleneck_adapter/bottleneck_adapter_test.cpp (torch-free)."""
+    run_cpp_unit_test("bottleneck_adapter", tmp_path)

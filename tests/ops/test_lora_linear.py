@@ -4,10 +4,6 @@ The oracle, ``lora_linear_plain`` in float64, uses the shared Philox mask of the
 same seed, so comparing a backend's forward *and* gradients with it also checks
 that the backend drops the same elements in forward and backward.
 """
-import os
-import shutil
-import subprocess
-
 import pytest
 import torch
 from torch.library import opcheck
@@ -18,9 +14,8 @@ from fastpeft.kernels.philox import dropout_keep_mask
 from fastpeft.ops import lora_linear
 from fastpeft.ops.lora_linear import lora_linear_plain
 
-from ..helpers import TOL, runnable_backends
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from ..helpers import check_scaled as check
+from ..helpers import run_cpp_unit_test, runnable_backends
 
 
 BACKENDS = runnable_backends("lora_linear")
@@ -56,15 +51,6 @@ def oracle(x, w, b, a, bb, scale, p, seed, dy):
     y = lora_linear_plain(*args, scale, p, seed)
     y.backward(dy.detach().cpu().double())
     return y.detach(), [t.grad if t is not None else None for t in args]
-
-
-def check(actual, expected, dtype, what):
-    """|actual - expected| <= atol * max(1, max|expected|) + rtol * |expected|, TOL[dtype]."""
-    atol, rtol = TOL[dtype]
-    expected = expected.double()
-    big = max(1.0, float(expected.abs().max())) if expected.numel() else 1.0
-    torch.testing.assert_close(actual.detach().cpu().double(), expected, atol=atol * big, rtol=rtol,
-                               msg=lambda m: f"{what} ({dtype}): {m}")
 
 
 def run(backend, x, w, b, a, bb, scale, p, seed):
@@ -374,12 +360,4 @@ def test_triton_on_gpu_mask_is_the_shared_philox_mask():
 # -- the torch-free C++ kernels ---------------------------------------------------------
 def test_cpp_kernel_unit_test(tmp_path):
     """Build and run csrc/lora_linear/lora_linear_test.cpp (no torch) when a C++ compiler is there."""
-    cxx = shutil.which("g++") or shutil.which("c++")
-    if cxx is None:
-        pytest.skip("no C++ compiler")
-    src = os.path.join(ROOT, "csrc", "lora_linear")
-    exe = str(tmp_path / "lora_linear_test")
-    subprocess.run([cxx, "-std=c++17", "-O1", "-fopenmp", os.path.join(src, "lora_linear_test.cpp"),
-                    os.path.join(src, "lora_linear_cpu.cpp"), "-o", exe], check=True, capture_output=True)
-    out = subprocess.run([exe], capture_output=True, text=True)
-    assert out.returncode == 0, out.stdout + out.stderr
+    run_cpp_unit_test("lora_linear", tmp_path)
