@@ -59,13 +59,86 @@ def triton_op(name: str, *, fake: Callable, backward: Optional[Callable] = None,
     launcher lazily and calls it) becomes the custom op ``torch.ops.fastpeft.<name>`` with its
     fake and, with ``backward``, its autograd.  ``custom_op`` + ``register_fake`` rather than
     ``triton_op``, which fails opcheck's fake-tensor test and ``torch.compile`` under the
-    CPU interpreter."""
+    CPU interpreter.
+
+    Returns an :class:`EagerOp`: traced code (``torch.compile``, export, fake tensors) calls the custom
+    op; eager code calls the function itself (through a ``torch.autograd.Function`` built from the same
+    ``setup_context`` / ``backward`` when autograd records the call), skipping the custom op's Python
+    dispatch, which costs about 0.5-1 ms per call on a GPU host (measured on the H200 run of
+    2026-12-04: ``benchmarks/tools/profile_overhead.py``) -- more than the kernels of a LoRA layer."""
     def deco(fn: Callable):
         op = torch.library.custom_op(f"fastpeft::{name}", fn, mutates_args=tuple(mutates_args))
         _describe(op, fake, backward, setup_context)
-        return op
+        return EagerOp(name, op, fn, backward, setup_context)
 
     return deco
+
+
+def _no_setup(ctx, inputs, output) -> None:
+    pass
+
+
+class EagerOp:
+    """A custom op and the eager path to the same function (see :func:`triton_op`).
+
+    ``op`` is the ``torch.library`` custom op (what ``torch.ops.fastpeft.<name>`` is); calling the
+    ``EagerOp`` picks: the op when the call is traced (``torch.compiler.is_compiling()``, or any tensor
+    argument is a tensor subclass such as a fake or functional tensor), else ``fn`` directly -- wrapped
+    in an ``autograd.Function`` with the op's ``setup_context`` / ``backward`` when the op is
+    differentiable, grad mode is on and a tensor argument requires grad.  Both paths run the same
+    function and the same backward, so they give identical results."""
+
+    def __init__(self, name: str, op, fn: Callable, backward: Optional[Callable],
+                 setup_context: Optional[Callable]):
+        self.op = op
+        self._fn = fn
+        self._function = None
+        if backward is not None:
+            self._function = type(f"{name}_eager", (torch.autograd.Function,), {
+                "forward": staticmethod(fn),
+                "setup_context": staticmethod(setup_context or _no_setup),
+                "backward": staticmethod(backward),
+            })
+
+    def __call__(self, *args, **kwargs):
+        if kwargs:  # autograd.Function.apply takes positional arguments only
+            args = _bind(self._fn, args, kwargs)
+        if _traced(args):
+            return self.op(*args)
+        if self._function is not None and torch.is_grad_enabled() and _any_requires_grad(args):
+            return self._function.apply(*args)
+        return self._fn(*args)
+
+    def __getattr__(self, attr):  # register_fake, register_autograd, _opoverload, ... of the custom op
+        return getattr(self.op, attr)
+
+
+def _bind(fn: Callable, args: tuple, kwargs: dict) -> tuple:
+    import inspect
+    bound = inspect.signature(fn).bind(*args, **kwargs)
+    bound.apply_defaults()
+    return tuple(bound.arguments.values())
+
+
+def _tensors(args):
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            yield a
+        elif isinstance(a, (list, tuple)):
+            yield from (t for t in a if isinstance(t, torch.Tensor))
+
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def _traced(args) -> bool:
+    if torch.compiler.is_compiling():
+        return True
+    return any(type(t) not in _PLAIN for t in _tensors(args))
+
+
+def _any_requires_grad(args) -> bool:
+    return any(t.requires_grad for t in _tensors(args))
 
 
 def compiled_available(backend: str, *names: str) -> Callable[[], Reason]:
