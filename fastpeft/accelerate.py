@@ -77,29 +77,26 @@ def _fast_forward(self, x, *args, **kwargs):
     return lora_forward(self, x, args, kwargs, super(type(self), self).forward)
 
 
-def _fast_merge(self, *args, **kwargs):
-    # PEFT merges / unmerges through ``weight.data`` in place, which no version counter sees
-    try:
-        return super(type(self), self).merge(*args, **kwargs)
-    finally:
-        base = self.get_base_layer()
-        forget_autocast_copies(base.weight, getattr(base, "bias", None))
+def _forgetting_casts(name: str):
+    """PEFT's method ``name``, then the base layer's cached autocast copies dropped: PEFT merges and
+    unmerges through ``weight.data`` in place, which no version counter sees."""
+    def method(self, *args, **kwargs):
+        try:
+            return getattr(super(type(self), self), name)(*args, **kwargs)
+        finally:
+            base = self.get_base_layer()
+            forget_autocast_copies(base.weight, getattr(base, "bias", None))
 
-
-def _fast_unmerge(self, *args, **kwargs):
-    try:
-        return super(type(self), self).unmerge(*args, **kwargs)
-    finally:
-        base = self.get_base_layer()
-        forget_autocast_copies(base.weight, getattr(base, "bias", None))
+    method.__name__ = method.__qualname__ = name
+    return method
 
 
 def _fast_class(orig: type) -> type:
     cls = _FAST_CLASSES.get(orig)
     if cls is None:
         name = "Fastpeft" + orig.__name__
-        cls = type(name, (orig,), {"forward": _fast_forward, "merge": _fast_merge, "unmerge": _fast_unmerge,
-                                   _ORIG_ATTR: orig, "__module__": __name__})
+        cls = type(name, (orig,), {"forward": _fast_forward, "merge": _forgetting_casts("merge"),
+                                   "unmerge": _forgetting_casts("unmerge"), _ORIG_ATTR: orig, "__module__": __name__})
         cls.__qualname__ = name
         globals()[name] = cls  # importable by name, so a patched model pickles
         _FAST_CLASSES[orig] = cls
