@@ -53,7 +53,6 @@ class AccelerateSummary:
     note: str = ""
     call_time: tuple = ()           # conditions that still take PEFT's forward at call time
 
-
     def __str__(self) -> str:
         lines = []
         if self.note:

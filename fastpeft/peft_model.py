@@ -15,17 +15,20 @@ layout (``original_module`` + ``modules_to_save.<adapter>``; on disk
 
 Recognised by transformers' ``Trainer``, TRL and accelerate as a PEFT model: ``PeftModel(model, ...)``
 (and so ``get_peft_model``) returns an instance of :func:`wrapper_class` ``(PeftModel, type(model))``, a
-subclass made once per wrapped model class whose ``forward`` carries the wrapped model's signature
-(``Trainer`` finds ``labels`` with ``find_labels(model.__class__)`` and drops unused dataset columns
-by ``forward``'s signature) and, when HF PEFT is installed, which is also a subclass of
-``peft.PeftModel`` -- the one test (``isinstance``) by which ``Trainer`` (labels via
-``get_base_model()``, adapter-only ``save_pretrained`` checkpoints, ``load_adapter`` for the best model
-and for resuming; made when transformers or peft is imported, which ``Trainer`` and TRL are), TRL (``get_base_model()`` as the transformers model, its backbone as
-``.base_model``) and accelerate tell a PEFT model.  Nothing of HF PEFT's class is inherited: every
-name it defines that fastpeft does not reads as missing (:class:`_NotInherited`), so attribute access
-falls through to the wrapped model exactly as without HF PEFT.  Without HF PEFT installed,
-``Trainer`` and TRL know no PEFT model at all: the signature still gives labels and columns, but
-checkpoints are the full ``state_dict`` (install ``fastpeft[peft]`` for adapter checkpoints).
+subclass made once per wrapped model class.
+
+* Its ``forward`` carries the wrapped model's signature: ``Trainer`` finds ``labels`` with
+  ``find_labels(model.__class__)`` and drops unused dataset columns by that signature.
+* Where HF PEFT is installed (and transformers or peft imported, as ``Trainer`` and TRL import them),
+  it is also a subclass of ``peft.PeftModel``: the ``isinstance`` test by which ``Trainer`` takes
+  labels from ``get_base_model()``, writes adapter-only checkpoints with ``save_pretrained`` and
+  restores the best one / resumes with ``load_adapter``, TRL patches ``get_base_model()`` (whose
+  ``.base_model`` is the transformers backbone), and accelerate tells a PEFT model.  Nothing of
+  HF PEFT's class is inherited: every name it defines that fastpeft does not reads as missing
+  (:class:`_NotInherited`), so attribute access falls through to the wrapped model exactly as without
+  HF PEFT.
+* Without HF PEFT, ``Trainer`` and TRL know no PEFT model: the signature still gives labels and
+  columns, but checkpoints hold the full ``state_dict`` (``fastpeft[peft]`` gives adapter checkpoints).
 """
 from __future__ import annotations
 

@@ -140,10 +140,15 @@ def training_step_variants(base: torch.nn.Module, batch: dict, lora_kwargs: dict
     notes["floor"] = "every weight frozen, gradient to inputs_embeds only (forward + backward)"
     fusion = {}
     for name in ("fastpeft", "fastpeft_accelerate"):
-        if name in models:
+        if name not in models:
+            continue
+        try:
             fusion[name] = f = _fusion(models[name], batch, autocast)
-            notes[name] += (f"; per forward {f['fused']} fused / {f['unfused']} unfused LoRA calls"
-                            + "".join(f" ({n}: {r})" for r, n in f["reasons"].items()))
+        except Exception as e:  # noqa: BLE001 - the variant's own run reports the failure
+            fusion[name] = {"error": f"{type(e).__name__}: {e}"}
+            continue
+        notes[name] += (f"; per forward {f['fused']} fused / {f['unfused']} unfused LoRA calls"
+                        + "".join(f" ({n}: {r})" for r, n in f["reasons"].items()))
     if autocast is not None:
         for name in notes:
             notes[name] += f"; forward under torch.autocast({_dt(autocast)})"
