@@ -27,11 +27,12 @@ from .freezing import FreezeConfig, apply_freezing  # train only the top k block
 from .peft_model import PeftModel
 from .mapping import get_peft_model
 from .accelerate import accelerate, restore  # the functions shadow the submodule name
+from .accelerate import fusion_report, reset_fusion_report  # what the fusable LoRA layers ran
 
 # names of the fine-tuning workflow (an application), imported when first used
 _WORKFLOW_NAMES = ("Trainer", "TrainerConfig", "train", "finetune", "workflow")
 
-__all__ = ["get_peft_model", "accelerate", "restore", "PeftModel", "LoraConfig", "PeftConfig", "__version__",
+__all__ = ["get_peft_model", "accelerate", "restore", "fusion_report", "reset_fusion_report", "PeftModel", "LoraConfig", "PeftConfig", "__version__",
            "BackendError", "use_backend", "ops", "amp", "adversarial", "BottleneckAdapterConfig", "BitFitConfig",
            "IA3Config", "PrefixTuningConfig", "PromptTuningConfig", "heads", "FreezeConfig", "apply_freezing",
            *_WORKFLOW_NAMES]

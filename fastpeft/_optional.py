@@ -1,7 +1,8 @@
 """Optional packages, imported only when asked for; no import of fastpeft pulls them in.
 
-* :func:`conv1d_cls`, :func:`peft_lora_linear_cls`: classes from transformers / peft that the patching
-  layer recognises, or None when the package is missing or fails to import;
+* :func:`conv1d_cls`, :func:`peft_lora_linear_cls`, :func:`peft_model_cls`: classes from transformers /
+  peft that the patching layer and the PEFT wrapper recognise, or None when the package is missing or
+  fails to import;
 * :func:`import_extra`: a package that a feature needs and an extra of fastpeft installs (PyYAML,
   matplotlib, tqdm, transformers for the applications), or :class:`MissingExtra` saying which extra.
 """
@@ -41,6 +42,15 @@ def conv1d_cls():
         return None
 
 
+def peft_model_cls():
+    """HF PEFT's ``peft.PeftModel``, or None."""
+    try:
+        from peft import PeftModel
+        return PeftModel
+    except Exception:  # peft absent or broken
+        return None
+
+
 def peft_lora_linear_cls():
     """HF PEFT's ``peft.tuners.lora.layer.Linear``, or None."""
     try:
@@ -50,4 +60,4 @@ def peft_lora_linear_cls():
         return None
 
 
-__all__ = ["conv1d_cls", "peft_lora_linear_cls", "import_extra", "MissingExtra", "EXTRAS"]
+__all__ = ["conv1d_cls", "peft_lora_linear_cls", "peft_model_cls", "import_extra", "MissingExtra", "EXTRAS"]

@@ -11,6 +11,8 @@ import os
 from typing import Optional
 
 
+NOT_INSTALLED = ("triton is not installed (the GPU kernels need it: pip install 'fastpeft[triton]'; "
+                 "torch's CUDA wheels bring it)")
 AUTOTUNE_ENV = "FASTPEFT_TRITON_AUTOTUNE"
 AUTOTUNE_LEVELS = ("full", "quick", "off")
 
@@ -41,7 +43,7 @@ def autotune_configs(configs: list, quick: int = 2) -> list:
 def available() -> Optional[str]:
     """None if Triton kernels can run in this process, else why not."""
     if importlib.util.find_spec("triton") is None:
-        return "triton is not installed"
+        return NOT_INSTALLED
     try:
         import triton  # noqa: F401
         import triton.language  # noqa: F401

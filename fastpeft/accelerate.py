@@ -1,5 +1,6 @@
 """``fastpeft.accelerate`` / ``fastpeft.restore``: switch the LoRA layers of a model made
-by Hugging Face PEFT to fastpeft's fused LoRA op in place, and back.
+by Hugging Face PEFT to fastpeft's fused LoRA op in place, and back; ``fastpeft.fusion_report``:
+what the fusable LoRA layers of a model (fastpeft's own or switched) actually ran.
 
 How: each supported ``peft.tuners.lora.Linear`` instance gets its ``__class__``
 swapped to a subclass whose ``forward`` runs :func:`fastpeft.ops.lora_linear` when
@@ -9,9 +10,10 @@ buffer or attribute is added or renamed, so ``state_dict`` keys and
 
 The fused path is taken at a call only when the layer's base layer is a plain ``nn.Linear`` or
 transformers ``Conv1D`` (not quantised) and the call and the layer's state allow it (one active,
-unmerged, enabled vanilla adapter; dtypes the op pairs; no autocast): the rule is
-:mod:`fastpeft.ops.lora_linear.layer`, shared with fastpeft's own LoRA layers.  Otherwise PEFT's
-forward runs.
+unmerged, enabled vanilla adapter; dtypes the op pairs, or ``torch.autocast`` in fp16 / bf16): the
+rule is :mod:`fastpeft.ops.lora_linear.layer`, shared with fastpeft's own LoRA layers.  Otherwise
+PEFT's forward runs.  Every call is counted per layer with its reason (eager mode);
+:func:`fusion_report` reads the counts.
 
 Note: with ``lora_dropout > 0`` in training mode the fused op draws its mask from
 fastpeft's Philox RNG (seeded from torch's generator), not from ``nn.Dropout``'s, so
@@ -21,14 +23,23 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch.nn as nn
 
 from ._optional import peft_lora_linear_cls
-from .ops.lora_linear.layer import base_layer_reason, call_reason, fused_lora_forward
+from .ops.lora_linear.layer import (base_layer_reason, call_counts, call_reason, forget_autocast_copies,
+                                    lora_forward, reset_call_counts)
 
 _FAST_CLASSES: dict = {}
 _ORIG_ATTR = "_fastpeft_original_class"
+
+# what still takes the unfused forward at call time, whatever accelerate() saw (the rule is
+# fastpeft.ops.lora_linear.layer.call_reason); the summary prints it
+CALL_TIME_FALLBACKS = ("extra forward arguments or adapter_names (mixed-adapter batch)",
+                       "an input dtype other than the base weight's, outside torch.autocast",
+                       "torch.autocast in a dtype other than float16 / bfloat16, or on float64 tensors",
+                       "a later change of state: merged, disabled, several active adapters")
 
 
 @dataclass
@@ -40,6 +51,7 @@ class AccelerateSummary:
     skipped: dict = field(default_factory=dict)   # reason -> number of layers running PEFT's forward
     restored: int = 0
     note: str = ""
+    call_time: tuple = ()           # conditions that still take PEFT's forward at call time
 
     def __str__(self) -> str:
         lines = []
@@ -52,22 +64,38 @@ class AccelerateSummary:
                          f"({self.patched} patched)")
         for reason, n in sorted(self.skipped.items(), key=lambda kv: -kv[1]):
             lines.append(f"  {n} layer(s) use PEFT's forward: {reason}")
+        if self.call_time and self.patched:
+            lines.append("  a call of a patched layer still takes PEFT's forward on: " + "; ".join(self.call_time)
+                         + " (fastpeft.fusion_report(model) counts what ran)")
         return "\n".join(lines)
 
     __repr__ = __str__
 
 
 def _fast_forward(self, x, *args, **kwargs):
-    if call_reason(self, x, args, kwargs) is not None:
-        return super(type(self), self).forward(x, *args, **kwargs)
-    return fused_lora_forward(self, x)
+    return lora_forward(self, x, args, kwargs, super(type(self), self).forward)
+
+
+def _forgetting_casts(name: str):
+    """PEFT's method ``name``, then the base layer's cached autocast copies dropped: PEFT merges and
+    unmerges through ``weight.data`` in place, which no version counter sees."""
+    def method(self, *args, **kwargs):
+        try:
+            return getattr(super(type(self), self), name)(*args, **kwargs)
+        finally:
+            base = self.get_base_layer()
+            forget_autocast_copies(base.weight, getattr(base, "bias", None))
+
+    method.__name__ = method.__qualname__ = name
+    return method
 
 
 def _fast_class(orig: type) -> type:
     cls = _FAST_CLASSES.get(orig)
     if cls is None:
         name = "Fastpeft" + orig.__name__
-        cls = type(name, (orig,), {"forward": _fast_forward, _ORIG_ATTR: orig, "__module__": __name__})
+        cls = type(name, (orig,), {"forward": _fast_forward, "merge": _forgetting_casts("merge"),
+                                   "unmerge": _forgetting_casts("unmerge"), _ORIG_ATTR: orig, "__module__": __name__})
         cls.__qualname__ = name
         globals()[name] = cls  # importable by name, so a patched model pickles
         _FAST_CLASSES[orig] = cls
@@ -101,7 +129,7 @@ def accelerate(peft_model: nn.Module) -> AccelerateSummary:
     lin = peft_lora_linear_cls()
     if lin is None:
         raise ImportError("fastpeft.accelerate needs the `peft` package (pip install peft)")
-    summary = AccelerateSummary()
+    summary = AccelerateSummary(call_time=CALL_TIME_FALLBACKS)
     skipped = Counter()
     found = False
     for _, m in peft_model.named_modules():
@@ -159,4 +187,73 @@ def is_accelerated(module: nn.Module) -> bool:
     return getattr(type(module), _ORIG_ATTR, None) is not None
 
 
-__all__ = ["accelerate", "restore", "AccelerateSummary", "is_accelerated"]
+# -- what ran ----------------------------------------------------------------------------
+@dataclass
+class FusionReport:
+    """Calls of a model's fusable LoRA layers since the last reset (:func:`fusion_report`).
+
+    ``layers``: module path -> ``{"fused": n, <fallback reason>: n, ...}`` for every fusable layer
+    (fastpeft's LoRA ``Linear`` and the layers :func:`accelerate` switched), called or not."""
+
+    layers: dict = field(default_factory=dict)
+
+    @property
+    def fused_calls(self) -> int:
+        return sum(c.get("fused", 0) for c in self.layers.values())
+
+    @property
+    def fallback_calls(self) -> int:
+        return sum(n for c in self.layers.values() for k, n in c.items() if k != "fused")
+
+    def fallbacks(self) -> dict:
+        """reason -> (calls, [layer paths])."""
+        out: dict = {}
+        for name, c in self.layers.items():
+            for k, n in c.items():
+                if k != "fused":
+                    calls, names = out.get(k, (0, []))
+                    out[k] = (calls + n, names + [name])
+        return out
+
+    def __str__(self) -> str:
+        idle = sum(not c for c in self.layers.values())
+        lines = [f"fastpeft.fusion_report: {self.fused_calls} fused and {self.fallback_calls} unfused call(s) "
+                 f"of {len(self.layers)} fusable LoRA layer(s) since the last reset"
+                 + (f" ({idle} not called)" if idle else "")]
+        for reason, (calls, names) in sorted(self.fallbacks().items(), key=lambda kv: -kv[1][0]):
+            more = f" and {len(names) - 2} more" if len(names) > 2 else ""
+            lines.append(f"  {calls} unfused call(s) in {len(names)} layer(s) ({', '.join(names[:2])}{more}): "
+                         f"{reason}")
+        return "\n".join(lines)
+
+    __repr__ = __str__
+
+
+def _fusable_layers(model: nn.Module):
+    from .tuners.lora import Linear as FastLinear
+    for name, m in model.named_modules():
+        if isinstance(m, FastLinear) or is_accelerated(m):
+            yield name, m
+
+
+def fusion_report(model: nn.Module, reset: bool = False) -> FusionReport:
+    """What ``model``'s fusable LoRA layers ran since the last reset: fused calls and unfused calls
+    per reason, per layer (eager calls only; calls inside ``torch.compile`` are not counted).
+    ``reset=True`` then zeroes the counts (as :func:`reset_fusion_report`)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    layers = dict(_fusable_layers(model))
+    report = FusionReport({name: {("fused" if k is None else k): n for k, n in call_counts(m).items()}
+                           for name, m in layers.items()})
+    if reset:
+        reset_call_counts(layers.values())
+    return report
+
+
+def reset_fusion_report(model: Optional[nn.Module] = None) -> None:
+    """Zero the call counts of ``model``'s fusable LoRA layers (None: of every layer)."""
+    reset_call_counts(None if model is None else (m for _, m in _fusable_layers(model)))
+
+
+__all__ = ["accelerate", "restore", "AccelerateSummary", "is_accelerated", "fusion_report", "reset_fusion_report",
+           "FusionReport", "CALL_TIME_FALLBACKS"]

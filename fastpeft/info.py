@@ -70,7 +70,8 @@ def format_report(r: dict) -> str:
     lines = [
         f"fastpeft {r['fastpeft']}  python {r['python']}  torch {r['torch']}"
         f"{' (CUDA ' + r['torch_cuda'] + ')' if r['torch_cuda'] else ' (CPU build)'}",
-        f"triton {r['triton'] or 'not installed'}{'  [interpreter: TRITON_INTERPRET=1]' if r['triton_interpreter'] else ''}"
+        f"triton {r['triton'] or 'not installed (pip install fastpeft[triton])'}"
+        f"{'  [interpreter: TRITON_INTERPRET=1]' if r['triton_interpreter'] else ''}"
         f"  transformers {r['transformers'] or '-'}  peft {r['peft'] or '-'}",
         f"CUDA devices: {', '.join(r['cuda_devices']) or 'none'}",
         "extension fastpeft._C: " + ("loaded" + (f" (built for torch {ext['build']['torch_version']}, "

@@ -12,6 +12,23 @@ itself is a registered tuner (:mod:`fastpeft.tuners.registry`); ``modules_to_sav
 trained in full) is handled here for every method with PEFT's ``ModulesToSaveWrapper``
 layout (``original_module`` + ``modules_to_save.<adapter>``; on disk
 ``base_model.model.<path>.<param>``).
+
+Recognised by transformers' ``Trainer``, TRL and accelerate as a PEFT model: ``PeftModel(model, ...)``
+(and so ``get_peft_model``) returns an instance of :func:`wrapper_class` ``(PeftModel, type(model))``, a
+subclass made once per wrapped model class.
+
+* Its ``forward`` carries the wrapped model's signature: ``Trainer`` finds ``labels`` with
+  ``find_labels(model.__class__)`` and drops unused dataset columns by that signature.
+* Where HF PEFT is installed (and transformers or peft imported, as ``Trainer`` and TRL import them),
+  it is also a subclass of ``peft.PeftModel``: the ``isinstance`` test by which ``Trainer`` takes
+  labels from ``get_base_model()``, writes adapter-only checkpoints with ``save_pretrained`` and
+  restores the best one / resumes with ``load_adapter``, TRL patches ``get_base_model()`` (whose
+  ``.base_model`` is the transformers backbone), and accelerate tells a PEFT model.  Nothing of
+  HF PEFT's class is inherited: every name it defines that fastpeft does not reads as missing
+  (:class:`_NotInherited`), so attribute access falls through to the wrapped model exactly as without
+  HF PEFT.
+* Without HF PEFT, ``Trainer`` and TRL know no PEFT model: the signature still gives labels and
+  columns, but checkpoints hold the full ``state_dict`` (``fastpeft[peft]`` gives adapter checkpoints).
 """
 from __future__ import annotations
 
@@ -19,13 +36,14 @@ import contextlib
 import copy
 import inspect
 import os
-import types
+import sys
 import warnings
 from typing import Optional, Union
 
 import torch
 import torch.nn as nn
 
+from ._optional import peft_model_cls
 from .checkpoint import SAFETENSORS_NAME, load_adapter_weights, save_safetensors
 from .tuners import get_tuner
 from .tuners.base import PeftConfig, as_fastpeft_config
@@ -104,9 +122,20 @@ def _matches_module(key: str, names) -> bool:
 class PeftModel(nn.Module):
     """A model with one or more named adapters of one PEFT method (see module docstring)."""
 
+    def __new__(cls, model=None, *args, **kwargs):
+        if isinstance(model, nn.Module) and "_fastpeft_wraps" not in cls.__dict__:
+            cls = wrapper_class(cls, type(model))
+        return super(PeftModel, cls).__new__(cls)
+
+    def __reduce_ex__(self, protocol):
+        # pickle / deepcopy: rebuild the wrapper class from the two real classes it is made of
+        made = type(self)
+        base = next(c for c in made.__mro__ if "_fastpeft_wraps" not in c.__dict__)
+        return _new_wrapped, (base, made.__dict__.get("_fastpeft_wraps")), self.__getstate__()
+
     def __init__(self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default",
                  autocast_adapter_dtype: bool = True):
-        super().__init__()
+        nn.Module.__init__(self)  # not super(): with HF PEFT installed, peft.PeftModel is next in the MRO
         # Like HF PEFT: adapter weights created in fp16/bf16 (a half-precision base model)
         # are upcast to fp32, for stable optimiser updates.
         self._autocast_adapter_dtype = bool(autocast_adapter_dtype)
@@ -120,27 +149,11 @@ class PeftModel(nn.Module):
         self.active_adapter = adapter_name
         self._add(adapter_name, peft_config)
         self._set_active([adapter_name])
-        self._expose_forward_signature(model)
-
-    def _expose_forward_signature(self, model: nn.Module) -> None:
-        """Give ``forward`` the wrapped model's signature, so tools that inspect it (HF
-        ``Trainer`` dropping unused dataset columns) see the real argument names."""
-        try:
-            sig = inspect.signature(type(model).forward)
-        except (TypeError, ValueError):
-            return
-
-        def forward(self_, *args, **kwargs):
-            return self_._run(*args, **kwargs)
-
-        forward.__signature__ = sig
-        forward.__doc__ = type(model).forward.__doc__
-        self.forward = types.MethodType(forward, self)
 
     # -- attribute forwarding ---------------------------------------------------------
     def __getattr__(self, name: str):
         try:
-            return super().__getattr__(name)
+            return nn.Module.__getattr__(self, name)
         except AttributeError:
             if name in ("base_model", "_tuner"):
                 raise
@@ -461,11 +474,23 @@ class PeftModel(nn.Module):
             cfg.save_pretrained(out_dir)
 
     def load_adapter(self, model_id: str, adapter_name: str, is_trainable: bool = False,
-                     allow_pickle: bool = False) -> None:
-        """Add adapter ``adapter_name`` from a directory saved by fastpeft or HF PEFT."""
+                     allow_pickle: bool = False, **kwargs) -> None:
+        """Add adapter ``adapter_name`` from a directory saved by fastpeft or HF PEFT.  When the model
+        already has ``adapter_name``, load the directory's weights into it instead (as HF PEFT does;
+        transformers' ``Trainer`` restores the best checkpoint and resumes this way): its config, its
+        trainability and which adapters are active stay as they are, and a mismatching file changes
+        nothing.  Other keyword arguments of HF PEFT's ``load_adapter`` (``torch_device``, ...) are
+        accepted and ignored."""
         config = PeftConfig.from_pretrained(model_id)
-        config.inference_mode = not is_trainable
         state = load_adapter_weights(model_id, allow_pickle=allow_pickle)
+        if adapter_name in self.peft_config:
+            have = self.peft_config[adapter_name].peft_type
+            if get_tuner(config.peft_type).peft_type != get_tuner(have).peft_type:
+                raise ValueError(f"model_id: {model_id!r} holds a {config.peft_type} adapter; adapter "
+                                 f"{adapter_name!r} of this model is {have}")
+            self.load_adapter_state_dict(state, adapter_name)
+            return
+        config.inference_mode = not is_trainable
         active = self.active_adapters
         self._add(adapter_name, config)
         try:
@@ -527,6 +552,74 @@ def _parent(model: nn.Module, key: str):
     return model, key
 
 
+# -- the class of a wrapper (see "Recognised by transformers" in the module doc) -------------
+class _NotInherited:
+    """A name HF PEFT's ``PeftModel`` defines and fastpeft's does not: reading it raises AttributeError,
+    so the lookup goes on to ``PeftModel.__getattr__`` (the wrapped model), as without HF PEFT."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __get__(self, obj, owner=None):
+        raise AttributeError(self.name)
+
+
+_HF_NAMES_HIDDEN: dict = {}     # peft.PeftModel -> its subclass with every non-dunder name hidden
+_WRAPPER_CLASSES: dict = {}     # (fastpeft class, wrapped model class, peft.PeftModel or None) -> class
+
+
+def _hf_peft_hidden(hf: type) -> type:
+    made = _HF_NAMES_HIDDEN.get(hf)
+    if made is None:
+        names = {n for c in hf.__mro__ if c not in (nn.Module, object) for n in vars(c)
+                 if not (n.startswith("__") and n.endswith("__"))}
+        made = type("HFPeftModelNamesHidden", (hf,), {"__module__": __name__, **{n: _NotInherited(n) for n in names}})
+        _HF_NAMES_HIDDEN[hf] = made
+    return made
+
+
+def _forward_like(model_cls: type):
+    """``PeftModel.forward`` with ``model_cls.forward``'s signature and doc, or None."""
+    try:
+        sig = inspect.signature(model_cls.forward)
+    except (AttributeError, TypeError, ValueError):
+        return None
+
+    def forward(self, *args, **kwargs):
+        return self._run(*args, **kwargs)
+
+    forward.__signature__ = sig
+    forward.__doc__ = model_cls.forward.__doc__
+    return forward
+
+
+def wrapper_class(cls: type, model_cls: type) -> type:
+    """The class of ``cls(model)`` for a model of class ``model_cls``: a subclass of ``cls`` (same name),
+    with ``forward`` carrying ``model_cls.forward``'s signature (unless ``cls`` defines its own
+    ``forward``) and, when HF PEFT is installed (and transformers or peft already imported), a subclass
+    of ``peft.PeftModel`` whose names are all hidden.  Made once per pair."""
+    # HF PEFT is imported (seconds) only where transformers is in use: Trainer / TRL need it
+    hf = peft_model_cls() if ("peft" in sys.modules or "transformers" in sys.modules) else None
+    key = (cls, model_cls, hf)
+    made = _WRAPPER_CLASSES.get(key)
+    if made is None:
+        ns = {"__module__": cls.__module__, "__qualname__": cls.__qualname__, "__doc__": cls.__doc__,
+              "_fastpeft_wraps": model_cls}
+        forward = _forward_like(model_cls) if cls.forward is PeftModel.forward else None
+        if forward is not None:
+            forward.__qualname__ = f"{cls.__qualname__}.forward"
+            ns["forward"] = forward
+        made = type(cls.__name__, (cls,) if hf is None else (cls, _hf_peft_hidden(hf)), ns)
+        _WRAPPER_CLASSES[key] = made
+    return made
+
+
+def _new_wrapped(cls: type, model_cls: Optional[type]) -> PeftModel:
+    """Unpickling: an empty instance of ``wrapper_class(cls, model_cls)`` (its state comes next)."""
+    made = cls if model_cls is None else wrapper_class(cls, model_cls)
+    return super(PeftModel, made).__new__(made)
+
+
 class PeftModelForCausalLM(PeftModel):
     pass
 
@@ -536,4 +629,4 @@ class PeftModelForSequenceClassification(PeftModel):
 
 
 __all__ = ["PeftModel", "TunerModel", "ModulesToSaveWrapper", "PeftModelForCausalLM",
-           "PeftModelForSequenceClassification"]
+           "PeftModelForSequenceClassification", "wrapper_class"]

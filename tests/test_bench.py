@@ -152,6 +152,20 @@ def test_targets_of_the_issues_are_attached():
     assert {t.metric for t in llama.targets} == {"time", "memory"}
 
 
+def test_autocast_e2e_cases_carry_the_issue_21_target_and_run_fused():
+    cpu = {c.name: c for c in all_cases("quick", torch.device("cpu"))}
+    for name in ("e2e/minilm_seqcls_b32x64_r8_p0.1_bf16autocast", "e2e/llama_20m_b2x256_r16_p0.1_bf16autocast"):
+        assert [(t.variant, t.against, t.limit) for t in cpu[name].targets] == \
+            [("fastpeft", "hf_peft", pytest.approx(1 / 1.4))]
+    smoke = {c.name: c for c in all_cases("smoke", torch.device("cpu"))}
+    built = smoke["e2e/llama_tiny_b2x32_r16_p0.1_bf16autocast"].build(torch.device("cpu"))
+    assert built.extra["autocast"] == "bfloat16"
+    for name in ("fastpeft", "fastpeft_accelerate"):
+        assert built.extra["fusion"][name] == {"fused": 14, "unfused": 0, "reasons": {}}
+        assert "14 fused / 0 unfused" in built.notes[name] and "autocast(bfloat16)" in built.notes[name]
+    built.variants["fastpeft"]()   # one training step under autocast
+
+
 # -- running toy cases through the CLI's execute() -------------------------------
 def _toy_cases():
     def ok_build(device):

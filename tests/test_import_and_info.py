@@ -39,7 +39,7 @@ def test_import_without_triton_and_without_extension():
     p = run_py(code, FASTPEFT_NO_EXT="1")
     assert p.returncode == 0, p.stderr
     triton_reason, selected = p.stdout.strip().splitlines()[-2:]
-    assert "triton" in triton_reason and selected == "torch"
+    assert "triton is not installed" in triton_reason and "fastpeft[triton]" in triton_reason and selected == "torch"
 
 
 def test_info_reports_each_backend_taken_away():

@@ -11,6 +11,10 @@ Models (bundled defaults only, nothing downloaded):
   classification (2 labels), batch 32 × 64 tokens; LoRA r=8, alpha 16 on every
   linear layer (query/key/value and the ``dense`` layers), classifier trained.
 
+Each model also runs under CPU (or GPU) bf16 autocast (``..._bf16autocast`` cases): the same step with
+the forward inside ``torch.autocast(device, torch.bfloat16)`` for every variant (HF Trainer / TRL
+``bf16=True``), fp32 weights.
+
 Variants (each on its own deep copy of the same base model):
 
 * ``fastpeft``: ``fastpeft.get_peft_model(model, fastpeft.LoraConfig(...))``;
@@ -21,22 +25,27 @@ Variants (each on its own deep copy of the same base model):
   as there is nothing to update.
 
 tokens/s and steps/s come from the median step time; memory per variant is its own
-model + optimizer state (``resident_bytes``) plus the step's peak extra allocation.
+model + optimizer state (``resident_bytes``) plus the step's peak extra allocation.  What ran: one
+forward of each fastpeft variant (under the case's autocast) at build time, counted by
+``fastpeft.fusion_report``, is in the variant's note and in ``extra["fusion"]`` (fused and unfused
+LoRA calls per forward, with the reasons).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import warnings
 
 import torch
 
-from .. import LoraConfig, accelerate, get_peft_model
+from .. import LoraConfig, accelerate, fusion_report, get_peft_model, reset_fusion_report
 from ..adversarial import FreeLB
 from .cases import Built, Case, Skip, Target
 from .cases.ops import require
 
 ISSUE7 = "issue 7"
+ISSUE21 = "issue 21"
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 BERT_TARGETS = ["query", "key", "value", "dense"]
 
@@ -74,16 +83,24 @@ def _resident(model: torch.nn.Module, opt) -> int:
     return _tensor_bytes(ts)
 
 
-def _step_fn(model, batch: dict, opt):
+def _autocast(batch: dict, dtype):
+    """``torch.autocast`` on the batch's device in ``dtype``, or nothing for None."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(batch["input_ids"].device.type, dtype=dtype)
+
+
+def _step_fn(model, batch: dict, opt, autocast=None):
     def step():
-        loss = model(**batch).loss
+        with _autocast(batch, autocast):   # the forward only, as AMP loops and HF Trainer do
+            loss = model(**batch).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
     return step
 
 
-def _floor_fn(model, batch: dict):
+def _floor_fn(model, batch: dict, autocast=None):
     emb = model.get_input_embeddings()
     rest = {k: v for k, v in batch.items() if k != "input_ids"}
 
@@ -91,38 +108,66 @@ def _floor_fn(model, batch: dict):
         with torch.no_grad():
             e = emb(batch["input_ids"])
         e.requires_grad_()
-        model(inputs_embeds=e, **rest).loss.backward()
+        with _autocast(batch, autocast):
+            loss = model(inputs_embeds=e, **rest).loss
+        loss.backward()
     return step
 
 
+def _fusion(model, batch: dict, autocast) -> dict:
+    """Fused and unfused LoRA calls of one forward of ``model`` (under ``autocast``), with the reasons."""
+    reset_fusion_report(model)
+    with torch.no_grad(), _autocast(batch, autocast):
+        model(**batch)
+    report = fusion_report(model, reset=True)
+    return {"fused": report.fused_calls, "unfused": report.fallback_calls,
+            "reasons": {k: calls for k, (calls, _) in report.fallbacks().items()}}
+
+
 def training_step_variants(base: torch.nn.Module, batch: dict, lora_kwargs: dict, seed: int = 0,
-                           lr: float = 1e-4) -> Built:
-    """The four variants of an end-to-end case on ``base`` (left untouched)."""
-    variants, skipped, notes, resident = {}, {}, {}, {}
+                           lr: float = 1e-4, autocast=None) -> Built:
+    """The four variants of an end-to-end case on ``base`` (left untouched); the forward of each step
+    under ``torch.autocast`` in dtype ``autocast`` (None: no autocast)."""
+    variants, skipped, notes, resident, models = {}, {}, {}, {}, {}
     with warnings.catch_warnings():  # deprecation chatter of transformers/peft internals
         warnings.simplefilter("ignore", FutureWarning)
         warnings.simplefilter("ignore", DeprecationWarning)
-        _add_variants(base, batch, lora_kwargs, seed, lr, variants, skipped, notes, resident)
+        _add_variants(base, batch, lora_kwargs, seed, lr, variants, skipped, notes, resident, models, autocast)
     floor = copy.deepcopy(base).requires_grad_(False)
     floor.train()
-    variants["floor"] = _floor_fn(floor, batch)
+    variants["floor"] = _floor_fn(floor, batch, autocast)
     resident["floor"] = lambda: _resident(floor, None)
     notes["floor"] = "every weight frozen, gradient to inputs_embeds only (forward + backward)"
+    fusion = {}
+    for name in ("fastpeft", "fastpeft_accelerate"):
+        if name not in models:
+            continue
+        try:
+            fusion[name] = f = _fusion(models[name], batch, autocast)
+        except Exception as e:  # noqa: BLE001 - the variant's own run reports the failure
+            fusion[name] = {"error": f"{type(e).__name__}: {e}"}
+            continue
+        notes[name] += (f"; per forward {f['fused']} fused / {f['unfused']} unfused LoRA calls"
+                        + "".join(f" ({n}: {r})" for r, n in f["reasons"].items()))
+    if autocast is not None:
+        for name in notes:
+            notes[name] += f"; forward under torch.autocast({_dt(autocast)})"
     tokens = int(batch["input_ids"].numel())
     return Built(variants, floor="floor", baseline="hf_peft", tokens=tokens, skipped=skipped, notes=notes,
-                 resident_bytes=resident)
+                 resident_bytes=resident, extra={"fusion": fusion, "autocast": _dt(autocast) if autocast else None})
 
 
-def _add_variants(base, batch, lora_kwargs, seed, lr, variants, skipped, notes, resident):
+def _add_variants(base, batch, lora_kwargs, seed, lr, variants, skipped, notes, resident, models, autocast):
     def add(name, model, note):
         model.train()
         trainable = [p for p in model.parameters() if p.requires_grad]
         if not trainable:
             raise RuntimeError(f"{name}: the model has no trainable parameters")
         opt = torch.optim.AdamW(trainable, lr=lr)
-        variants[name] = _step_fn(model, batch, opt)
+        variants[name] = _step_fn(model, batch, opt, autocast)
         resident[name] = lambda m=model, o=opt: _resident(m, o)
         notes[name] = f"{note}; {sum(p.numel() for p in trainable):,} trainable parameters"
+        models[name] = model
 
     try:
         torch.manual_seed(seed)
@@ -163,7 +208,7 @@ def _raiser(msg: str):
     return fn
 
 
-def llama_build(size: str, batch_size: int, seq: int, r: int, p: float, dtype: torch.dtype):
+def llama_build(size: str, batch_size: int, seq: int, r: int, p: float, dtype: torch.dtype, autocast=None):
     def build(device: torch.device) -> Built:
         require("transformers")
         from transformers import LlamaForCausalLM
@@ -176,10 +221,9 @@ def llama_build(size: str, batch_size: int, seq: int, r: int, p: float, dtype: t
         ids = torch.randint(0, cfg.vocab_size, (batch_size, seq), generator=g).to(device)
         batch = {"input_ids": ids, "labels": ids}
         kw = dict(r=r, lora_alpha=2 * r, lora_dropout=p, target_modules=list(LLAMA_TARGETS), task_type="CAUSAL_LM")
-        built = training_step_variants(base, batch, kw)
+        built = training_step_variants(base, batch, kw, autocast=autocast)
         del base
-        built.extra = {"model_parameters": sum(
-            math.prod(s) for s in _llama_param_shapes(cfg)), "config": size}
+        built.extra.update(model_parameters=sum(math.prod(s) for s in _llama_param_shapes(cfg)), config=size)
         return built
     return build
 
@@ -191,7 +235,7 @@ def _llama_param_shapes(cfg):
     return [(v, h), (v, h), (h,)] + layer * n
 
 
-def minilm_build(batch_size: int, seq: int, r: int, p: float, dtype: torch.dtype):
+def minilm_build(batch_size: int, seq: int, r: int, p: float, dtype: torch.dtype, autocast=None):
     def build(device: torch.device) -> Built:
         base, weights = _load_minilm(device, dtype)
         g = torch.Generator().manual_seed(1)
@@ -200,8 +244,8 @@ def minilm_build(batch_size: int, seq: int, r: int, p: float, dtype: torch.dtype
         batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
                  "labels": torch.randint(0, 2, (batch_size,), generator=g).to(device)}
         kw = dict(r=r, lora_alpha=2 * r, lora_dropout=p, target_modules=list(BERT_TARGETS), task_type="SEQ_CLS")
-        built = training_step_variants(base, batch, kw)
-        built.extra = {**built.extra, "model_weights": weights}
+        built = training_step_variants(base, batch, kw, autocast=autocast)
+        built.extra["model_weights"] = weights
         del base
         return built
     return build
@@ -310,6 +354,14 @@ def cases(suite: str, device: torch.device) -> list[Case]:
                         {"model": "all-MiniLM-L6-v2", "batch": mb, "seq": ms, "r": 8, "dropout": p, "dtype": "float32"},
                         targets, ours=("fastpeft", "fastpeft_accelerate"), warmup=2 if gpu else 1,
                         budget_s=None if gpu else 15.0))
+    # the same under bf16 autocast (HF Trainer / TRL bf16=True): fp32 weights, forward in bf16 (issue 21)
+    p = mps[-1]
+    out.append(Case(f"e2e/minilm_seqcls_b{mb}x{ms}_r8_p{p:g}_bf16autocast", "e2e",
+                    minilm_build(mb, ms, 8, p, torch.float32, autocast=torch.bfloat16),
+                    {"model": "all-MiniLM-L6-v2", "batch": mb, "seq": ms, "r": 8, "dropout": p, "dtype": "float32",
+                     "autocast": "bfloat16"},
+                    _autocast_targets(gpu, suite), ours=("fastpeft", "fastpeft_accelerate"), warmup=2 if gpu else 1,
+                    budget_s=None if gpu else 15.0))
     # FreeLB-3 step vs plain step (issue 5); on CPU only in full/smoke (keeps quick < 3 min)
     k = 3
     fb, fs = (2, 16) if suite == "smoke" else (32, 64)
@@ -340,4 +392,19 @@ def cases(suite: str, device: torch.device) -> list[Case]:
                              "dtype": _dt(dtype)},
                             targets, ours=("fastpeft", "fastpeft_accelerate"), warmup=2 if gpu else 1,
                             budget_s=None if gpu else 15.0))
+        if not gpu:   # fp32 weights under CPU bf16 autocast (on the GPU the 1B case is in bf16 already)
+            p = ps[-1]
+            out.append(Case(f"e2e/llama_{size}_b{b}x{s}_r16_p{p:g}_bf16autocast", "e2e",
+                            llama_build(size, b, s, 16, p, torch.float32, autocast=torch.bfloat16),
+                            {"model": f"llama-{size} (random init)", "batch": b, "seq": s, "r": 16, "dropout": p,
+                             "dtype": "float32", "autocast": "bfloat16"},
+                            _autocast_targets(gpu, suite), ours=("fastpeft", "fastpeft_accelerate"), warmup=1,
+                            budget_s=15.0))
     return out
+
+
+def _autocast_targets(gpu: bool, suite: str) -> list:
+    """Issue 21: under CPU bf16 autocast, fastpeft keeps its fp32 lead over HF PEFT (>= 1.4x)."""
+    if gpu or suite == "smoke":
+        return []
+    return [Target("≥1.4× HF steps/s (same bf16 autocast)", "fastpeft", "hf_peft", 1 / 1.4, source=ISSUE21)]

@@ -10,8 +10,8 @@ so ``state_dict`` keys are HF PEFT's.
   enabled vanilla adapter it runs the fused op :func:`fastpeft.ops.lora_linear`
   (``y = x Wᵀ + b + s · (drop(x) Aᵀ) Bᵀ``, dropout inside the op on fastpeft's Philox
   RNG; fp32 adapters on an fp16/bf16 model are fused too, computing in the activation
-  dtype); otherwise (several adapters, merged, disabled, DoRA, other dtypes) the plain
-  PyTorch path, which is HF PEFT's forward.
+  dtype, and so are calls under ``torch.autocast``); otherwise (several adapters, merged,
+  disabled, DoRA, other dtypes) the plain PyTorch path, which is HF PEFT's forward.
 * :class:`Embedding` and :class:`Conv2d` (``conv(k×k, in→r)`` then ``1×1 conv r→out``)
   use plain PyTorch LoRA.
 * DoRA (Linear / Conv1D): ``y = base + (m/‖W + s·BA‖ - 1) · (x Wᵀ) + (m/‖·‖) · s · B A x``
@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..ops.lora_linear.layer import call_reason, fused_lora_forward
+from ..ops.lora_linear.layer import lora_forward
 from .base import PeftConfig
 from .._optional import conv1d_cls
 from .registry import register_tuner
@@ -362,9 +362,7 @@ class Linear(nn.Module, LoraLayer):
         return (mag_norm_scale - 1) * base_result + mag_norm_scale * lora_result * s
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        if call_reason(self, x, args, kwargs) is None:
-            return fused_lora_forward(self, x)
-        return self._plain_forward(x, *args, **kwargs)
+        return lora_forward(self, x, args, kwargs, self._plain_forward)
 
     def _adapter_rows(self, a: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         xa = x.to(self.lora_A[a].weight.dtype)

@@ -217,14 +217,15 @@ def test_config_from_hf_file_with_other_init_scheme_loads_as_lora():
     assert c.r == 4 and c.init_lora_weights is True
 
 
-def test_autocast_takes_the_plain_path(monkeypatch):
+def test_autocast_takes_the_fused_path(monkeypatch):
+    """(tests/peft/test_autocast.py checks it in depth.)"""
     _, hf, fp = hf_and_fast("bert", dict(r=2, target_modules=["query"]))
     c = FusedCallCounter(monkeypatch)
     x = inputs_for("bert")
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         o1, o2 = run(hf, x), run(fp, x)
-    assert c.n == 0
-    torch.testing.assert_close(o2, o1)
+    assert c.n == 2   # one per layer
+    torch.testing.assert_close(o2.float(), o1.float(), atol=5e-2, rtol=5e-2)
 
 
 def test_scaled_embedding_lora_matches_hf():
