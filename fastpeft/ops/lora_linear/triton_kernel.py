@@ -220,7 +220,8 @@ def lora_linear_fwd_triton(x, weight, bias, lora_A, lora_B, scale: float, p: flo
     K, N, r = x.shape[-1], weight.shape[0], lora_A.shape[0]
     x2 = x.reshape(-1, K)
     M = x2.shape[0]
-    y = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    out = torch.empty(*x.shape[:-1], N, dtype=x.dtype, device=x.device)
+    y = out.view(M, N)  # the op returns `out`, not a view (in-place ops on the output must work)
     u0 = torch.empty(M, r, dtype=x.dtype, device=x.device)
     if M > 0:
         r_pad, prec = _r_pad(r), _precision(x.dtype)
@@ -232,7 +233,7 @@ def lora_linear_fwd_triton(x, weight, bias, lora_A, lora_B, scale: float, p: flo
             x2, weight, bias if bias is not None else y, u0, lora_B, y, M, N, K, r, float(scale),
             x2.stride(0), x2.stride(1), weight.stride(0), weight.stride(1), lora_B.stride(0), lora_B.stride(1),
             bias.stride(0) if bias is not None else 0, HAS_BIAS=bias is not None, R_PAD=r_pad, PRECISION=prec)
-    return y.view(*x.shape[:-1], N), u0
+    return out, u0
 
 
 def lora_linear_bwd_triton(dy, x, weight, lora_A, lora_B, u0, scale: float, p: float, seed: int, needs):
