@@ -37,9 +37,10 @@ def _hub():
     return huggingface_hub
 
 
-def _entry_not_found():
-    from huggingface_hub.errors import EntryNotFoundError
-    return EntryNotFoundError
+def _missing_in_repo():
+    """huggingface_hub's error for a file that the repository does not have (not: offline / no network)."""
+    import huggingface_hub.errors as errors
+    return getattr(errors, "RemoteEntryNotFoundError", errors.EntryNotFoundError)
 
 
 def resolve_adapter_dir(model_id, subfolder: Optional[str] = None, allow_pickle: bool = False,
@@ -49,7 +50,8 @@ def resolve_adapter_dir(model_id, subfolder: Optional[str] = None, allow_pickle:
     A local directory: ``model_id/subfolder`` (``revision`` names a version of a Hub repository and cannot
     select one of a local directory: ValueError).  Anything else is a Hub repository id: the config and the
     weights (``adapter_model.safetensors``; ``adapter_model.bin`` only with ``allow_pickle``) are downloaded
-    into the Hugging Face cache and their directory returned."""
+    into the Hugging Face cache and their directory returned; a failed download is an OSError naming the
+    repository."""
     unknown = sorted(set(hub_kwargs) - set(HUB_KWARGS))
     if unknown:
         raise TypeError(f"unexpected keyword argument(s) {unknown} (Hub download options: {list(HUB_KWARGS)})")
@@ -65,25 +67,30 @@ def resolve_adapter_dir(model_id, subfolder: Optional[str] = None, allow_pickle:
         if not os.path.exists(local):
             raise FileNotFoundError(f"subfolder: {local!r} does not exist")
         return local
-    if os.sep in model_id and model_id.count("/") != 1 or model_id.startswith((".", "/", "~")):
+    if model_id.count("/") > 1 or model_id.startswith((".", "/", "~")) or "\\" in model_id:
         raise FileNotFoundError(f"adapter: no directory {model_id!r} (and it is not a Hub repository id)")
     hub = _hub()
     if "use_auth_token" in hub_kwargs:
         hub_kwargs["token"] = hub_kwargs.pop("use_auth_token")
-    try:
-        cfg = hub.hf_hub_download(model_id, CONFIG_NAME, subfolder=subfolder, **hub_kwargs)
+
+    def fetch(name):
         try:
-            hub.hf_hub_download(model_id, SAFETENSORS_NAME, subfolder=subfolder, **hub_kwargs)
-        except _entry_not_found():
-            if not allow_pickle:
-                raise FileNotFoundError(f"{model_id}: no {SAFETENSORS_NAME} in the repository (a pickle "
-                                        f"{PICKLE_NAME} is loaded only with allow_pickle=True)") from None
-            hub.hf_hub_download(model_id, PICKLE_NAME, subfolder=subfolder, **hub_kwargs)
-    except (FileNotFoundError, ValueError, TypeError):
-        raise
-    except Exception as e:  # network, authentication, missing repository, offline mode
-        raise OSError(f"adapter {model_id!r}: not a local directory, and downloading it from the Hugging Face Hub "
-                      f"failed: {type(e).__name__}: {e}") from e
+            return hub.hf_hub_download(model_id, name, subfolder=subfolder, **hub_kwargs)
+        except _missing_in_repo():
+            return None
+        except Exception as e:  # network, authentication, missing repository, offline mode
+            raise OSError(f"adapter {model_id!r}: not a local directory, and downloading {name} from the Hugging "
+                          f"Face Hub failed: {type(e).__name__}: {e}") from e
+
+    cfg = fetch(CONFIG_NAME)
+    if cfg is None:
+        raise FileNotFoundError(f"adapter {model_id!r}: the Hub repository has no {CONFIG_NAME}")
+    if fetch(SAFETENSORS_NAME) is None:
+        if not allow_pickle:
+            raise FileNotFoundError(f"adapter {model_id!r}: no {SAFETENSORS_NAME} in the repository (a pickle "
+                                    f"{PICKLE_NAME} is loaded only with allow_pickle=True)")
+        if fetch(PICKLE_NAME) is None:
+            raise FileNotFoundError(f"adapter {model_id!r}: no adapter weights in the repository")
     return os.path.dirname(cfg)
 
 

@@ -10,8 +10,9 @@ Per LoRA layer, with weights ``w_i`` and scalings ``s_i`` of adapters ``i``:
   ``svd_rank`` by SVD (``B = U S``, ``A = Vᴴ``, optionally clamped at the ``svd_clamp`` quantile).
 
 The new adapter has ``r = lora_alpha = new rank`` (scaling 1), is inactive and frozen.  Differences from HF
-PEFT: an existing ``adapter_name`` raises (HF returns silently), and the combined adapter is created with
-plain init (HF copies the first adapter's ``init_lora_weights``, re-running e.g. PiSSA on the base weight).
+PEFT: an existing ``adapter_name`` raises (HF returns silently), and when the first adapter was initialised by
+a scheme that rewrites the base weight (PiSSA, OLoRA, LoftQ) the combined adapter is created with plain init
+(HF copies ``init_lora_weights`` and so re-runs it on the base weight).
 ``dare_*`` draw their random masks from torch's generator, as HF PEFT.
 """
 from __future__ import annotations
@@ -22,6 +23,8 @@ import math
 import warnings
 
 import torch
+
+from .lora_init import mutates_base
 
 COMBINATIONS = ("svd", "linear", "cat", "ties", "ties_svd", "dare_ties", "dare_linear", "dare_ties_svd",
                 "dare_linear_svd", "magnitude_prune", "magnitude_prune_svd")
@@ -171,9 +174,10 @@ def add_weighted_adapter(pm, adapters, weights, adapter_name, *, combination_typ
         raise ValueError(f"adapter_name: an adapter named {adapter_name!r} already exists")
     adapters, weights = list(adapters), [float(w) for w in weights]
     kind, rank, targets = _check(pm, adapters, weights, combination_type, svd_rank)
-    cfg = dataclasses.replace(copy.deepcopy(pm.peft_config[adapters[0]]), r=rank, lora_alpha=rank,
-                              target_modules=targets, alpha_pattern={}, rank_pattern={}, init_lora_weights=True,
-                              loftq_config={})
+    first = pm.peft_config[adapters[0]]
+    init = True if mutates_base(first.init_lora_weights) else first.init_lora_weights  # (same random draws as HF)
+    cfg = dataclasses.replace(copy.deepcopy(first), r=rank, lora_alpha=rank, target_modules=targets,
+                              alpha_pattern={}, rank_pattern={}, init_lora_weights=init, loftq_config={})
     active = pm.active_adapters
     pm._add(adapter_name, cfg)
     try:
