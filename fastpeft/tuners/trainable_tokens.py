@@ -132,6 +132,13 @@ class TrainableTokensWrapper(nn.Module):
         return self.token_adapter.base_layer
 
     @property
+    def _disable_adapters(self) -> bool:
+        return self.token_adapter._disable_adapters
+
+    def __getattr__(self, name: str):
+        return nn.Module.__getattr__(self, name)  # never peft's AuxiliaryTrainingWrapper lookup (expose_to_peft)
+
+    @property
     def tied(self) -> bool:
         return self.token_adapter.tied_adapter is not None
 

@@ -57,6 +57,8 @@ def base_layer_reason(layer) -> Reason:
         return None if not layer.fan_in_fan_out else "fan_in_fan_out=True on an nn.Linear base layer"
     if conv1d is not None and type(base) is conv1d:
         return None if layer.fan_in_fan_out else "Conv1D base layer without fan_in_fan_out"
+    if hasattr(base, "base_layer"):
+        return f"the base layer is another adapter layer ({type(base).__module__}.{type(base).__name__})"
     return f"unsupported or quantised base layer ({type(base).__name__})"
 
 
