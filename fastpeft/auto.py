@@ -86,39 +86,23 @@ class _BaseAutoPeftModel:
                                                       **{k: v for k, v in peft_kw.items() if k != "subfolder"})
 
 
-class AutoPeftModel(_BaseAutoPeftModel):
-    _target_class = None
-    _target_peft_class = PeftModel
+def _auto_class(name: str, target: Optional[str], peft_class: type) -> type:
+    """``name``: loads the base model with ``transformers.<target>`` and wraps it in ``peft_class``."""
+    return type(name, (_BaseAutoPeftModel,), {"_target_class": target, "_target_peft_class": peft_class,
+                                              "__module__": __name__, "__doc__": f"HF PEFT's ``{name}``."})
 
 
-class AutoPeftModelForCausalLM(_BaseAutoPeftModel):
-    _target_class = "AutoModelForCausalLM"
-    _target_peft_class = PeftModelForCausalLM
-
-
-class AutoPeftModelForSeq2SeqLM(_BaseAutoPeftModel):
-    _target_class = "AutoModelForSeq2SeqLM"
-    _target_peft_class = PeftModelForSeq2SeqLM
-
-
-class AutoPeftModelForSequenceClassification(_BaseAutoPeftModel):
-    _target_class = "AutoModelForSequenceClassification"
-    _target_peft_class = PeftModelForSequenceClassification
-
-
-class AutoPeftModelForTokenClassification(_BaseAutoPeftModel):
-    _target_class = "AutoModelForTokenClassification"
-    _target_peft_class = PeftModelForTokenClassification
-
-
-class AutoPeftModelForQuestionAnswering(_BaseAutoPeftModel):
-    _target_class = "AutoModelForQuestionAnswering"
-    _target_peft_class = PeftModelForQuestionAnswering
-
-
-class AutoPeftModelForFeatureExtraction(_BaseAutoPeftModel):
-    _target_class = "AutoModel"
-    _target_peft_class = PeftModelForFeatureExtraction
+AutoPeftModel = _auto_class("AutoPeftModel", None, PeftModel)
+AutoPeftModelForCausalLM = _auto_class("AutoPeftModelForCausalLM", "AutoModelForCausalLM", PeftModelForCausalLM)
+AutoPeftModelForSeq2SeqLM = _auto_class("AutoPeftModelForSeq2SeqLM", "AutoModelForSeq2SeqLM", PeftModelForSeq2SeqLM)
+AutoPeftModelForSequenceClassification = _auto_class(
+    "AutoPeftModelForSequenceClassification", "AutoModelForSequenceClassification", PeftModelForSequenceClassification)
+AutoPeftModelForTokenClassification = _auto_class(
+    "AutoPeftModelForTokenClassification", "AutoModelForTokenClassification", PeftModelForTokenClassification)
+AutoPeftModelForQuestionAnswering = _auto_class(
+    "AutoPeftModelForQuestionAnswering", "AutoModelForQuestionAnswering", PeftModelForQuestionAnswering)
+AutoPeftModelForFeatureExtraction = _auto_class("AutoPeftModelForFeatureExtraction", "AutoModel",
+                                                PeftModelForFeatureExtraction)
 
 
 __all__ = ["AutoPeftModel", "AutoPeftModelForCausalLM", "AutoPeftModelForSeq2SeqLM",

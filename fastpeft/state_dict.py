@@ -90,15 +90,33 @@ def expose_to_peft(model: nn.Module) -> None:
     if not issubclass(TunerModel, BaseTuner):
         BaseTuner.register(TunerModel)
     for m in model.modules():
-        cls = type(m)
         if isinstance(m, (ModulesToSaveWrapper, trainable_tokens.TrainableTokensWrapper)) \
                 and not isinstance(m, AuxiliaryTrainingWrapper):
-            sub = _PEFT_SUBCLASSES.get(cls)
-            if sub is None:
-                sub = type(cls.__name__, (cls, AuxiliaryTrainingWrapper), {"__module__": cls.__module__,
-                                                                         "__qualname__": cls.__qualname__})
-                _PEFT_SUBCLASSES[cls] = sub
-            m.__class__ = sub
+            m.__class__ = _peft_visible(type(m), AuxiliaryTrainingWrapper)
+
+
+def _peft_visible(cls: type, aux: type) -> type:
+    """``cls`` + peft's ``AuxiliaryTrainingWrapper`` as a base: importable from this module by name (so a model
+    holding one pickles), printed under ``cls``'s name."""
+    sub = _PEFT_SUBCLASSES.get(cls)
+    if sub is None:
+        name = "PeftVisible" + cls.__name__
+        sub = type(name, (cls, aux), {"__module__": __name__, "__qualname__": name,
+                                      "_get_name": lambda self, n=cls.__name__: n})
+        _PEFT_SUBCLASSES[cls] = sub
+        globals()[name] = sub
+    return sub
+
+
+def __getattr__(name: str):
+    # unpickling a model that peft's functions had seen, in a fresh process: rebuild the class
+    if name.startswith("PeftVisible"):
+        from .peft_model import ModulesToSaveWrapper
+        for cls in (ModulesToSaveWrapper, trainable_tokens.TrainableTokensWrapper):
+            if name == "PeftVisible" + cls.__name__:
+                from peft.utils.other import AuxiliaryTrainingWrapper
+                return _peft_visible(cls, AuxiliaryTrainingWrapper)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # -- what an adapter file holds ----------------------------------------------------------------------

@@ -237,3 +237,15 @@ def test_peft_model_signature_kwargs_are_checked(tmp_path):
         m.save_pretrained(tmp_path, not_an_argument=1)
     with pytest.raises(TypeError, match="unexpected keyword"):
         m.push_to_hub("me/x", not_an_argument=1)
+
+
+def test_a_model_seen_by_peft_functions_still_pickles_and_prints(tmp_path):
+    _, hf, fp = hf_and_fast("bert", HEAD)
+    text = repr(fp)
+    peft.get_peft_model_state_dict(fp)  # gives the head wrapper peft's AuxiliaryTrainingWrapper as a base
+    assert repr(fp) == text
+    torch.save(fp, tmp_path / "m.pt")
+    back = torch.load(tmp_path / "m.pt", weights_only=False)
+    x = inputs_for("bert")
+    with torch.no_grad():
+        torch.testing.assert_close(run(back.eval(), x), run(fp.eval(), x))

@@ -92,12 +92,18 @@ def test_classification_head_named_in_target_modules_round_trips(tmp_path):
     base, hf, fp = hf_and_fast("bert", dict(r=2, target_modules=["query", "classifier"], task_type="SEQ_CLS"))
     assert not any(".classifier.lora_" in k or ".classifier.original_module.lora_" in k for k in fp.state_dict())
     fp.save_pretrained(tmp_path)
+    _both_load_like(fp, base, tmp_path)
+
+
+def _both_load_like(fp, base, path):
+    """fastpeft and HF PEFT load ``path`` onto ``base`` with ``fp``'s logits; returns them."""
     x = inputs_for("bert")
     with torch.no_grad():
         ref = run(fp.eval(), x)
-        for m in (fastpeft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path)),
-                  peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path))):
+        for m in (fastpeft.PeftModel.from_pretrained(copy.deepcopy(base), str(path)),
+                  peft.PeftModel.from_pretrained(copy.deepcopy(base), str(path))):
             torch.testing.assert_close(run(m.eval(), x), ref)
+    return ref
 
 
 def test_prompt_learning_head_uses_hf_keys(tmp_path):
@@ -114,12 +120,8 @@ def test_prompt_learning_head_uses_hf_keys(tmp_path):
     fp.save_pretrained(tmp_path)
     keys = sorted(load_safetensors(str(tmp_path / ST)))
     assert keys == ["base_model.classifier.bias", "base_model.classifier.weight", "prompt_embeddings"]
+    ref = _both_load_like(fp, base, tmp_path)
     x = inputs_for("bert")
-    with torch.no_grad():
-        ref = run(fp.eval(), x)
-        for m in (fastpeft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path)),
-                  peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path))):
-            torch.testing.assert_close(run(m.eval(), x), ref)
     legacy = {("base_model.model." + k[len("base_model."):] if k.startswith("base_model.") else k): v
               for k, v in load_safetensors(str(tmp_path / ST)).items()}
     save_safetensors(legacy, str(tmp_path / ST))  # what earlier fastpeft versions wrote: still read
