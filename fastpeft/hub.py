@@ -97,7 +97,7 @@ def resolve_adapter_dir(model_id, subfolder: Optional[str] = None, allow_pickle:
 def push_adapter(peft_model, repo_id: str, *, commit_message: Optional[str] = None, private: Optional[bool] = None,
                  token=None, revision: Optional[str] = None, create_pr: bool = False,
                  commit_description: Optional[str] = None, safe_serialization: bool = True,
-                 selected_adapters=None, save_embedding_layers="auto"):
+                 selected_adapters=None, save_embedding_layers="auto", tags=None):
     """Save ``peft_model``'s adapter(s) into a temporary directory and upload that directory to ``repo_id``.
 
     What is uploaded is exactly what ``save_pretrained`` writes: adapter config, adapter weights, model card.
@@ -108,6 +108,10 @@ def push_adapter(peft_model, repo_id: str, *, commit_message: Optional[str] = No
     with tempfile.TemporaryDirectory(prefix="fastpeft-push-") as tmp:
         peft_model.save_pretrained(tmp, safe_serialization=safe_serialization, selected_adapters=selected_adapters,
                                    save_embedding_layers=save_embedding_layers)
+        if tags:  # HF's push_to_hub(tags=...): the card's tags (the temporary directory's card is ours)
+            cfg = peft_model.active_peft_config
+            atomic_write_text(os.path.join(tmp, CARD_NAME), model_card(
+                cfg.base_model_name_or_path, peft_model._tuner.peft_type, tags=list(tags)))
         try:
             api = hub.HfApi(token=token)
             api.create_repo(repo_id, private=private, exist_ok=True, token=token)

@@ -19,7 +19,6 @@ import contextlib
 import copy
 import inspect
 import os
-import sys
 import types
 import warnings
 from typing import Optional, Union
@@ -563,7 +562,9 @@ class PeftModel(nn.Module):
         """Upload the adapter -- exactly the files ``save_pretrained`` writes, never the base model's
         weights -- to the Hugging Face Hub repository ``repo_id`` (created if missing).  Without
         ``huggingface_hub`` or a network it raises and uploads nothing.  ``selected_adapters`` /
-        ``save_embedding_layers`` may be passed as for ``save_pretrained``."""
+        ``save_embedding_layers`` may be passed as for ``save_pretrained``; ``tags`` go into the model
+        card; ``use_temp_dir`` and ``max_shard_size`` change nothing (one small weights file, written to a
+        temporary directory)."""
         selected = kwargs.pop("selected_adapters", None)
         embeddings = kwargs.pop("save_embedding_layers", "auto")
         if kwargs:
@@ -572,7 +573,7 @@ class PeftModel(nn.Module):
         return push_adapter(self, repo_id, commit_message=commit_message, private=private, token=token,
                             revision=revision, create_pr=create_pr, commit_description=commit_description,
                             safe_serialization=safe_serialization, selected_adapters=selected,
-                            save_embedding_layers=embeddings)
+                            save_embedding_layers=embeddings, tags=tags)
 
     def load_adapter(self, model_id: str, adapter_name: str, is_trainable: bool = False,
                      torch_device: Optional[str] = None, autocast_adapter_dtype: bool = True,
@@ -580,7 +581,8 @@ class PeftModel(nn.Module):
                      key_mapping: Optional[dict] = None, **kwargs) -> None:
         """Add adapter ``adapter_name`` from a directory (or Hub repository: ``subfolder``, ``revision``,
         ``cache_dir``, ``token``, ...) saved by fastpeft or HF PEFT.  ``allow_pickle`` loads an
-        ``adapter_model.bin``; ``allow_nonfinite`` loads NaN / inf weights (with a warning)."""
+        ``adapter_model.bin``; ``allow_nonfinite`` loads NaN / inf weights (with a warning).
+        ``low_cpu_mem_usage`` is accepted (the adapter weights are created directly, then loaded)."""
         check_adapter_name(adapter_name)
         if adapter_name in self.peft_config:
             raise ValueError(f"adapter_name: an adapter named {adapter_name!r} already exists")
@@ -589,7 +591,11 @@ class PeftModel(nn.Module):
                                                        kwargs)
         config.inference_mode = not is_trainable
         active = self.active_adapters
-        self._add(adapter_name, config)
+        autocast, self._autocast_adapter_dtype = self._autocast_adapter_dtype, bool(autocast_adapter_dtype)
+        try:
+            self._add(adapter_name, config)
+        finally:
+            self._autocast_adapter_dtype = autocast
         try:
             self.load_adapter_state_dict(state, adapter_name, allow_nonfinite=allow_nonfinite)
         except Exception:

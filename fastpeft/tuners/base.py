@@ -8,7 +8,6 @@ import dataclasses
 import enum
 import json
 import os
-import warnings
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Optional
 

@@ -69,7 +69,6 @@ class LoraConfig(PeftConfig):
     loftq_config: dict = field(default_factory=dict)
     trainable_token_indices: Optional[Union[list, dict]] = None
     target_parameters: Optional[list] = None
-    ensure_weight_tying: bool = False
 
     #: HF LoraConfig fields that fastpeft does not implement, accepted only at these (HF default, off)
     #: values; any other value is refused by ``from_dict`` with an error naming the field
@@ -112,7 +111,6 @@ class LoraConfig(PeftConfig):
             self.rank_pattern = {}
         if self.alpha_pattern is None:
             self.alpha_pattern = {}
-
 
 
 def _check_trainable_tokens(indices, modules_to_save) -> None:

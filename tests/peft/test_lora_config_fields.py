@@ -20,7 +20,7 @@ REFUSED = {"megatron_config": {"tensor_model_parallel_size": 2}, "eva_config": {
            "corda_config": {"cache_file": "x"}, "lora_ga_config": {"batch_size": 2}, "velora_config": {"rank": 2},
            "alora_invocation_tokens": [1, 2], "use_qalora": True, "monteclora_config": {"n": 1},
            "layer_replication": [[0, 1]], "lora_bias": True, "use_bdlora": {"a": 1}, "arrow_config": {"top_k": 2},
-           "kasa_config": {"x": 1}}
+           "kasa_config": {"x": 1}, "ensure_weight_tying": True}
 
 
 def test_every_hf_lora_field_is_honoured_or_refused():

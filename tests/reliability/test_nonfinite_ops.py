@@ -12,7 +12,6 @@ import math
 import pytest
 import torch
 
-import fastpeft
 from fastpeft import backends
 
 from ..helpers import TOL
