@@ -50,12 +50,14 @@ class PeftConfigs(dict):
     def __init__(self, model: nn.Module, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._model = weakref.ref(model)
+        self._exposed = False  # (PeftModel exposes wrappers it adds later itself, once peft is imported)
 
     def __getitem__(self, key):
-        if "peft" in sys.modules:
+        if not self._exposed and "peft" in sys.modules:
             m = self._model()
             if m is not None:
                 expose_to_peft(m)
+            self._exposed = True
         return super().__getitem__(key)
 
     def __deepcopy__(self, memo):
@@ -381,6 +383,9 @@ def get_peft_model_state_dict(model, state_dict: Optional[dict] = None, adapter_
                                            state_dict=state_dict)
     cfg = root.peft_config[adapter_name]
     own, side = adapter_entries(inner, get_tuner(cfg.peft_type), cfg, adapter_name, save_embedding_layers)
+    if not own and not side:
+        raise ValueError(f"adapter {adapter_name!r}: no fastpeft adapter layer holds it (adapters injected by HF "
+                         "PEFT are read with peft.get_peft_model_state_dict)")
     out = {k: v.detach() for k, v in {**own, **side}.items()}
     return take_from_state_dict(root, out, state_dict) if state_dict is not None else out
 
@@ -402,6 +407,9 @@ def set_peft_model_state_dict(model, peft_model_state_dict: dict, adapter_name: 
     state = dict(peft_model_state_dict)
     check_adapter_tensors(state, f"set_peft_model_state_dict (adapter {adapter_name!r})", allow_nonfinite)
     own, side = adapter_entries(inner, get_tuner(cfg.peft_type), cfg, adapter_name, save_embedding_layers=False)
+    if not own and not side:
+        raise ValueError(f"adapter {adapter_name!r}: no fastpeft adapter layer holds it (adapters injected by HF "
+                         "PEFT are loaded with peft.set_peft_model_state_dict)")
     expected = {own_prefix + k: v for k, v in own.items()}
     expected.update({side_prefix + k: v for k, v in side.items()})
     if not cfg.is_prompt_learning:
@@ -436,7 +444,8 @@ def inject_adapter_in_model(peft_config, model: nn.Module, adapter_name: str = "
                             low_cpu_mem_usage: bool = False, state_dict: Optional[dict] = None) -> nn.Module:
     """Add adapter ``adapter_name`` of ``peft_config`` to ``model`` in place and return ``model`` (HF PEFT's
     function: no ``PeftModel`` wrapper; ``model.peft_config`` records the adapters).  ``state_dict``: target
-    exactly the modules this adapter state dict has weights for (HF: the targets come from the checkpoint)."""
+    exactly the modules this adapter state dict has weights for (HF: the targets come from the checkpoint).
+    ``low_cpu_mem_usage`` is accepted (the adapter weights are created directly)."""
     from .peft_model import PeftModel
     from .tuners.base import as_fastpeft_config
     check_adapter_name(adapter_name)

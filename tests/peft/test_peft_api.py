@@ -249,3 +249,12 @@ def test_a_model_seen_by_peft_functions_still_pickles_and_prints(tmp_path):
     x = inputs_for("bert")
     with torch.no_grad():
         torch.testing.assert_close(run(back.eval(), x), run(fp.eval(), x))
+
+
+def test_fastpeft_functions_on_an_hf_injected_model_say_so():
+    """The reverse of the silent {}: fastpeft's functions on adapters fastpeft does not hold raise."""
+    m = peft.inject_adapter_in_model(peft.LoraConfig(r=2, target_modules=["query"]), bert_cls())
+    with pytest.raises(ValueError, match="peft.get_peft_model_state_dict"):
+        fastpeft.get_peft_model_state_dict(m)
+    with pytest.raises(ValueError, match="peft.set_peft_model_state_dict"):
+        fastpeft.set_peft_model_state_dict(m, {})
