@@ -24,8 +24,15 @@ from .tuners.prefix import PrefixTuningConfig
 from .tuners.prompt import PromptTuningConfig
 from . import heads  # task heads marked trainable through modules_to_save
 from .freezing import FreezeConfig, apply_freezing  # train only the top k blocks
-from .peft_model import PeftModel
+from .tuners.base import TaskType
+from .peft_model import (PeftModel, PeftModelForCausalLM, PeftModelForFeatureExtraction, PeftModelForQuestionAnswering,
+                         PeftModelForSeq2SeqLM, PeftModelForSequenceClassification, PeftModelForTokenClassification)
 from .mapping import get_peft_model
+from .state_dict import get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
+from .status import get_layer_status, get_model_status
+from .auto import (AutoPeftModel, AutoPeftModelForCausalLM, AutoPeftModelForFeatureExtraction,
+                   AutoPeftModelForQuestionAnswering, AutoPeftModelForSeq2SeqLM,
+                   AutoPeftModelForSequenceClassification, AutoPeftModelForTokenClassification)
 from .accelerate import accelerate, restore  # the functions shadow the submodule name
 from .accelerate import fusion_report, reset_fusion_report  # what the fusable LoRA layers ran
 
@@ -35,7 +42,12 @@ _WORKFLOW_NAMES = ("Trainer", "TrainerConfig", "train", "finetune", "workflow")
 __all__ = ["get_peft_model", "accelerate", "restore", "fusion_report", "reset_fusion_report", "PeftModel", "LoraConfig", "PeftConfig", "__version__",
            "BackendError", "use_backend", "ops", "amp", "adversarial", "BottleneckAdapterConfig", "BitFitConfig",
            "IA3Config", "PrefixTuningConfig", "PromptTuningConfig", "heads", "FreezeConfig", "apply_freezing",
-           *_WORKFLOW_NAMES]
+           "TaskType", "PeftModelForCausalLM", "PeftModelForFeatureExtraction", "PeftModelForQuestionAnswering",
+           "PeftModelForSeq2SeqLM", "PeftModelForSequenceClassification", "PeftModelForTokenClassification",
+           "get_peft_model_state_dict", "set_peft_model_state_dict", "inject_adapter_in_model", "get_layer_status",
+           "get_model_status", "AutoPeftModel", "AutoPeftModelForCausalLM", "AutoPeftModelForFeatureExtraction",
+           "AutoPeftModelForQuestionAnswering", "AutoPeftModelForSeq2SeqLM", "AutoPeftModelForSequenceClassification",
+           "AutoPeftModelForTokenClassification", *_WORKFLOW_NAMES]
 
 
 def __getattr__(name: str):

@@ -90,12 +90,19 @@ def _forgetting_casts(name: str):
     return method
 
 
+def _original_name(self) -> str:
+    """``nn.Module._get_name``: PEFT's class name, so ``print(model)`` and ``get_layer_status()`` show
+    ``lora.Linear`` as before the switch, not the swapped class."""
+    return getattr(type(self), _ORIG_ATTR).__name__
+
+
 def _fast_class(orig: type) -> type:
     cls = _FAST_CLASSES.get(orig)
     if cls is None:
         name = "Fastpeft" + orig.__name__
         cls = type(name, (orig,), {"forward": _fast_forward, "merge": _forgetting_casts("merge"),
-                                   "unmerge": _forgetting_casts("unmerge"), _ORIG_ATTR: orig, "__module__": __name__})
+                                   "unmerge": _forgetting_casts("unmerge"), "_get_name": _original_name,
+                                   _ORIG_ATTR: orig, "__module__": __name__})
         cls.__qualname__ = name
         globals()[name] = cls  # importable by name, so a patched model pickles
         _FAST_CLASSES[orig] = cls

@@ -22,16 +22,50 @@ inline void row_stats(const T* d, const T* g, int64_t H, double* gg, double* dg,
   *gg = s_gg; *dg = s_dg; *dd = s_dd;
 }
 
-// Step coefficient a and projection scale s (new = s * (d + a g)) from the stats.
-inline void l2_coefs(double gg, double dg, double dd, double step, double eps, double* a_out, double* s_out) {
+// Step coefficient a = step / max(|g|, floor); a NaN norm stays NaN (the reference's clamp_min keeps NaN).
+inline double step_coef(double gg, double step) {
   const double gn = std::sqrt(gg);
-  const double a = step / (gn > kAdvNormFloor ? gn : kAdvNormFloor);
-  double nsq = dd + 2.0 * a * dg + a * a * gg;
-  if (nsq < 0.0) nsq = 0.0;
-  double s = 1.0;
-  if (eps > 0.0 && nsq > eps * eps) s = eps / std::sqrt(nsq);
+  return step / ((std::isnan(gn) || gn > kAdvNormFloor) ? gn : kAdvNormFloor);
+}
+
+// Projection scale s from |d + a g|^2: eps / |.| above eps (0 for an infinite norm, as eps / inf in the
+// reference), 1 otherwise (also for a NaN norm: NaN > eps is false there too).
+inline double proj_scale(double nsq, double eps) {
+  return (eps > 0.0 && nsq > eps * eps) ? eps / std::sqrt(nsq) : 1.0;
+}
+
+// |d + a g|^2 of rows [r0, r1) computed directly (the slow path for non-finite stats, where the
+// expansion dd + 2a dg + a^2 gg would mix infinities differently from the reference's norm of d + a g).
+template <typename T>
+double direct_nsq(const T* delta, const T* grad, const float* mask, int64_t r0, int64_t r1, int64_t H, double a) {
+  using A = typename acc<T>::type;
+  double nsq = 0.0;
+  for (int64_t r = r0; r < r1; ++r) {
+    if (mask != nullptr && mask[r] == 0.0f) continue;
+    for (int64_t h = 0; h < H; ++h) {
+      const double v = static_cast<double>(static_cast<A>(to_float(delta[r * H + h])) +
+                                           static_cast<A>(a) * static_cast<A>(to_float(grad[r * H + h])));
+      nsq += v * v;
+    }
+  }
+  return nsq;
+}
+
+// (a, s) with new = s * (d + a g) for rows [r0, r1) whose stats are (gg, dg, dd): the expansion when the
+// stats are finite (one pass), the direct norm otherwise.
+template <typename T>
+void l2_coefs(double gg, double dg, double dd, double step, double eps, const T* delta, const T* grad,
+              const float* mask, int64_t r0, int64_t r1, int64_t H, double* a_out, double* s_out) {
+  const double a = step_coef(gg, step);
+  double nsq;
+  if (std::isfinite(gg) && std::isfinite(dg) && std::isfinite(dd)) {
+    nsq = dd + 2.0 * a * dg + a * a * gg;
+    if (nsq < 0.0) nsq = 0.0;
+  } else {
+    nsq = direct_nsq(delta, grad, mask, r0, r1, H, a);
+  }
   *a_out = a;
-  *s_out = s;
+  *s_out = proj_scale(nsq, eps);
 }
 
 template <typename T>
@@ -69,7 +103,7 @@ void adv_perturb_update_cpu(T* delta, const T* grad, const float* mask, int64_t 
       for (int64_t h = 0; h < H; ++h) {
         using A = typename acc<T>::type;
         const A gv = to_float(g[h]), st = step_size, ep = epsilon;
-        A v = static_cast<A>(to_float(d[h])) + (gv > 0 ? st : (gv < 0 ? -st : A(0)));
+        A v = static_cast<A>(to_float(d[h])) + (gv > 0 ? st : (gv < 0 ? -st : A(0)));  // torch.sign(NaN) = 0
         if (clamp) v = v < -ep ? -ep : (v > ep ? ep : v);
         d[h] = from_double<T>(static_cast<double>(v));
       }
@@ -84,7 +118,7 @@ void adv_perturb_update_cpu(T* delta, const T* grad, const float* mask, int64_t 
       double gg, dg, dd;
       row_stats(d, g, H, &gg, &dg, &dd);
       double a, s;
-      l2_coefs(gg, dg, dd, step_size, epsilon, &a, &s);
+      l2_coefs(gg, dg, dd, step_size, epsilon, delta, grad, mask, r, r + 1, H, &a, &s);
       row_axpy_scale(d, g, H, a, s);
     }
   } else {  // kAdvL2Example: per-row stats (parallel over rows), per-example reduce, update.
@@ -99,7 +133,7 @@ void adv_perturb_update_cpu(T* delta, const T* grad, const float* mask, int64_t 
         const double* p = &st[3 * (b * L + l)];
         gg += p[0]; dg += p[1]; dd += p[2];
       }
-      l2_coefs(gg, dg, dd, step_size, epsilon, &a[b], &s[b]);
+      l2_coefs(gg, dg, dd, step_size, epsilon, delta, grad, mask, b * L, (b + 1) * L, H, &a[b], &s[b]);
     }
 #pragma omp parallel for schedule(static) if (big)
     for (int64_t r = 0; r < rows; ++r) {

@@ -40,12 +40,28 @@ __device__ __forceinline__ float3 block_sum3(float3 v) {
   return r;
 }
 
-__device__ __forceinline__ float2 l2_coefs(float gg, float dg, float dd, float step, float eps) {
+// a = step / max(|g|, floor), keeping a NaN norm NaN (the reference's clamp_min does).
+__device__ __forceinline__ float step_coef(float gg, float step) {
   const float gn = sqrtf(gg);
-  const float a = step / fmaxf(gn, kNormFloor);
-  float nsq = fmaxf(dd + 2.f * a * dg + a * a * gg, 0.f);
-  const float s = (eps > 0.f && nsq > eps * eps) ? eps * rsqrtf(nsq) : 1.f;
-  return make_float2(a, s);
+  return step / (gn < kNormFloor ? kNormFloor : gn);
+}
+
+// eps / |d'| above eps (0 for an infinite norm, as eps / inf), else 1 (also for a NaN norm).
+__device__ __forceinline__ float proj_scale(float nsq, float eps) {
+  return (eps > 0.f && nsq > eps * eps) ? eps * rsqrtf(nsq) : 1.f;
+}
+
+__device__ __forceinline__ bool stats_finite(float gg, float dg, float dd) {
+  return isfinite(gg) && isfinite(dg) && isfinite(dd);
+}
+
+// (a, s) from finite stats (the one-pass expansion); s is NaN when they are not finite, and the update
+// kernel then computes the norm of d + a g directly (the expansion mixes infinities differently).
+__device__ __forceinline__ float2 l2_coefs(float gg, float dg, float dd, float step, float eps) {
+  const float a = step_coef(gg, step);
+  if (!stats_finite(gg, dg, dd)) return make_float2(a, nanf(""));
+  const float nsq = fmaxf(dd + 2.f * a * dg + a * a * gg, 0.f);
+  return make_float2(a, proj_scale(nsq, eps));
 }
 
 // N consecutive elements moved as one 16-byte access when N * sizeof(T) == 16 (N = 1: scalar).
@@ -69,6 +85,22 @@ __device__ __forceinline__ float3 row_stats(const T* __restrict__ d, const T* __
     }
   }
   return block_sum3(acc);
+}
+
+// |d + a g|^2 over rows [r0, r1) by the whole block (padding rows skipped): the slow path for
+// non-finite stats.
+template <typename T>
+__device__ float direct_nsq(const T* __restrict__ delta, const T* __restrict__ grad, const float* __restrict__ mask,
+                            int64_t r0, int64_t r1, int64_t H, float a) {
+  float acc = 0.f;
+  for (int64_t r = r0; r < r1; ++r) {
+    if (!active(mask, r)) continue;
+    for (int64_t h = threadIdx.x; h < H; h += kThreads) {
+      const float v = ld(delta[r * H + h]) + a * ld(grad[r * H + h]);
+      acc += v * v;
+    }
+  }
+  return block_sum3(make_float3(acc, 0.f, 0.f)).x;
 }
 
 // One block per row.  linf: sign step + clamp.  l2_token: stats then update of the row (the
@@ -96,8 +128,9 @@ __global__ void __launch_bounds__(kThreads) update_rows_kernel(T* __restrict__ d
 #pragma unroll
       for (int j = 0; j < N; ++j) {
         const float gx = ld(gv.v[j]);
+        // sign(g) as torch.sign (sign(NaN) = 0); the clamp keeps NaN like torch.clamp (fminf/fmaxf drop it)
         float v = ld(dv.v[j]) + (gx > 0.f ? step : (gx < 0.f ? -step : 0.f));
-        if (eps > 0.f) v = fminf(fmaxf(v, -eps), eps);
+        if (eps > 0.f) v = v < -eps ? -eps : (v > eps ? eps : v);
         dv.v[j] = st<T>(v);
       }
       dp[i] = dv;
@@ -105,6 +138,7 @@ __global__ void __launch_bounds__(kThreads) update_rows_kernel(T* __restrict__ d
     return;
   }
   float2 as;
+  const int64_t r0 = row, r1 = row + 1;
   if (norm == kL2Token) {
     const float3 s = row_stats<T, N>(delta + row * H, grad + row * H, H);
     as = l2_coefs(s.x, s.y, s.z, step, eps);
@@ -112,6 +146,8 @@ __global__ void __launch_bounds__(kThreads) update_rows_kernel(T* __restrict__ d
     const int64_t b = row / L;
     as = make_float2(coef[2 * b], coef[2 * b + 1]);
   }
+  // l2_token with non-finite stats (block-uniform branch); l2_example's example_coef_kernel did it already
+  if (isnan(as.y)) as.y = proj_scale(direct_nsq<T>(delta, grad, mask, r0, r1, H, as.x), eps);
   for (int64_t i = threadIdx.x; i < n; i += kThreads) {
     Pack<T, N> dv = dp[i];
     const Pack<T, N> gv = gp[i];
@@ -134,9 +170,12 @@ __global__ void __launch_bounds__(kThreads) row_stats_kernel(const T* __restrict
   }
 }
 
-// l2_example pass 2: one block per example reduces its L row partials into (a, s).
-__global__ void example_coef_kernel(const float* __restrict__ part, int64_t L, float step, float eps,
-                                    float* __restrict__ coef) {
+// l2_example pass 2: one block per example reduces its L row partials into (a, s); an example whose stats
+// are not finite gets s from the norm of d + a g computed directly (before any row of it is updated).
+template <typename T>
+__global__ void example_coef_kernel(const float* __restrict__ part, const T* __restrict__ delta,
+                                    const T* __restrict__ grad, const float* __restrict__ mask, int64_t L,
+                                    int64_t H, float step, float eps, float* __restrict__ coef) {
   const int64_t b = blockIdx.x;
   float3 v = make_float3(0.f, 0.f, 0.f);
   for (int64_t l = threadIdx.x; l < L; l += kThreads) {
@@ -144,8 +183,9 @@ __global__ void example_coef_kernel(const float* __restrict__ part, int64_t L, f
     v.x += p[0]; v.y += p[1]; v.z += p[2];
   }
   const float3 s = block_sum3(v);
+  float2 as = l2_coefs(s.x, s.y, s.z, step, eps);
+  if (isnan(as.y)) as.y = proj_scale(direct_nsq<T>(delta, grad, mask, b * L, (b + 1) * L, H, as.x), eps);
   if (threadIdx.x == 0) {
-    const float2 as = l2_coefs(s.x, s.y, s.z, step, eps);
     coef[2 * b] = as.x; coef[2 * b + 1] = as.y;
   }
 }
@@ -210,7 +250,7 @@ void launch_update_n(T* delta, const T* grad, const float* mask, int64_t B, int6
     float* part = ws;
     coef = ws + 3 * rows;
     row_stats_kernel<T, N><<<(unsigned)rows, kThreads, 0, s>>>(delta, grad, mask, H, part);
-    example_coef_kernel<<<(unsigned)B, kThreads, 0, s>>>(part, L, step, eps, coef);
+    example_coef_kernel<T><<<(unsigned)B, kThreads, 0, s>>>(part, delta, grad, mask, L, H, step, eps, coef);
   }
   update_rows_kernel<T, N><<<(unsigned)rows, kThreads, 0, s>>>(delta, grad, mask, L, H, norm, step, eps, coef);
 }

@@ -116,7 +116,9 @@ std::tuple<at::Tensor, at::Tensor> bottleneck_adapter_fwd_cpu(const at::Tensor& 
 
   at::Tensor h = at::mm(x2, Wd.t());  // [M, Bn] contiguous, BLAS
   at::Tensor d = at::empty_like(h);
-  at::Tensor y = at::empty({M, H}, x.options().memory_format(at::MemoryFormat::Contiguous));
+  // y is a 2-D view of the returned tensor (the op's output must not be a view: in-place ops on it)
+  at::Tensor out = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor y = out.view({M, H});
   dispatch_dtype(dt, [&](auto tag) {
     using T = decltype(tag);
     adapter_bias_act_dropout_fwd<T>(ptr<T>(h), bd.defined() ? ptr<T>(bd) : nullptr, ptr<T>(d), M, Bn, act, p,
@@ -129,7 +131,7 @@ std::tuple<at::Tensor, at::Tensor> bottleneck_adapter_fwd_cpu(const at::Tensor& 
     y.addmm_(d, Wu.t());  // y = (x + b_up) + d W_upᵀ, accumulated in place by BLAS (beta = 1)
   else
     at::mm_out(y, d, Wu.t());
-  return {y.view(x.sizes()), h};
+  return {out, h};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bottleneck_adapter_bwd_cpu(

@@ -17,7 +17,7 @@ constexpr double kGeluTanhC = 0.044715;
 template <typename A>
 inline A act_value(AdapterAct act, A h) {
   switch (act) {
-    case AdapterAct::kRelu: return h > A(0) ? h : A(0);
+    case AdapterAct::kRelu: return (h > A(0) || h != h) ? h : A(0);  // relu(NaN) = NaN, as torch.relu
     case AdapterAct::kGelu: return A(0.5) * h * (A(1) + std::erf(h * A(kInvSqrt2)));
     case AdapterAct::kGeluTanh: {
       const A t = std::tanh(A(kSqrt2OverPi) * (h + A(kGeluTanhC) * h * h * h));
@@ -79,7 +79,8 @@ void adapter_bias_act_dropout_fwd(T* h, const T* b_down, T* d, int64_t M, int64_
           hr[j] = from_double<T>(static_cast<double>(v));
           v = static_cast<A>(to_float(hr[j]));  // act sees the stored (rounded) h, as backward will
         }
-        const A a = (dropout && !keep[j]) ? A(0) : act_value<A>(act, v) * scale;
+        // dropped: times 0, not replaced by 0 (the reference multiplies by the mask: inf / NaN stay NaN)
+        const A a = act_value<A>(act, v) * ((dropout && !keep[j]) ? A(0) : scale);
         dr[j] = from_double<T>(static_cast<double>(a));
       }
     }
@@ -125,11 +126,11 @@ void adapter_act_dropout_bwd(const T* h, T* dd, const T* gh, T* d, int64_t M, in
       if (dropout) dropout_keep_row(seed, kAdapterDropoutStream, i, Bn, threshold, keep.data());
       for (int64_t j = 0; j < Bn; ++j) {
         const A v = static_cast<A>(to_float(hr[j]));
-        const bool kept = !dropout || keep[j];
-        A dh = kept ? static_cast<A>(to_float(ddr[j])) * scale * act_grad<A>(act, v) : A(0);
+        const A m = (!dropout || keep[j]) ? scale : A(0);  // mask times 1/(1-p), multiplied as in the reference
+        A dh = static_cast<A>(to_float(ddr[j])) * m * act_grad<A>(act, v);
         if (gh) dh += static_cast<A>(to_float(gh[i * Bn + j]));
         ddr[j] = from_double<T>(static_cast<double>(dh));
-        if (d) d[i * Bn + j] = from_double<T>(static_cast<double>(kept ? act_value<A>(act, v) * scale : A(0)));
+        if (d) d[i * Bn + j] = from_double<T>(static_cast<double>(act_value<A>(act, v) * m));
       }
     }
   }

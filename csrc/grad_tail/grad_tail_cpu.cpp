@@ -139,7 +139,7 @@ GradTailResult grad_tail_stats_cpu(int64_t n_tensors, void* const* ptrs, const i
   float clip = 1.0f;
   if (max_norm >= 0.0) {
     const float coef = static_cast<float>(max_norm) / (norm + static_cast<float>(eps));
-    clip = coef < 1.0f ? coef : 1.0f;  // NaN norm -> NaN coef -> clip 1 (found is set then anyway)
+    clip = coef > 1.0f ? 1.0f : coef;  // min(coef, 1) keeping a NaN coef NaN, as the reference's clamp
   }
   GradTailResult r;
   r.total_norm = norm;

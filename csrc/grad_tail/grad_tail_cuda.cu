@@ -131,7 +131,7 @@ __global__ void __launch_bounds__(kThreads) stats_kernel(unsigned char* buf, int
     float clip = 1.f;
     if (max_norm >= 0.f) {
       const float coef = max_norm / (norm + eps);
-      clip = coef < 1.f ? coef : 1.f;
+      clip = coef > 1.f ? 1.f : coef;  // min(coef, 1) keeping a NaN coef NaN, as the reference's clamp
     }
     *out_norm = norm;
     *out_found = any_bad ? 1.f : 0.f;

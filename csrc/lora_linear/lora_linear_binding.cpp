@@ -113,15 +113,18 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_fwd_cpu(const at::Tensor& x, cons
   }
   // y = b + scale · U0 Bᵀ (a cheap rank-r product that writes y once), then y += x Wᵀ inside the
   // big GEMM (beta = 1), so the low-rank update costs no extra pass over y.
-  at::Tensor y = at::empty({d.M, d.N}, x.options());
+  // y is a 2-D view of the returned tensor: the op's output must not be a view (an in-place op on it,
+  // e.g. ReLU(inplace=True), would otherwise be refused by autograd).
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
+  out_shape.back() = d.N;
+  at::Tensor out = at::empty(out_shape, x.options());
+  at::Tensor y = out.view({d.M, d.N});
   if (bias.has_value())
     at::addmm_out(y, *bias, u0, B.t(), 1.0, scale);
   else
     at::addmm_out(y, y, u0, B.t(), 0.0, scale);  // beta = 0: y's contents are ignored
   y.addmm_(x2, weight.t(), 1.0, 1.0);
-  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
-  out_shape.back() = d.N;
-  return {y.view(out_shape), u0};
+  return {out, u0};
 }
 
 // Backward (derivation in fastpeft/ops/lora_linear/reference.py):

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from ..ops.lora_linear.layer import lora_forward
 from .base import PeftConfig
+from .lora_init import check_init, init_linear
 from .._optional import conv1d_cls
 from .registry import register_tuner
 from .targeting import find_targets, get_submodule_parent, pattern_value
@@ -65,6 +66,13 @@ class LoraConfig(PeftConfig):
     alpha_pattern: dict = field(default_factory=dict)
     use_dora: bool = False
     lora_bias: bool = False
+    loftq_config: dict = field(default_factory=dict)
+    trainable_token_indices: Optional[Union[list, dict]] = None
+    target_parameters: Optional[list] = None
+
+    #: HF LoraConfig fields that fastpeft does not implement, accepted only at these (HF default, off)
+    #: values; any other value is refused by ``from_dict`` with an error naming the field
+    _HF_INERT = {"megatron_core": ("megatron.core",), "qalora_group_size": None, "runtime_config": None}
 
     def __post_init__(self):
         if self.peft_type is None or str(self.peft_type).upper().endswith("LORA") is False:
@@ -81,9 +89,20 @@ class LoraConfig(PeftConfig):
             raise ValueError(f"bias: expected one of {_BIAS_MODES}, got {self.bias!r}")
         if self.lora_bias:
             raise ValueError("lora_bias=True is not supported by fastpeft (use HF PEFT for it)")
-        if self.init_lora_weights not in (True, False, "gaussian"):
-            raise ValueError(f"init_lora_weights: fastpeft supports True, False or 'gaussian', "
-                             f"got {self.init_lora_weights!r}")
+        check_init(self.init_lora_weights, self.loftq_config)
+        if self.loftq_config and self.init_lora_weights != "loftq":
+            raise ValueError(f"loftq_config is set but init_lora_weights={self.init_lora_weights!r}; "
+                             "LoftQ runs only with init_lora_weights='loftq'")
+        _check_trainable_tokens(self.trainable_token_indices, self.modules_to_save)
+        if isinstance(self.target_parameters, str):
+            self.target_parameters = [self.target_parameters]
+        if self.target_parameters is not None and (not isinstance(self.target_parameters, (list, tuple, set))
+                                                   or not all(isinstance(t, str) for t in self.target_parameters)):
+            raise TypeError(f"target_parameters: expected a list of parameter names, got {self.target_parameters!r}")
+        if self.target_parameters is not None:
+            self.target_parameters = list(self.target_parameters)
+            if self.use_dora:
+                raise ValueError("target_parameters: DoRA on parameters is not supported (nor by HF PEFT)")
         if isinstance(self.target_modules, (set, tuple)):
             self.target_modules = sorted(self.target_modules)
         if isinstance(self.exclude_modules, (set, tuple)):
@@ -93,13 +112,21 @@ class LoraConfig(PeftConfig):
         if self.alpha_pattern is None:
             self.alpha_pattern = {}
 
-    @classmethod
-    def from_dict(cls, d: dict) -> "LoraConfig":
-        """:meth:`PeftConfig.from_dict`, reading a saved adapter's init scheme (pissa, olora, loftq,
-        ...) as plain LoRA: it does not matter once the weights are loaded from the file."""
-        if isinstance(d, dict) and d.get("init_lora_weights", True) not in (True, False, "gaussian"):
-            d = {**d, "init_lora_weights": True}
-        return super().from_dict(d)
+
+def _check_trainable_tokens(indices, modules_to_save) -> None:
+    """HF PEFT's ``trainable_token_indices``: a list of token ids (of the input embedding) or
+    ``{layer name: list of ids}``; a layer cannot also be in ``modules_to_save``."""
+    if indices is None:
+        return
+    table = indices if isinstance(indices, dict) else {None: indices}
+    for layer, ids in table.items():
+        if (not isinstance(ids, (list, tuple)) or not ids
+                or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids)):
+            raise ValueError(f"trainable_token_indices{'' if layer is None else f'[{layer!r}]'}: expected a "
+                             f"non-empty list of token ids (ints >= 0), got {ids!r}")
+        if layer is not None and modules_to_save and layer in modules_to_save:
+            raise ValueError(f"trainable_token_indices: {layer!r} is also in modules_to_save; train it fully "
+                             "(modules_to_save) or some of its rows (trainable_token_indices), not both")
 
 
 def _check_rank(name, r):
@@ -296,12 +323,7 @@ class Linear(nn.Module, LoraLayer):
         self._common_update(adapter_name, r, lora_alpha, config)
         self.lora_A[adapter_name] = nn.Linear(self.in_features, r, bias=False)
         self.lora_B[adapter_name] = nn.Linear(r, self.out_features, bias=False)
-        if config.init_lora_weights is True:
-            nn.init.kaiming_uniform_(self.lora_A[adapter_name].weight, a=math.sqrt(5))
-            nn.init.zeros_(self.lora_B[adapter_name].weight)
-        elif config.init_lora_weights == "gaussian":
-            nn.init.normal_(self.lora_A[adapter_name].weight, std=1 / r)
-            nn.init.zeros_(self.lora_B[adapter_name].weight)
+        init_linear(self, adapter_name, config.init_lora_weights, config.loftq_config)
         self._move_adapter_to_base(adapter_name)
         if config.use_dora:
             with torch.no_grad():
@@ -429,6 +451,10 @@ class Embedding(nn.Module, LoraLayer):
         self._common_update(adapter_name, r, lora_alpha, config)
         self.lora_embedding_A[adapter_name] = nn.Parameter(torch.randn((r, self.in_features)))
         self.lora_embedding_B[adapter_name] = nn.Parameter(torch.randn((self.out_features, r)))
+        if config.init_lora_weights == "loftq":
+            raise ValueError("init_lora_weights='loftq': fastpeft runs LoftQ on Linear layers only, not "
+                             "nn.Embedding (HF PEFT fails there too)")
+        # as HF PEFT: every other init (pissa, olora, orthogonal, gaussian) is A = 0, B ~ N(0, 1) on embeddings
         if config.init_lora_weights is not False:
             nn.init.zeros_(self.lora_embedding_A[adapter_name])
             nn.init.normal_(self.lora_embedding_B[adapter_name])
@@ -485,6 +511,9 @@ class Conv2d(nn.Module, LoraLayer):
         b = self.base_layer
         self.lora_A[adapter_name] = nn.Conv2d(self.in_features, r, b.kernel_size, b.stride, b.padding, bias=False)
         self.lora_B[adapter_name] = nn.Conv2d(r, self.out_features, (1, 1), (1, 1), bias=False)
+        if config.init_lora_weights not in (True, False, "gaussian"):
+            raise ValueError(f"init_lora_weights={config.init_lora_weights!r}: not supported for nn.Conv2d "
+                             "(True, False or 'gaussian'; HF PEFT refuses it too)")
         if config.init_lora_weights is True:
             nn.init.kaiming_uniform_(self.lora_A[adapter_name].weight, a=math.sqrt(5))
             nn.init.zeros_(self.lora_B[adapter_name].weight)
@@ -581,7 +610,8 @@ def _mark_trainable(model: nn.Module, config: LoraConfig) -> None:
 def inject(model: nn.Module, config: LoraConfig, adapter_name: str = "default") -> list[str]:
     if not isinstance(config, LoraConfig):
         raise TypeError(f"config: expected a LoraConfig, got {type(config).__name__}")
-    targets = find_targets(model, config, _supported_types())
+    only_params = bool(config.target_parameters) and not config.target_modules
+    targets = [] if only_params else find_targets(model, config, _supported_types())
     existing = {n for n, m in model.named_modules() if isinstance(m, LoraLayer) and adapter_name in m.r}
     if existing:
         raise ValueError(f"adapter_name: adapter {adapter_name!r} already exists on {sorted(existing)[:5]}")
@@ -600,6 +630,9 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str = "default") 
                 parent, child = get_submodule_parent(model, name)
                 setattr(parent, child, new)
                 swapped.append((parent, child, target))
+        if config.target_parameters:
+            from .lora_params import inject_parameters
+            targets = targets + inject_parameters(model, config, adapter_name)[0]
     except Exception:
         for layer in updated:
             layer.delete_adapter(adapter_name)
@@ -670,7 +703,7 @@ def remove(model: nn.Module, adapter_name: str, *, unwrap_empty: bool = True) ->
     """Delete ``adapter_name`` from every LoRA layer; a layer left without adapters is
     replaced by its base layer unless ``unwrap_empty`` is False (HF PEFT's delete_adapter
     keeps it)."""
-    for name, m in list(lora_layers(model, adapter_name)):
+    for name, m in reversed(list(lora_layers(model, adapter_name))):  # inner (nested) layers first
         m.delete_adapter(adapter_name)
         if unwrap_empty and not m.r:
             parent, child = get_submodule_parent(model, name)
@@ -679,7 +712,7 @@ def remove(model: nn.Module, adapter_name: str, *, unwrap_empty: bool = True) ->
 
 def unload_all(model: nn.Module) -> None:
     """Replace every LoRA layer by its base layer (weights as they are, merged or not)."""
-    for name, m in list(lora_layers(model)):
+    for name, m in reversed(list(lora_layers(model))):  # inner (nested) layers first
         parent, child = get_submodule_parent(model, name)
         setattr(parent, child, m.base_layer)
 

@@ -66,6 +66,8 @@ def apply_method(model, method: dict, task):
         raise ValueError(f"method.name: {name!r} is not available with the {used} backend")
     if task.head_modules:
         method.setdefault("modules_to_save", list(task.head_modules))
+    if task.peft_task_type is not None:  # so HF's AutoPeftModelFor* can load the adapter
+        method.setdefault("task_type", task.peft_task_type)
     try:
         pcfg = cls(**method)
     except TypeError as e:

@@ -146,7 +146,8 @@ def test_missing_files_and_bad_save_args(tmp_path):
 
 def test_writes_are_atomic_no_temp_files_left(tmp_path):
     d = _saved(tmp_path)
-    assert sorted(os.listdir(d)) == ["adapter_config.json", ST]
+    assert sorted(os.listdir(d)) == ["README.md", "adapter_config.json", ST]  # README.md: the model card
+    assert sorted(os.listdir(tmp_path)) == ["a"]  # no temporary or parked directory next to it
     json.loads((d / "adapter_config.json").read_text())
 
 

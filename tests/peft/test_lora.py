@@ -211,10 +211,14 @@ def test_bfloat16_model_fused_path_close_to_hf(monkeypatch):
     _llama_fused_like_hf_in_bf16(monkeypatch, hf, fp)
 
 
-def test_config_from_hf_file_with_other_init_scheme_loads_as_lora():
+def test_config_from_hf_file_keeps_its_init_scheme_or_refuses_it():
+    """A saved PiSSA adapter stays PiSSA (loading re-runs the init on the base weight, as HF PEFT); a scheme
+    fastpeft does not implement is refused by name, never read as plain LoRA."""
     c = fastpeft.LoraConfig.from_dict({"peft_type": "LORA", "r": 4, "target_modules": ["q"],
                                        "init_lora_weights": "pissa", "loftq_config": {}, "eva_config": None})
-    assert c.r == 4 and c.init_lora_weights is True
+    assert c.r == 4 and c.init_lora_weights == "pissa"
+    with pytest.raises(ValueError, match="init_lora_weights='eva'"):
+        fastpeft.LoraConfig.from_dict({"peft_type": "LORA", "r": 4, "target_modules": ["q"], "init_lora_weights": "eva"})
 
 
 def test_autocast_takes_the_fused_path(monkeypatch):

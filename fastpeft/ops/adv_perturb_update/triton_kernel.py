@@ -33,11 +33,41 @@ def _row_stats(d_row, g_row, H, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _coefs(gg, dg, dd, step, eps):
-    a = step / tl.maximum(tl.sqrt(gg), 1e-8)
-    nsq = tl.maximum(dd + 2.0 * a * dg + a * a * gg, 0.0)
-    s = tl.where((eps > 0.0) & (nsq > eps * eps), eps / tl.sqrt(tl.maximum(nsq, 1e-30)), 1.0)
-    return a, s
+def _step_coef(gg, step):
+    gn = tl.sqrt(gg)
+    return step / tl.where(gn < 1e-8, 1e-8, gn)  # max(|g|, 1e-8), keeping a NaN norm NaN (as the reference)
+
+
+@triton.jit
+def _proj_scale(nsq, eps):
+    # eps / |d'| above eps (0 for an infinite norm), else 1 (also for a NaN norm: NaN > eps is false)
+    return tl.where((eps > 0.0) & (nsq > eps * eps), eps / tl.sqrt(tl.maximum(nsq, 1e-30)), 1.0)
+
+
+@triton.jit
+def _nonfinite(gg, dg, dd):
+    return (gg - gg != 0.0) | (dg - dg != 0.0) | (dd - dd != 0.0)
+
+
+@triton.jit
+def _direct_nsq(d_ptr, g_ptr, m_ptr, row0, rows, a, H, HAS_MASK: tl.constexpr, BLOCK: tl.constexpr):
+    """|d + a g|^2 over rows [row0, row0 + rows): the path for non-finite stats, where the expansion
+    dd + 2a dg + a^2 gg would combine infinities differently from the norm of d + a g itself."""
+    acc = tl.zeros([BLOCK], tl.float32)
+    for r in range(0, rows):
+        row = row0 + r
+        w = 1.0
+        if HAS_MASK:
+            w = tl.where(tl.load(m_ptr + row) != 0.0, 1.0, 0.0)
+        if w != 0.0:
+            for h0 in range(0, H, BLOCK):
+                offs = h0 + tl.arange(0, BLOCK)
+                m = offs < H
+                g = tl.load(g_ptr + row * H + offs, mask=m, other=0.0).to(tl.float32)
+                d = tl.load(d_ptr + row * H + offs, mask=m, other=0.0).to(tl.float32)
+                v = d + a * g
+                acc += v * v
+    return tl.sum(acc, 0)
 
 
 @triton.jit
@@ -68,16 +98,21 @@ def _update_kernel(d_ptr, g_ptr, m_ptr, coef_ptr, L, H, step, eps, MODE: tl.cons
             m = offs < H
             g = tl.load(g_row + offs, mask=m, other=0.0).to(tl.float32)
             d = tl.load(d_row + offs, mask=m, other=0.0).to(tl.float32)
+            # sign(g) as torch.sign (sign(NaN) = 0); the clamp keeps NaN like torch.clamp
             v = d + tl.where(g > 0.0, step, tl.where(g < 0.0, -step, 0.0))
             if eps > 0.0:
-                v = tl.minimum(tl.maximum(v, -eps), eps)
+                v = tl.where(v < -eps, -eps, tl.where(v > eps, eps, v))
             if HAS_MASK:
                 v = tl.where(keep, v, 0.0)
             tl.store(d_row + offs, v.to(d_ptr.dtype.element_ty), mask=m)
     else:
         if MODE == 1:
             gg, dg, dd = _row_stats(d_row, g_row, H, BLOCK)
-            a, s = _coefs(gg, dg, dd, step, eps)
+            a = _step_coef(gg, step)
+            nsq = tl.maximum(dd + 2.0 * a * dg + a * a * gg, 0.0)
+            if _nonfinite(gg, dg, dd):
+                nsq = _direct_nsq(d_ptr, g_ptr, m_ptr, row, 1, a, H, False, BLOCK)
+            s = _proj_scale(nsq, eps)
         else:
             b = row // L
             a = tl.load(coef_ptr + 2 * b)
@@ -91,6 +126,18 @@ def _update_kernel(d_ptr, g_ptr, m_ptr, coef_ptr, L, H, step, eps, MODE: tl.cons
             if HAS_MASK:
                 v = tl.where(keep, v, 0.0)
             tl.store(d_row + offs, v.to(d_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _direct_coef_kernel(d_ptr, g_ptr, m_ptr, coef_ptr, L, H, eps, HAS_MASK: tl.constexpr, BLOCK: tl.constexpr):
+    """l2_example, one program per example, before the update: an example whose stats were not finite
+    (marked by s = NaN) gets s from the norm of d + a g computed directly."""
+    b = tl.program_id(0).to(tl.int64)
+    s = tl.load(coef_ptr + 2 * b + 1)
+    if s != s:
+        a = tl.load(coef_ptr + 2 * b)
+        tl.store(coef_ptr + 2 * b + 1, _proj_scale(_direct_nsq(d_ptr, g_ptr, m_ptr, b * L, L, a, H, HAS_MASK, BLOCK),
+                                                   eps))
 
 
 @triton.jit(do_not_specialize=["seed_lo", "seed_hi"])
@@ -153,7 +200,10 @@ def update_triton(delta: torch.Tensor, grad: torch.Tensor, mask, norm: str, step
         a = step / gg.sqrt().clamp_min(NORM_FLOOR)
         nsq = (dd + 2 * a * dg + a * a * gg).clamp_min(0)
         s = torch.where((nsq > eps * eps) & (eps > 0), eps / nsq.clamp_min(1e-30).sqrt(), torch.ones_like(nsq))
+        # NaN marks an example whose stats are not finite: the update kernel computes its norm directly
+        s = torch.where(torch.isfinite(st).all(-1), s, torch.full_like(s, float("nan")))
         coef = torch.stack((a, s), -1).to(torch.float32).contiguous()
+        _direct_coef_kernel[(B,)](d, g, m_arg, coef, L, H, float(eps), HAS_MASK=has_mask, BLOCK=block)
     _update_kernel[(B * L,)](d, g, m_arg, coef, L, H, float(step), float(eps), MODE=mode, HAS_MASK=has_mask,
                              BLOCK=block)
     if d is not delta:

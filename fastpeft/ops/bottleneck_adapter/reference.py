@@ -18,7 +18,9 @@ DROPOUT_STREAM = 1
 
 ACTIVATIONS = {
     "relu": F.relu,
-    "gelu": F.gelu,  # exact (erf) GELU
+    # exact (erf) GELU written out, as the kernels compute it: F.gelu(+inf) is NaN or inf depending on the
+    # tensor's length (vectorised or scalar path), and the oracle must not depend on that
+    "gelu": lambda h: 0.5 * h * (1.0 + torch.erf(h * 0.7071067811865476)),
     "gelu_tanh": lambda h: F.gelu(h, approximate="tanh"),
     "silu": F.silu,
 }

@@ -35,7 +35,7 @@ ACT_CODES = {"relu": 0, "gelu": 1, "gelu_tanh": 2, "silu": 3}
 def _act(h, ACT: tl.constexpr):
     """Activation of fp32 h: 0 relu, 1 gelu (erf), 2 gelu (tanh approximation), 3 silu."""
     if ACT == 0:
-        out = tl.maximum(h, 0.0)
+        out = tl.where((h > 0.0) | (h != h), h, 0.0)  # relu(NaN) = NaN, as torch.relu
     elif ACT == 1:
         out = 0.5 * h * (1.0 + tl.math.erf(h * 0.7071067811865476))
     elif ACT == 2:
@@ -128,13 +128,13 @@ def _skinny_kernel(a_ptr, b_ptr, bias_ptr, h_ptr, gh_ptr, out_ptr, d_ptr, M, N, 
     else:
         hf = tl.load(h_ptr + offs, mask=cmask, other=0.0).to(tl.float32)
     a = _act(hf, ACT) * scale
-    if DROPOUT:
+    if DROPOUT:  # dropped values are multiplied by 0 (as the reference: inf / NaN there stay NaN)
         keep = dropout_keep(join_seed(seed_lo, seed_hi), rm, rn, STREAM, threshold)
-        a = tl.where(keep, a, 0.0)
+        a = a * tl.where(keep, 1.0, 0.0)
     if BACKWARD:
         g = acc * scale * _act_grad(hf, ACT)
         if DROPOUT:
-            g = tl.where(keep, g, 0.0)
+            g = g * tl.where(keep, 1.0, 0.0)
         if HAS_GH:
             g += tl.load(gh_ptr + offs, mask=cmask, other=0.0).to(tl.float32)
         tl.store(out_ptr + offs, g.to(out_ptr.dtype.element_ty), mask=cmask)
@@ -212,10 +212,11 @@ def adapter_fwd_triton(x, W_down, b_down, W_up, b_up, activation, dropout_p, see
     bu = b_up.to(dt) if b_up is not None else None
     h = torch.empty(M, Bn, dtype=dt, device=x.device)
     d = torch.empty(M, Bn, dtype=dt, device=x.device)
-    y = torch.empty(M, H, dtype=dt, device=x.device)
+    out = torch.empty(x.shape, dtype=dt, device=x.device)
+    y = out.view(M, H)  # the op returns `out`, not a view (in-place ops on the output must work)
     _skinny(x2, Wd.t(), h, backward=False, act=activation, p=dropout_p, seed=seed, bias=bd, d=d)
     _mm(d, Wu.t(), y, bias=bu, res=x2 if residual else None)
-    return y.view(x.shape), h
+    return out, h
 
 
 def adapter_bwd_triton(grad_y, grad_h, x, h, W_down, b_down, W_up, b_up, activation, dropout_p, seed, residual,

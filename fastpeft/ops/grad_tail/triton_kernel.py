@@ -35,7 +35,7 @@ def _stats_kernel(addr_ptr, len_ptr, partial_ptr, bad_ptr, inv_scale_ptr,
     for start in range(0, n, BLOCK):  # n <= CHUNK
         offs = start + tl.arange(0, BLOCK)
         v = tl.load(p + offs, mask=offs < n, other=0.0).to(tl.float32)
-        u = v * s
+        u = tl.where(offs < n, v * s, 0.0)  # lanes past the end add 0, also for s = inf (0 * inf is NaN)
         acc += u * u
         bad = tl.maximum(bad, ((v - v) != 0).to(tl.int32))  # v - v is NaN exactly for inf / NaN
     tl.store(partial_ptr + pid, tl.sum(acc, axis=0))
@@ -57,7 +57,8 @@ def _finalize_kernel(partial_ptr, bad_ptr, n, inv_scale_ptr, mult_ptr, norm_ptr,
     s = tl.load(inv_scale_ptr)
     clip = 1.0
     if HAS_CLIP:
-        clip = tl.minimum(max_norm / (norm + eps), 1.0)
+        r = max_norm / (norm + eps)
+        clip = tl.where(r > 1.0, 1.0, r)  # min(r, 1) keeping a NaN r NaN (torch.clamp), unlike tl.minimum
     tl.store(norm_ptr, norm)
     tl.store(found_ptr, tl.where(found, 1.0, 0.0))
     tl.store(mult_ptr, tl.where(found, 0.0, s * clip))

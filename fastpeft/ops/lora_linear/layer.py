@@ -95,13 +95,19 @@ def lora_dtypes_fusable(lora_A: torch.Tensor, lora_B: torch.Tensor, act_dtype: t
 
 
 def base_layer_reason(layer) -> Reason:
-    """Why ``layer``'s base layer can never take the fused path (None: it can)."""
-    base = layer.get_base_layer()
+    """Why ``layer``'s base layer can never take the fused path (None: it can).  The *direct* base layer
+    must be the linear layer: a LoRA layer wrapping another adapter layer (a mixed model: LoHa / LoKr
+    under LoRA) keeps PEFT's forward, which runs the inner adapter (``get_base_layer()`` would skip it)."""
+    base = getattr(layer, "base_layer", None)
+    if base is None:
+        base = layer.get_base_layer()
     conv1d = conv1d_cls()
     if type(base) is nn.Linear:
         return None if not layer.fan_in_fan_out else "fan_in_fan_out=True on an nn.Linear base layer"
     if conv1d is not None and type(base) is conv1d:
         return None if layer.fan_in_fan_out else "Conv1D base layer without fan_in_fan_out"
+    if hasattr(base, "base_layer"):
+        return f"the base layer is another adapter layer ({type(base).__module__}.{type(base).__name__})"
     return f"unsupported or quantised base layer ({type(base).__name__})"
 
 

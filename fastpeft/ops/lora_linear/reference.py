@@ -94,12 +94,19 @@ class LoraLinearFunction(torch.autograd.Function):
         keep = keep_mask(seed, M, K, dropout_p, x.device, x2)
         u0 = dropout_apply(x2, keep, dropout_p) @ A.t()
         del keep
-        y = torch.addmm(bias, x2, weight.t()) if bias is not None else x2 @ weight.t()
-        y = y.addmm_(u0, B.t(), alpha=scale)
+        # y is a 2-D view of the returned tensor: an output that is a view would make autograd refuse
+        # in-place ops on it (ReLU(inplace=True) after the layer)
+        out = torch.empty(*x.shape[:-1], weight.shape[0], dtype=x.dtype, device=x.device)
+        y = out.view(M, weight.shape[0])
+        if bias is not None:
+            torch.addmm(bias.to(x.dtype), x2, weight.t(), out=y)
+        else:
+            torch.mm(x2, weight.t(), out=y)
+        y.addmm_(u0, B.t(), alpha=scale)
         ctx.save_for_backward(x, weight, lora_A, lora_B, u0)
         ctx.scale, ctx.p, ctx.seed = scale, dropout_p, seed
         ctx.has_bias = bias is not None
-        return y.reshape(*x.shape[:-1], weight.shape[0])
+        return out
 
     @staticmethod
     def backward(ctx, dy):

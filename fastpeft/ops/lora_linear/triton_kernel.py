@@ -188,11 +188,16 @@ def lora_linear_fwd_triton(x, weight, bias, lora_A, lora_B, scale: float, p: flo
     K, N, r = x.shape[-1], weight.shape[0], lora_A.shape[0]
     x2 = x.reshape(-1, K)
     M = x2.shape[0]
-    y = torch.nn.functional.linear(x2, weight, bias)
+    out = torch.empty(*x.shape[:-1], N, dtype=x.dtype, device=x.device)
+    y = out.view(M, N)  # the op returns `out`, not a view (in-place ops on the output must work)
+    if bias is None:
+        torch.mm(x2, weight.t(), out=y)
+    else:
+        torch.addmm(bias, x2, weight.t(), out=y)
     u0 = _shrink(x2, lora_A, M, K, r, p, seed)
     if M > 0:
         y.addmm_(u0, lora_B.to(x.dtype).t(), alpha=float(scale))
-    return y.reshape(*x.shape[:-1], N), u0
+    return out, u0
 
 
 def lora_linear_bwd_triton(dy, x, weight, lora_A, lora_B, u0, scale: float, p: float, seed: int, needs):

@@ -26,7 +26,8 @@ Required:
 
 Class attributes: ``name`` / ``aliases``; ``default_metric`` / ``default_mode`` (``"max"`` or ``"min"``:
 early stopping and the best adapter); ``head_modules`` (trained in full through ``modules_to_save``);
-``default_target_modules`` (what LoRA targets unless the config says otherwise).
+``default_target_modules`` (what LoRA targets unless the config says otherwise); ``peft_task_type`` (HF PEFT's
+task type, written into every adapter: ``SEQ_CLS``, ``TOKEN_CLS``, ``CAUSAL_LM``).
 
 Optional (the defaults in :class:`Task` fit token-sequence tasks whose model returns ``loss`` and
 ``logits``):

@@ -46,6 +46,9 @@ class Task:
     default_mode = "min"
     head_modules: list[str] = []
     default_target_modules: list[str] | str = []
+    #: HF PEFT task type written into the adapter's config (``AutoPeftModelFor*`` picks the model class
+    #: from it); None for a task without one (the adapter then records ``auto_mapping``)
+    peft_task_type: str | None = None
 
     def __init__(self, labels: Sequence[str] | None = None):
         self.labels = list(labels) if labels is not None else None

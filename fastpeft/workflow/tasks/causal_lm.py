@@ -18,6 +18,7 @@ class CausalLM(Task):
     default_metric = "loss"
     default_mode = "min"
     head_modules: list[str] = []
+    peft_task_type = "CAUSAL_LM"
     default_target_modules = "all-linear"
     max_new_tokens = 20
 

@@ -17,6 +17,7 @@ class SequenceClassification(Task):
     default_metric = "accuracy"
     default_mode = "max"
     head_modules = ["classifier"]
+    peft_task_type = "SEQ_CLS"
     default_target_modules = ["query", "value"]
 
     def columns(self, cfg: dict) -> list[str]:

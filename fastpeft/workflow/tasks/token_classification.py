@@ -22,6 +22,7 @@ class TokenClassification(Task):
     default_metric = "f1"
     default_mode = "max"
     head_modules = ["classifier"]
+    peft_task_type = "TOKEN_CLS"
     default_target_modules = "all-linear"
 
     def read(self, path: str, cfg: dict, limit: int | None = None, with_labels: bool = True) -> list[dict]:
