@@ -63,11 +63,14 @@ class Op:
 
     ``example(device, dtype)`` builds small arguments of a call (tensors of ``dtype``
     where the op computes in it), deterministic random values; see :meth:`example_inputs`.
+    ``differentiable`` is False for inference-only ops (their public function refuses inputs that
+    require grad; the generic gradient tests skip them).
     """
 
     name: str
     impls: dict[str, Implementation] = field(default_factory=dict)
     example: Optional[Callable[[torch.device, torch.dtype], tuple]] = None
+    differentiable: bool = True
 
     def register(self, backend: str, *, available: Callable[[], Reason] = lambda: None,
                  supports: Callable[..., Reason] = lambda *a, **k: None,
@@ -164,12 +167,13 @@ def clear_availability_cache() -> None:
     _AVAILABILITY.clear()
 
 
-def define_op(name: str, *, example: Optional[Callable[[torch.device, torch.dtype], tuple]] = None) -> Op:
+def define_op(name: str, *, example: Optional[Callable[[torch.device, torch.dtype], tuple]] = None,
+              differentiable: bool = True) -> Op:
     """Create (once) and return the op called ``name``; ``example(device, dtype)`` builds
-    small arguments of a call (see :class:`Op`)."""
+    small arguments of a call, ``differentiable=False`` marks an inference-only op (see :class:`Op`)."""
     if name in _REGISTRY:
         raise ValueError(f"op '{name}' is already defined")
-    op = _REGISTRY[name] = Op(name, example=example)
+    op = _REGISTRY[name] = Op(name, example=example, differentiable=differentiable)
     return op
 
 

@@ -170,13 +170,15 @@ def test_wrapper_is_a_peft_model_for_transformers_with_the_wrapped_signature():
     model = _fastpeft_bert()
     base_cls = type(model.get_base_model())
     assert isinstance(model, fastpeft.PeftModel) and isinstance(model, peft.PeftModel)
-    assert _is_peft_model(model) and type(model).__name__ == "PeftModel"
+    # task_type SEQ_CLS: HF PEFT's task class, as peft.get_peft_model returns
+    assert _is_peft_model(model) and type(model).__name__ == "PeftModelForSequenceClassification"
+    assert isinstance(model, fastpeft.PeftModelForSequenceClassification)
     assert find_labels(type(model)) == ["labels"]
     assert list(inspect.signature(model.forward).parameters) == \
         list(inspect.signature(base_cls.forward).parameters)[1:]
     assert type(_fastpeft_bert()) is type(model)        # one class per wrapped model class
     # nothing of HF PEFT's class is inherited: its names read as missing, the wrapped model answers
-    assert hasattr(peft.PeftModel, "get_layer_status") and not hasattr(model, "get_layer_status")
+    assert hasattr(peft.PeftModel, "get_prompt_embedding_to_save") and not hasattr(model, "get_prompt_embedding_to_save")
     assert model.config is model.get_base_model().config
     assert model.base_model.model is model.get_base_model()
 

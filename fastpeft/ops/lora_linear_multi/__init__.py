@@ -68,7 +68,7 @@ def _example(device, dtype):
             torch.tensor([0, 2, -1, 1, 2, 0, -1], device=device), [4, 2, 3], None)
 
 
-OP = define_op("lora_linear_multi", example=_example)
+OP = define_op("lora_linear_multi", example=_example, differentiable=False)
 
 
 # -- argument checks (shared with lora_embedding_multi) ------------------------------

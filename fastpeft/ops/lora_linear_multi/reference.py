@@ -5,11 +5,9 @@
   batch.  Data-dependent (``torch.unique``, one host sync per adapter), so it is not the backend;
   the benchmark uses it as the per-adapter-loop baseline.
 * :func:`lora_linear_multi_reference` -- the ``torch`` backend: sync-free and ``torch.compile``
-  friendly.  Every row is multiplied by *all* adapters' A at once (``x [M, K] @ A_catᵀ [K, n·r]``),
-  a per-row coefficient mask keeps only its own adapter's columns (times its scale, and only the
-  first ``ranks[a]`` of them), and one matmul with ``B_cat [N, n·r]`` expands.  That costs n times
-  the low-rank FLOPs of the grouped kernels, which is fine for a fallback (the cpu and triton
-  backends group rows by adapter instead).
+  friendly, a static loop over the adapters with a per-row ``torch.where`` (n times the low-rank FLOPs
+  of the grouped kernels, which is fine for a fallback: the cpu and triton backends group rows by
+  adapter instead).
 * :func:`lora_embedding_multi_reference` -- multi-adapter LoRA of an ``nn.Embedding`` (gather + the
   same masked expand).
 """
@@ -68,13 +66,26 @@ def masked_expand(u_masked: torch.Tensor, lora_B: torch.Tensor) -> torch.Tensor:
 def lora_linear_multi_reference(x, weight, bias, lora_A, lora_B, scales, adapter_index,
                                 ranks: Optional[Sequence[int]] = None, layout: Optional[str] = None) -> torch.Tensor:
     """The ``torch`` backend of :func:`fastpeft.ops.lora_linear_multi` (arguments already checked;
-    ``adapter_index`` [M]; ``layout`` is a Triton choice, ignored here)."""
+    ``adapter_index`` [M]; ``layout`` is a Triton choice, ignored here).
+
+    One static loop over the n adapters (n and the ranks are shapes, so no host sync and nothing
+    data-dependent for ``torch.compile``): every row goes through each adapter's first ``ranks[a]``
+    columns, and ``torch.where`` keeps the result only in the rows of that adapter.  That costs n times
+    the low-rank FLOPs of the grouped kernels (fine for a fallback), and a NaN / inf in one adapter's
+    weights or one row's input reaches exactly the outputs it reaches in the grouped kernels (a mask
+    multiplied in would turn 0 * inf into NaN in every other row)."""
     K, N = x.shape[-1], weight.shape[0]
     n, r, _ = lora_A.shape
     x2 = x.reshape(-1, K)
-    u = (x2 @ lora_A.reshape(n * r, K).t()).reshape(-1, n, r)                             # [M, n, r]
-    coef = row_coefficients(adapter_index, scales, n, r, _ranks_or_none(ranks, r), x.dtype)
-    y = F.linear(x2, weight, bias) + masked_expand(u * coef, lora_B)
+    idx = adapter_index.reshape(-1, 1)
+    ranks = [r] * n if ranks is None else [int(v) for v in ranks]
+    y = F.linear(x2, weight, bias)
+    for a in range(n):
+        if ranks[a] < 1:
+            continue
+        u = (x2 @ lora_A[a, :ranks[a]].t()) * scales[a].to(x2.dtype)     # s_a scales U, as the kernels do
+        delta = u @ lora_B[a, :, :ranks[a]].t()
+        y = y + torch.where(idx == a, delta, torch.zeros((), dtype=y.dtype, device=y.device))
     return y.reshape(*x.shape[:-1], N)
 
 

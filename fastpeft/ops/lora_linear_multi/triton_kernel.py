@@ -122,9 +122,12 @@ def _sgmv_expand_kernel(u_ptr, b_ptr, ranks_ptr, scales_ptr, order_ptr, bounds_p
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     rank = tl.load(ranks_ptr + a)
     u = tl.load(u_ptr + rs[:, None].to(tl.int64) * R_PAD + rr[None, :], mask=rmask[:, None], other=0.0)
+    # s_a scales U (as the cpu kernel and the reference do); the padded columns are set to 0, not
+    # multiplied by it, so a non-finite input reaches the outputs it reaches in the reference
+    u = tl.where(rr[None, :] < rank, u * tl.load(scales_ptr + a), 0.0)
     b_t = tl.load(b_ptr + a.to(tl.int64) * stride_ba + rn[None, :].to(tl.int64) * stride_bn + rr[:, None] * stride_br,
                   mask=(rr[:, None] < rank) & (rn[None, :] < N), other=0.0)
-    delta = tl.dot(u.to(b_t.dtype), b_t, input_precision=PRECISION) * tl.load(scales_ptr + a)
+    delta = tl.dot(u.to(b_t.dtype), b_t, input_precision=PRECISION)
     y_ptrs = y_ptr + rows[:, None] * stride_ym + rn[None, :]
     ymask = rmask[:, None] & (rn[None, :] < N)
     y = tl.load(y_ptrs, mask=ymask, other=0.0)
@@ -168,9 +171,10 @@ def _bgmv_expand_kernel(u_ptr, b_ptr, ranks_ptr, scales_ptr, idx_ptr, y_ptr, N, 
     rank = tl.load(ranks_ptr + a)
     # U rounded to x's dtype, as the SGMV expand feeds it to tl.dot
     u = tl.load(u_ptr + m.to(tl.int64) * R_PAD + rr).to(y_ptr.dtype.element_ty).to(tl.float32)
+    u = tl.where(rr < rank, u * tl.load(scales_ptr + a), 0.0)  # as in the SGMV expand
     b = tl.load(b_ptr + a.to(tl.int64) * stride_ba + rn[:, None].to(tl.int64) * stride_bn + rr[None, :] * stride_br,
                 mask=(rn[:, None] < N) & (rr[None, :] < rank), other=0.0).to(tl.float32)
-    delta = tl.sum(b * u[None, :], 1) * tl.load(scales_ptr + a)
+    delta = tl.sum(b * u[None, :], 1)
     y_ptrs = y_ptr + m.to(tl.int64) * stride_ym + rn
     y = tl.load(y_ptrs, mask=rn < N, other=0.0)
     tl.store(y_ptrs, (y.to(tl.float32) + delta).to(y_ptr.dtype.element_ty), mask=rn < N)
