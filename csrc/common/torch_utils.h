@@ -3,6 +3,8 @@
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 
+#include "dtypes.h"
+
 #ifdef FASTPEFT_WITH_CUDA
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -23,12 +25,6 @@ inline int cuda_dtype_code(at::ScalarType t, const char* arg) {
   }
   return -1;
 }
-
-}  // namespace fastpeft
-
-#include "dtypes.h"
-
-namespace fastpeft {
 
 // t as [M, H] with unit column stride, any row stride (a view when possible, else a contiguous copy).
 inline at::Tensor rows_2d(const at::Tensor& t, int64_t M, int64_t H) {

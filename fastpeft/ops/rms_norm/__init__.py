@@ -47,7 +47,7 @@ import torch
 
 from ... import _ext, _triton
 from ...backends import define_op
-from .._checks import check_float, check_same_device, check_tensor, device_reason, dtype_reason
+from .._checks import check_float, check_same_device, check_tensor, device_reason, dtype_pair_reason, dtype_reason
 from .reference import acc_dtype, out_dtype, rms_norm_reference
 
 OP = define_op("rms_norm")
@@ -131,13 +131,6 @@ def _make_backward(bwd):
     return backward
 
 
-def _wants_dtypes(x, weight, cast_before_weight, pairs, what):
-    pair = (x.dtype, out_dtype(x.dtype, weight.dtype, cast_before_weight))
-    if pair in pairs:
-        return None
-    return f"{what} takes x/output dtypes {[(str(a)[6:], str(b)[6:]) for a, b in pairs]}, got {pair}"
-
-
 # -- cpu (C++: torch.ops.fastpeft.rms_norm_fwd / _bwd) ------------------------------
 if _ext.load() is not None and hasattr(torch.ops.fastpeft, "rms_norm_fwd"):
     torch.library.register_fake("fastpeft::rms_norm_fwd")(_fwd_fake)
@@ -155,8 +148,8 @@ def _cpu_available():
 
 
 def _cpu_supports(x, weight, eps, offset, cast_before_weight, forced):
-    return device_reason(x, "cpu", "cpu backend") or _wants_dtypes(x, weight, cast_before_weight, CPU_PAIRS,
-                                                                    "cpu backend")
+    return device_reason(x, "cpu", "cpu backend") or dtype_pair_reason(
+        (x.dtype, out_dtype(x.dtype, weight.dtype, cast_before_weight)), CPU_PAIRS, "cpu backend", "x/output")
 
 
 @OP.register("cpu", available=_cpu_available, supports=_cpu_supports)

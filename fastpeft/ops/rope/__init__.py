@@ -43,7 +43,7 @@ import torch
 
 from ... import _ext, _triton
 from ...backends import define_op
-from .._checks import check_same_device, check_tensor, device_reason
+from .._checks import check_same_device, check_tensor, device_reason, dtype_pair_reason
 from .reference import out_like, rope_reference
 
 OP = define_op("rope")
@@ -52,6 +52,8 @@ GPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # (q dtype, output dtype) pairs of the C++ kernel (csrc/common/torch_utils.h: dispatch_in_out_cpu).
 CPU_PAIRS = ((torch.float32, torch.float32), (torch.float64, torch.float64), (torch.bfloat16, torch.bfloat16),
              (torch.bfloat16, torch.float32))
+# The Triton kernel takes any q dtype of GPU_DTYPES whose promotion with cos's is one of GPU_DTYPES.
+GPU_PAIRS = tuple((a, b) for a in GPU_DTYPES for b in GPU_DTYPES if torch.promote_types(a, b) == b)
 
 
 def _check_args(q, k, cos, sin, unsqueeze_dim):
@@ -139,13 +141,10 @@ def _make_backward(op):
 
 def _fused_reason(q, cos, sin, pairs, what):
     """Why a fused backend cannot take these inputs (output dtype, gradients of the tables), or None."""
-    out = torch.promote_types(q.dtype, cos.dtype)
-    if (q.dtype, out) not in pairs:
-        return (f"{what} takes q/output dtypes {[(str(a)[6:], str(b)[6:]) for a, b in pairs]}, "
-                f"got {(str(q.dtype)[6:], str(out)[6:])}")
-    if torch.is_grad_enabled() and (cos.requires_grad or sin.requires_grad):
-        return f"{what} computes no gradient for cos/sin, which require grad (the torch backend does)"
-    return None
+    reason = dtype_pair_reason((q.dtype, torch.promote_types(q.dtype, cos.dtype)), pairs, what, "q/output")
+    if reason is None and torch.is_grad_enabled() and (cos.requires_grad or sin.requires_grad):
+        reason = f"{what} computes no gradient for cos/sin, which require grad (the torch backend does)"
+    return reason
 
 
 # -- cpu (C++: torch.ops.fastpeft.rope) ------------------------------------------------
@@ -180,7 +179,6 @@ def _rope_triton_op(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: to
 
 _rope_triton_op.register_fake(_fake)
 _rope_triton_op.register_autograd(_make_backward(_rope_triton_op), setup_context=_setup_context)
-GPU_PAIRS = tuple((a, b) for a in GPU_DTYPES for b in GPU_DTYPES if torch.promote_types(a, b) == b)
 
 
 @OP.register("triton", available=_triton.available,
