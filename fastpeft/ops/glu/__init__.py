@@ -17,10 +17,11 @@ numbers up to the float32 activation's last bit (for bf16/fp16, nearly always th
 Backward (g = dL/dy; a = act(gate) rounded as in forward), recomputing the activation from gate
 instead of saving it; saved: gate and up only::
 
-    y     = a * up
-    d up   = g * a
-    d gate = (g * up) * act'(gate)     # silu' = s (1 + x (1 - s)), s = sigmoid(x);
-                                       # gelu' = Φ(x) + x φ(x);  gelu_tanh' from tanh's derivative
+    y      = a(gate) * up
+    d up   = g * dy/dup   = g * a
+    d gate = g * dy/dgate = (g * up) * act'(gate)   # silu' = s (1 + x (1 - s)), s = sigmoid(x);
+                                                    # gelu' = Φ(x) + x φ(x);
+                                                    # gelu_tanh' = (1 + t)/2 + x/2 (1 - t²) u'(x), t = tanh(u(x))
 
 Drop-in for LlamaMLP.forward: ``self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))``;
 GemmaMLP (hidden_activation "gelu_pytorch_tanh"): ``geglu(..., approximate="tanh")``.
