@@ -72,5 +72,10 @@ def run(benchmark, group: str, variant: str, step, device: str, **info) -> None:
             torch.cuda.synchronize()
     else:
         timed = step
-    timed()
+    try:
+        timed()
+    except Exception as e:  # noqa: BLE001 - another Liger-Kernel version may take other arguments
+        if variant != "liger":
+            raise
+        pytest.skip(f"Liger-Kernel call failed (another version's signature?): {type(e).__name__}: {e}")
     benchmark(timed)
