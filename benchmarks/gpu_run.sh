@@ -94,9 +94,9 @@ print('fastpeft._C loaded; CUDA kernels:', m.get('with_cuda'), m.get('cuda_archs
 assert '$DEVICE' != 'cuda' or _ext.has_cuda_kernels(), 'the extension was built without CUDA kernels'"
 step "fastpeft info" 60 info.txt -- "$PY" -m fastpeft info --device "$DEVICE"
 
-# 2. GPU tests (tests marked gpu, incl. tests/ops/test_gpu_kernels.py). One autotune config per kernel:
-#    every Triton config is a separate compile, and these check numbers, not speed. pytest-xdist, when
-#    there, compiles in parallel processes.
+# 2. GPU tests (tests marked gpu: the GPU cases of each tests/ops/test_<op>.py and, for every op,
+#    tests/ops/test_every_op.py). One autotune config per kernel: every Triton config is a separate
+#    compile, and these check numbers, not speed. pytest-xdist, when there, compiles in parallel processes.
 STEP="GPU tests"
 PYTEST_ARGS=(-m gpu tests/ -q -p no:cacheprovider -rs)
 if "$PY" -c "import xdist" 2>/dev/null; then PYTEST_ARGS+=(-n "${GPU_TEST_WORKERS:-8}"); fi

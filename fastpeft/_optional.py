@@ -1,9 +1,35 @@
-"""Classes from optional packages (transformers, peft), imported only when asked for.
+"""Optional packages, imported only when asked for; no import of fastpeft pulls them in.
 
-Each function returns the class, or None when its package is missing or fails to import; no import of
-fastpeft pulls these packages in.
+* :func:`conv1d_cls`, :func:`peft_lora_linear_cls`: classes from transformers / peft that the patching
+  layer recognises, or None when the package is missing or fails to import;
+* :func:`import_extra`: a package that a feature needs and an extra of fastpeft installs (PyYAML,
+  matplotlib, tqdm, transformers for the applications), or :class:`MissingExtra` saying which extra.
 """
 from __future__ import annotations
+
+import importlib
+
+# top-level import name -> (distribution to install, the extra of fastpeft that installs it)
+EXTRAS = {"yaml": ("PyYAML", "train"), "matplotlib": ("matplotlib", "train"), "tqdm": ("tqdm", "train"),
+          "transformers": ("transformers", "train"), "peft": ("peft", "peft")}
+
+
+class MissingExtra(ImportError):
+    """An optional package is not installed; the message is one line naming the extra that installs it."""
+
+
+def import_extra(module: str, feature: str):
+    """``importlib.import_module(module)``; when its package is not installed, :class:`MissingExtra`:
+    ``"<feature> needs PyYAML: pip install 'fastpeft[train]'"``. A package that is installed but fails to
+    import raises its own error."""
+    top = module.split(".")[0]
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if e.name != top:
+            raise
+        dist, extra = EXTRAS[top]
+        raise MissingExtra(f"{feature} needs {dist}: pip install 'fastpeft[{extra}]'") from None
 
 
 def conv1d_cls():
@@ -24,4 +50,4 @@ def peft_lora_linear_cls():
         return None
 
 
-__all__ = ["conv1d_cls", "peft_lora_linear_cls"]
+__all__ = ["conv1d_cls", "peft_lora_linear_cls", "import_extra", "MissingExtra", "EXTRAS"]

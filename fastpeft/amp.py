@@ -16,7 +16,7 @@ with a number of launches that does not depend on the number of parameters::
 API (``torch.amp.GradScaler`` names where they exist):
 
 * ``GradScaler(precision="fp16", init_scale=2**16, growth_factor=2.0, backoff_factor=0.5,
-  growth_interval=2000, enabled=True, device=None, fuse_into_optimizer=True)``.
+  growth_interval=2000, enabled=True, device=None, fuse_into_optimizer=True, grad_tail="fused")``.
   - ``"fp16"``: dynamic loss scaling: the loss is multiplied by ``scale``; a step whose
     gradients hold inf/NaN is skipped and the scale is multiplied by ``backoff_factor``;
     after ``growth_interval`` consecutive clean steps it is multiplied by ``growth_factor``
@@ -24,6 +24,17 @@ API (``torch.amp.GradScaler`` names where they exist):
   - ``"bf16"`` / ``"fp32"``: no loss scaling (scale stays 1), but the same fused clip and
     the same skip of steps whose gradients are non-finite.
   - ``enabled=False``: ``scale`` returns its input, ``step`` clips (if asked) and always steps.
+  - ``grad_tail="torch"``: the same unscale / clip / skip-on-overflow / loss-scale rules computed
+    with torch's own ops instead of the fused op, for gradients the fused op cannot take: FSDP2
+    shards (DTensor gradients; :func:`fastpeft.ops.grad_tail` has no DTensor sharding rule).
+    Equivalent PyTorch, which is what runs::
+
+        for g in grads: g.mul_(1 / scale)                             # fp16 only
+        total_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)  # or get_total_norm(grads)
+        found_inf = not torch.isfinite(total_norm)                     # a DTensor norm: full_tensor()
+
+    It never hands ``grad_scale`` / ``found_inf`` to a fused optimizer.  The fastpeft trainer
+    selects it for FSDP runs.
 * ``scale(outputs)`` -> outputs × scale (a tensor or nested lists/tuples of tensors).
 * ``unscale_(optimizer, max_norm=None)`` -> :class:`~fastpeft.ops.grad_tail.GradTailStats`:
   unscales (and clips when ``max_norm`` is given) the gradients of the optimizer's params in
@@ -67,8 +78,9 @@ from typing import Any, Iterable, Optional, Union
 
 import torch
 
-from .ops.grad_tail import GradTailStats, collect_grads, grad_tail, grad_tail_apply_
+from .ops.grad_tail import DEFAULT_EPS, GradTailStats, collect_grads, grad_tail, grad_tail_apply_
 
+GRAD_TAILS = ("fused", "torch")
 PRECISIONS = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 _ALIASES = {"float16": "fp16", "half": "fp16", "bfloat16": "bf16", "float32": "fp32", "float": "fp32",
             torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
@@ -170,8 +182,11 @@ class GradScaler:
     def __init__(self, precision: Union[str, torch.dtype] = "fp16", init_scale: float = 2.0 ** 16,
                  growth_factor: float = 2.0, backoff_factor: float = 0.5, growth_interval: int = 2000,
                  enabled: bool = True, device: Optional[Union[str, torch.device]] = None,
-                 fuse_into_optimizer: bool = True):
+                 fuse_into_optimizer: bool = True, grad_tail: str = "fused"):
         self.precision = normalize_precision(precision)
+        if grad_tail not in GRAD_TAILS:
+            raise ValueError(f"grad_tail: expected one of {GRAD_TAILS}, got {grad_tail!r}")
+        self.grad_tail = grad_tail
         if not (isinstance(init_scale, (int, float)) and math.isfinite(init_scale) and init_scale > 0):
             raise ValueError(f"init_scale: expected a finite number > 0, got {init_scale!r}")
         if not growth_factor > 1.0:
@@ -239,15 +254,37 @@ class GradScaler:
                              "float16 they underflow (torch's GradScaler refuses them too). Keep fp32 master "
                              "weights: fastpeft.amp.MasterWeights(model) and step(..., master_weights=master).")
         device = grads[0].device if grads else (self._scale.device if self._scale is not None else torch.device("cpu"))
-        stats = grad_tail(grads, inv_scale=self._inv_scale(device), max_norm=max_norm)
-        grad_tail_apply_(grads, stats.multiplier)
+        if self.grad_tail == "torch":
+            stats = self._torch_tail(optimizer, grads, max_norm, device)
+        else:
+            stats = grad_tail(grads, inv_scale=self._inv_scale(device), max_norm=max_norm)
+            grad_tail_apply_(grads, stats.multiplier)
         state["stats"] = stats
         state["stage"] = _UNSCALED
         self.last_stats = stats
         return stats
 
+    def _torch_tail(self, optimizer, grads: list, max_norm: Optional[float], device) -> GradTailStats:
+        """``grad_tail="torch"``: unscale, clip and check with torch's ops (DTensor gradients too)."""
+        inv = self._inv_scale(device)
+        if self._scaling:
+            inv = float(inv)  # a Python scalar multiplies DTensor shards as well as plain tensors
+            for g in grads:
+                g.mul_(inv)
+        if max_norm is not None:
+            norm = torch.nn.utils.clip_grad_norm_(_optimizer_params(optimizer), max_norm)
+        else:
+            norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=device)
+        if hasattr(norm, "full_tensor"):  # FSDP2: the norm of DTensor gradients is a DTensor
+            norm = norm.full_tensor()
+        norm = norm.float()
+        found_inf = (~torch.isfinite(norm)).float()
+        clip = torch.ones_like(norm) if max_norm is None else (max_norm / (norm + DEFAULT_EPS)).clamp(max=1.0)
+        multiplier = torch.where(found_inf.bool(), torch.zeros_like(norm), clip * inv)
+        return GradTailStats(multiplier, norm, found_inf)
+
     def clip_grad_norm_(self, optimizer, max_norm: float) -> torch.Tensor:
-        """Unscale and clip (fused); returns the unscaled pre-clip total norm (like ``clip_grad_norm_``)."""
+        """Unscale and clip; returns the unscaled pre-clip total norm (like ``clip_grad_norm_``)."""
         if max_norm is None:
             raise ValueError("max_norm: expected a finite number >= 0, got None")
         return self.unscale_(optimizer, max_norm=max_norm).total_norm
@@ -266,7 +303,7 @@ class GradScaler:
                 raise RuntimeError("step(master_weights=...): call it without a prior unscale_(), which would "
                                    "have run on the model's gradients instead of the masters'")
             master_weights.grads_to_master()
-        if state["stage"] == _READY and self._enabled and self.fuse_into_optimizer \
+        if state["stage"] == _READY and self._enabled and self.fuse_into_optimizer and self.grad_tail == "fused" \
                 and getattr(optimizer, "_step_supports_amp_scaling", False):
             return self._fused_optimizer_step(optimizer, state, max_norm, master_weights, args, kwargs)
         if state["stage"] == _READY:
@@ -393,4 +430,4 @@ class GradScaler:
             self._growth_tracker.fill_(self._init_growth_tracker)
 
 
-__all__ = ["GradScaler", "MasterWeights", "autocast", "normalize_precision", "PRECISIONS"]
+__all__ = ["GradScaler", "MasterWeights", "autocast", "normalize_precision", "PRECISIONS", "GRAD_TAILS"]

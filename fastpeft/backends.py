@@ -9,7 +9,14 @@ reference, always available).  Each implementation declares
 * ``available()`` -> ``None`` or the reason it cannot run in this process, and
 * ``supports(*args, **kwargs)`` -> ``None`` or the reason it cannot take these inputs.
 
-The first backend that is available and supports the inputs runs.  A backend can
+The first backend that is available and supports the inputs runs.  Each op also
+carries a builder of small example arguments (``Op.example_inputs(device, dtype)``),
+which ``fastpeft info`` and the tests use to ask every backend whether it runs here,
+and each implementation the dtypes it computes in (``Implementation.dtypes``).
+The rules most ops share (the compiled extension or Triton present, tensors on the
+backend's device and of its dtypes) are built by :mod:`fastpeft.ops._register`.
+
+A backend can
 be forced for all ops or per op, by the environment::
 
     FASTPEFT_BACKEND=torch                      # every op
@@ -47,25 +54,37 @@ class Implementation:
     fn: Callable
     available: Callable[[], Reason]
     supports: Callable[..., Reason]
+    dtypes: Optional[tuple[torch.dtype, ...]] = None   # what it computes in; None: not one tensor's dtype
 
 
 @dataclass
 class Op:
-    """An op with one implementation per backend; calling it dispatches."""
+    """An op with one implementation per backend; calling it dispatches.
+
+    ``example(device, dtype)`` builds small arguments of a call (tensors of ``dtype``
+    where the op computes in it), deterministic random values; see :meth:`example_inputs`.
+    """
 
     name: str
     impls: dict[str, Implementation] = field(default_factory=dict)
+    example: Optional[Callable[[torch.device, torch.dtype], tuple]] = None
 
     def register(self, backend: str, *, available: Callable[[], Reason] = lambda: None,
-                 supports: Callable[..., Reason] = lambda *a, **k: None) -> Callable:
+                 supports: Callable[..., Reason] = lambda *a, **k: None,
+                 dtypes: Optional[tuple[torch.dtype, ...]] = None) -> Callable:
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
         def deco(fn: Callable) -> Callable:
-            self.impls[backend] = Implementation(backend, fn, available, supports)
+            self.impls[backend] = Implementation(backend, fn, available, supports,
+                                                 None if dtypes is None else tuple(dtypes))
             return fn
 
         return deco
+
+    def example_inputs(self, device="cpu", dtype: torch.dtype = torch.float32) -> Optional[tuple]:
+        """Small arguments of a call on ``device`` (built now; None if the op has no example)."""
+        return None if self.example is None else self.example(torch.device(device), dtype)
 
     # -- selection ---------------------------------------------------------
     def _availability(self, backend: str) -> Reason:
@@ -145,11 +164,12 @@ def clear_availability_cache() -> None:
     _AVAILABILITY.clear()
 
 
-def define_op(name: str) -> Op:
-    """Create (once) and return the op called ``name``."""
+def define_op(name: str, *, example: Optional[Callable[[torch.device, torch.dtype], tuple]] = None) -> Op:
+    """Create (once) and return the op called ``name``; ``example(device, dtype)`` builds
+    small arguments of a call (see :class:`Op`)."""
     if name in _REGISTRY:
         raise ValueError(f"op '{name}' is already defined")
-    op = _REGISTRY[name] = Op(name)
+    op = _REGISTRY[name] = Op(name, example=example)
     return op
 
 

@@ -10,6 +10,8 @@ import argparse
 import importlib
 import sys
 
+from ._optional import MissingExtra
+
 # name -> (module, one-line help)
 SUBCOMMANDS = {
     "info": ("fastpeft.info", "versions, devices, and which backend each op uses (and why)"),
@@ -53,7 +55,11 @@ def main(argv=None) -> int:
     if not hasattr(args, "_run"):
         parser.print_help()
         return 2
-    return int(args._run(args) or 0)
+    try:
+        return int(args._run(args) or 0)
+    except MissingExtra as e:  # an optional package the command needs: one line naming the extra
+        print(f"fastpeft {args.command}: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

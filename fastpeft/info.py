@@ -20,13 +20,6 @@ def _version(pkg: str):
         return None
 
 
-def _example_inputs(device: str):
-    """Small inputs per op, to ask each backend whether it would take them."""
-    from .ops import example_inputs
-
-    return example_inputs(device)
-
-
 def collect(device: str | None = None) -> dict:
     """Everything ``fastpeft info`` prints, as a dict."""
     import fastpeft.ops  # noqa: F401  (registers the ops)
@@ -50,9 +43,8 @@ def collect(device: str | None = None) -> dict:
         "device": device,
         "ops": {},
     }
-    examples = _example_inputs(device)
     for name, op in sorted(backends.all_ops().items()):
-        args = examples.get(name)
+        args = op.example_inputs(device)  # small inputs, to ask each backend whether it would take them
         entry = {"backends": {}, "selected": None}
         for b in backends.BACKENDS:
             if b not in op.impls:

@@ -8,7 +8,7 @@ Structure (and so ``state_dict`` keys) as HF PEFT's::
 
 so a parameter's key is ``base_model.model.<module path>...`` and attribute access
 (``.config``, ``.generate``, ...) falls through to the user's model.  The PEFT method
-itself is a registered tuner (:mod:`fastpeft.tuners`); ``modules_to_save`` (task heads
+itself is a registered tuner (:mod:`fastpeft.tuners.registry`); ``modules_to_save`` (task heads
 trained in full) is handled here for every method with PEFT's ``ModulesToSaveWrapper``
 layout (``original_module`` + ``modules_to_save.<adapter>``; on disk
 ``base_model.model.<path>.<param>``).
@@ -244,7 +244,7 @@ class PeftModel(nn.Module):
         except Exception:
             self._undo_modules_to_save(wrapped, adapter_name)
             if self._tuner.remove is not None:
-                self._tuner.remove(model, adapter_name)
+                self._tuner.remove(model, adapter_name, unwrap_empty=True)
             raise
         self.peft_config[adapter_name] = config
         self.base_model.targeted_module_names = touched
@@ -266,8 +266,7 @@ class PeftModel(nn.Module):
     def _set_active(self, names: list[str]) -> None:
         inference = all(self.peft_config[n].inference_mode for n in names)
         if self._tuner.set_adapter is not None:
-            self._tuner.set_adapter(self._model, names, **_opt_kw(self._tuner.set_adapter,
-                                                                   inference_mode=inference))
+            self._tuner.set_adapter(self._model, names, inference_mode=inference)
         elif len(self.peft_config) > 1:
             raise NotImplementedError(f"{self._tuner.peft_type}: switching between several adapters is not "
                                       "supported by this method")
@@ -309,7 +308,7 @@ class PeftModel(nn.Module):
             raise NotImplementedError(f"{self._tuner.peft_type}: deleting an adapter is not supported")
         if self._tuner.unmerge is not None:
             self._tuner.unmerge(self._model)
-        self._tuner.remove(self._model, adapter_name, **_opt_kw(self._tuner.remove, unwrap_empty=unwrap_empty))
+        self._tuner.remove(self._model, adapter_name, unwrap_empty=unwrap_empty)
         for key, w in self._mts_wrappers():
             if adapter_name in w.modules_to_save:
                 del w.modules_to_save[adapter_name]
@@ -341,7 +340,7 @@ class PeftModel(nn.Module):
     def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
         if self._tuner.merge is None:
             raise NotImplementedError(f"{self._tuner.peft_type}: merging is not supported")
-        self._tuner.merge(self._model, adapter_names, **_opt_kw(self._tuner.merge, safe_merge=safe_merge))
+        self._tuner.merge(self._model, adapter_names, safe_merge=safe_merge)
 
     def unmerge_adapter(self) -> None:
         if self._tuner.unmerge is None:
@@ -357,7 +356,7 @@ class PeftModel(nn.Module):
             self._tuner.unmerge(self._model)
         model = self._model
         for name in list(self.peft_config):
-            self._tuner.remove(model, name, **_opt_kw(self._tuner.remove, unwrap_empty=True))
+            self._tuner.remove(model, name, unwrap_empty=True)
         for key, w in self._mts_wrappers():
             parent, child = _parent(model, key)
             setattr(parent, child, w._current() if merge else w.original_module)
@@ -392,8 +391,7 @@ class PeftModel(nn.Module):
         """The adapter's tensors under HF PEFT's on-disk keys (what ``save_pretrained`` writes)."""
         adapter_name = adapter_name or self.active_adapters[0]
         cfg = self.peft_config[adapter_name]
-        sd = self._tuner.adapter_state_dict(self._model, adapter_name,
-                                            **_opt_kw(self._tuner.adapter_state_dict, config=cfg))
+        sd = self._tuner.adapter_state_dict(self._model, adapter_name, config=cfg)
         prefix = "" if cfg.is_prompt_learning else PREFIX
         out = {prefix + k: v for k, v in sd.items()}
         for key, w in self._mts_wrappers():
@@ -432,8 +430,7 @@ class PeftModel(nn.Module):
                 raise ValueError(f"adapter {adapter_name!r}: unexpected keys {bad[:10]} (expected keys starting "
                                  f"with {PREFIX!r})")
             state = {k[len(PREFIX):]: v for k, v in state.items()}
-        self._tuner.load_adapter_state_dict(self._model, state, adapter_name,
-                                            **_opt_kw(self._tuner.load_adapter_state_dict, config=cfg))
+        self._tuner.load_adapter_state_dict(self._model, state, adapter_name, config=cfg)
         for module, sub in mts_loads:
             module.load_state_dict(sub, strict=False)
 
@@ -521,17 +518,6 @@ def cast_adapter_dtype(model: nn.Module, adapter_name: str) -> None:
                 for p in item.parameters():
                     if p.dtype in _UPCAST_DTYPES:
                         p.data = p.data.float()
-
-
-def _opt_kw(fn, **kw) -> dict:
-    """The keyword arguments among ``kw`` that ``fn`` accepts."""
-    try:
-        params = inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return {}
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return kw
-    return {k: v for k, v in kw.items() if k in params}
 
 
 def _parent(model: nn.Module, key: str):

@@ -1,6 +1,10 @@
 """Helpers for op tests: backends to run, tolerances, float64 oracles."""
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+
 import pytest
 import torch
 
@@ -18,8 +22,11 @@ TOL = {
 
 def runnable_backends(op_name: str, *example_args) -> list:
     """pytest params: every backend of ``op_name``, skipped with the reason where
-    it cannot take ``example_args`` here (so a broken build shows as skips in -ra)."""
+    it cannot take ``example_args`` (default: the op's own CPU example inputs) here
+    (so a broken build shows as skips in -ra)."""
     op = backends.get_op(op_name)
+    if not example_args:
+        example_args = op.example_inputs("cpu")
     params = []
     for name in backends.BACKENDS:
         if name not in op.impls:
@@ -36,6 +43,32 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
     atol, rtol = TOL[dtype]
     torch.testing.assert_close(actual.double(), expected.double(), atol=atol * scale, rtol=rtol,
                                msg=lambda m: f"{what}: {m}")
+
+
+def check_scaled(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str) -> None:
+    """|actual - expected| <= atol * max(1, max|expected|) + rtol * |expected| with TOL[dtype]: the
+    absolute part scales with the output's magnitude (sums of many products)."""
+    atol, rtol = TOL[dtype]
+    expected = expected.double()
+    big = max(1.0, float(expected.abs().max())) if expected.numel() else 1.0
+    torch.testing.assert_close(actual.detach().cpu().double(), expected, atol=atol * big, rtol=rtol,
+                               msg=lambda m: f"{what} ({dtype}): {m}")
+
+
+def run_cpp_unit_test(op: str, tmp_path) -> None:
+    """Build ``csrc/<op>/<op>_test.cpp`` with ``<op>_cpu.cpp`` (torch-free) and run it; skips without a
+    C++ compiler (``$CXX``, else g++), fails with the compiler's or the test's output."""
+    cxx = shutil.which(os.environ.get("CXX", "g++"))
+    if cxx is None:
+        pytest.skip("no C++ compiler")
+    src = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc", op)
+    exe = str(tmp_path / f"{op}_test")
+    build = subprocess.run([cxx, "-std=c++17", "-O1", "-fopenmp", os.path.join(src, f"{op}_test.cpp"),
+                            os.path.join(src, f"{op}_cpu.cpp"), "-o", exe], capture_output=True, text=True,
+                           timeout=120)
+    assert build.returncode == 0, build.stderr[-3000:]
+    result = subprocess.run([exe], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
 
 def save_tiny_bert(directory, *, max_position_embeddings: int = 128, dropout: float = 0.0) -> str:

@@ -32,16 +32,17 @@ def poison(model, step, overflow_steps):
         next(model.parameters()).grad[0, 0] = math.inf
 
 
+@pytest.mark.parametrize("grad_tail", ["fused", "torch"])
 @pytest.mark.parametrize("opt_name", ["sgd", "adamw"])
 @pytest.mark.parametrize("max_norm", [None, 0.05])
-def test_fp16_scaler_matches_torch_gradscaler_step_for_step(opt_name, max_norm):
+def test_fp16_scaler_matches_torch_gradscaler_step_for_step(opt_name, max_norm, grad_tail):
     overflow = {2, 7, 8}
     ours_model, ref_model = tiny_model(), tiny_model()
     make_opt = {"sgd": lambda p: torch.optim.SGD(p, lr=0.5, momentum=0.9),
                 "adamw": lambda p: torch.optim.AdamW(p, lr=1e-2)}[opt_name]
     ours_opt, ref_opt = make_opt(ours_model.parameters()), make_opt(ref_model.parameters())
     kw = dict(init_scale=2.0 ** 12, growth_factor=2.0, backoff_factor=0.5, growth_interval=3)
-    ours, ref = amp.GradScaler(precision="fp16", **kw), torch.amp.GradScaler("cpu", **kw)
+    ours, ref = amp.GradScaler(precision="fp16", grad_tail=grad_tail, **kw), torch.amp.GradScaler("cpu", **kw)
     scales, skipped = [], 0
     for step in range(12):
         ours.scale(loss_fn(ours_model, step)).backward()
@@ -219,6 +220,8 @@ def test_misuse_raises_clear_errors():
         amp.GradScaler("fp8")
     with pytest.raises(ValueError, match="growth_interval"):
         amp.GradScaler(growth_interval=0)
+    with pytest.raises(ValueError, match="grad_tail"):
+        amp.GradScaler(grad_tail="foreach")
     model = tiny_model()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     scaler = amp.GradScaler("fp16")
@@ -286,3 +289,33 @@ def test_scaler_step_uses_constant_number_of_fastpeft_ops():
             scaler.unscale_(opt, max_norm=1.0)
         names = [e.name for e in prof.events() if e.name.startswith("fastpeft::")]
         assert sorted(names) == ["fastpeft::grad_tail_apply_", "fastpeft::grad_tail_stats"], names
+
+
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_torch_grad_tail_runs_no_fastpeft_op_and_matches_fused(precision):
+    """``grad_tail="torch"`` (the FSDP mode): torch's ops only, never the fused optimizer hand-off, and the
+    same stats, clipping and skipped steps as the fused tail, also for an optimizer with a fused kernel."""
+    overflow = {1}
+    models = [tiny_model(), tiny_model()]
+    opts = [torch.optim.AdamW(m.parameters(), lr=1e-2, fused=True) for m in models]
+    scalers = [amp.GradScaler(precision, init_scale=2.0 ** 10, grad_tail=t) for t in ("fused", "torch")]
+    for step in range(4):
+        for i, (model, opt, scaler) in enumerate(zip(models, opts, scalers)):
+            scaler.scale(loss_fn(model, step)).backward()
+            poison(model, step, overflow)
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                stepped = scaler.step(opt, max_norm=0.05)
+            assert stepped == (step not in overflow)
+            if i == 1:
+                assert not [e.name for e in prof.events() if e.name.startswith("fastpeft::")]
+            scaler.update()
+            opt.zero_grad()
+        a, b = (s.last_stats for s in scalers)
+        assert a.found_inf.item() == b.found_inf.item()
+        if step not in overflow:
+            torch.testing.assert_close(b.total_norm, a.total_norm, rtol=2e-5, atol=0)
+            torch.testing.assert_close(b.multiplier, a.multiplier, rtol=2e-5, atol=0)
+        assert scalers[0].get_scale() == scalers[1].get_scale()
+        for p, q in zip(*(m.parameters() for m in models)):
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=lambda m: f"step {step}: {m}")
+    assert scalers[1].num_skipped_steps == 1

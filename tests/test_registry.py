@@ -74,3 +74,46 @@ def test_failing_probe_is_reported_not_raised(toy_op):
     backends._AVAILABILITY.pop((toy_op.name, "triton"), None)
     assert "ZeroDivisionError" in toy_op.why_not("triton")
     assert toy_op(torch.zeros(1)) == "cpu"
+
+
+def test_common_rules_name_the_reason():
+    """fastpeft.ops._register's availability and supports rules, shared by the ops."""
+    from fastpeft import _ext
+    from fastpeft.ops._register import compiled_available, device_rule
+
+    cpu = device_rule("cpu", (torch.float32,))
+    assert cpu(torch.zeros(1), forced=False) is None
+    assert cpu(torch.zeros(1, device="meta"), forced=False) == "cpu backend needs cpu tensors, got meta"
+    f64 = torch.zeros(1, dtype=torch.float64)
+    assert cpu(f64, forced=True) == "cpu backend supports ['float32'], got torch.float64"
+    nope = device_rule("cuda", arg=1, also=lambda *args, forced: f"nope {len(args)} {forced}")
+    assert nope([], torch.zeros(1, device="meta"), forced=True) == "cuda backend needs cuda tensors, got meta"
+    assert device_rule("torch", also=lambda *args, forced: "nope")(1, forced=False) == "nope"
+    assert device_rule("torch")(torch.zeros(1, device="meta"), forced=True) is None
+    assert "CUDA tensors" in device_rule("triton")(torch.zeros(1, device="meta"), forced=True)
+    if _ext.load() is None:
+        assert compiled_available("cpu", "scaled_add")() == _ext.unavailable_reason()
+    else:
+        assert compiled_available("cpu", "scaled_add")() is None
+        assert compiled_available("cpu", "scaled_add", "no_such_op")() == \
+            "fastpeft._C was built without no_such_op (rebuild the extension)"
+
+
+def test_registered_backend_records_dtypes_and_examples_are_built_on_demand():
+    from fastpeft.ops._register import register_backend
+
+    name = "toy_op_with_rules"
+    backends._REGISTRY.pop(name, None)
+    op = define_op(name, example=lambda device, dtype: (torch.ones(2, device=device, dtype=dtype),))
+    try:
+        register_backend(op, "torch")(lambda x: "torch")
+        register_backend(op, "cpu", dtypes=(torch.bfloat16,), needs=["no_such_op"])(lambda x: "cpu")
+        assert op.impls["cpu"].dtypes == (torch.bfloat16,) and op.impls["torch"].dtypes is None
+        (x,) = op.example_inputs("cpu", torch.bfloat16)
+        assert x.dtype == torch.bfloat16 and x.device.type == "cpu"
+        assert op(torch.ones(2)) == "torch"  # the cpu backend is unavailable or rejects float32
+        assert backends.get_op("scaled_add").example_inputs("meta")[0].device.type == "meta"
+    finally:
+        backends._REGISTRY.pop(name, None)
+        for key in [k for k in backends._AVAILABILITY if k[0] == name]:
+            backends._AVAILABILITY.pop(key)

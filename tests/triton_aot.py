@@ -6,9 +6,11 @@ and it never sees the autotune configs used on a GPU (the modules pick small til
 interpreter). This script closes that gap without a GPU:
 
 1. With ``TRITON_INTERPRET`` unset, ``JITFunction.run`` and ``Autotuner.run`` are replaced by recorders,
-   and each op's real Triton launcher (``fastpeft/ops/*/triton_kernel.py``) is called on CPU tensors
-   for every dtype and variant it supports: nothing runs, every launch is recorded (kernel, argument
-   types, constexprs, and for autotuned kernels every config left after the kernel's own pruning).
+   and every op package's ``triton_kernel.aot_launches()`` (``fastpeft/ops/*/triton_kernel.py``) calls
+   its real launchers on CPU tensors for every dtype and variant they support: nothing runs, every
+   launch is recorded (kernel, argument types, constexprs, and for autotuned kernels every config left
+   after the kernel's own pruning). A ``*_kernel`` never launched, or a kernel module without
+   ``aot_launches``, is a failure.
 2. Each distinct launch is compiled with ``triton.compile(ASTSource(...), target=GPUTarget("cuda",
    arch, 32))`` to a cubin, and its shared memory is checked against the architecture's per-block
    limit. An autotuned launch passes when every config compiles and at least one fits; a plain
@@ -23,7 +25,6 @@ Exit status 0 when everything compiled; the last line of stdout is a JSON summar
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import os
 import sys
@@ -94,53 +95,28 @@ class Recorder:
         JITFunction.run, Autotuner.run = self._saved
 
 
-def drive_all_ops() -> list[dict]:
-    """Call every op's Triton launcher on CPU tensors for each supported dtype / variant."""
-    import torch
+def triton_modules() -> list:
+    """The ``triton_kernel`` module of every op package that has one (imported: needs Triton)."""
+    import importlib
+    import importlib.util
 
-    from fastpeft.ops.adv_perturb_update import triton_kernel as adv
-    from fastpeft.ops.bottleneck_adapter import triton_kernel as ada
-    from fastpeft.ops.grad_tail import triton_kernel as gt
-    from fastpeft.ops.lora_linear import triton_kernel as lora
-    from fastpeft.ops.scaled_add import triton_kernel as sa
+    from fastpeft.ops import op_packages
 
-    def t(*shape, dtype):
-        return torch.zeros(*shape, dtype=dtype)
+    names = [f"fastpeft.ops.{p}.triton_kernel" for p in op_packages()]
+    return [importlib.import_module(n) for n in names if importlib.util.find_spec(n) is not None]
 
-    acts = (torch.float32, torch.float16, torch.bfloat16)
+
+def drive_all_ops() -> tuple[list[dict], list[str]]:
+    """Call every op's ``triton_kernel.aot_launches()`` (its launchers on CPU tensors, for each
+    supported dtype / variant) under the recorder: (launches, modules without ``aot_launches``)."""
+    missing = []
     with Recorder() as rec:
-        for dt in acts:
-            sa.scaled_add_triton(t(37, dtype=dt), t(37, dtype=dt), 0.5)
-        M, K, N = 40, 48, 56
-        for dt, r, p, bias, pdt in itertools.product(acts, (1, 16, 64, 256), (0.0, 0.1), (False, True),
-                                                     ("act", "fp32")):
-            par = dt if pdt == "act" else torch.float32
-            x, w = t(M, K, dtype=dt), t(N, K, dtype=dt)
-            a, b = t(r, K, dtype=par), t(N, r, dtype=par)
-            y, u0 = lora.lora_linear_fwd_triton(x, w, t(N, dtype=dt) if bias else None, a, b, 2.0, p, 7)
-            lora.lora_linear_bwd_triton(t(M, N, dtype=dt), x, w, a, b, u0, 2.0, p, 7, [True] * 5)
-        H, Bn = 48, 16
-        for dt, act, p, residual, bias, wdt in itertools.product(acts, ("relu", "gelu", "silu"), (0.0, 0.1),
-                                                                 (True, False), (True, False), ("act", "fp32")):
-            par = dt if wdt == "act" else torch.float32
-            x = t(M, H, dtype=dt)
-            wd, wu = t(Bn, H, dtype=par), t(H, Bn, dtype=par)
-            bd, bu = (t(Bn, dtype=par), t(H, dtype=par)) if bias else (None, None)
-            y, h = ada.adapter_fwd_triton(x, wd, bd, wu, bu, act, p, 7, residual)
-            for gh in (None, t(M, Bn, dtype=dt)):
-                ada.adapter_bwd_triton(t(M, H, dtype=dt), gh, x, h, wd, bd, wu, bu, act, p, 7, residual,
-                                       True, True, True)
-        for max_norm in (None, 1.0):
-            grads = [t(33, dtype=d) for d in acts]
-            mult, _, _ = gt.grad_tail_stats_triton(grads, torch.ones(()), max_norm, 1e-6)
-            gt.grad_tail_apply_triton(grads, mult)
-        for dt, norm, masked in itertools.product(acts, tuple(adv.MODES), (False, True)):
-            d, g = t(2, 5, 24, dtype=dt), t(2, 5, 24, dtype=dt)
-            mask = torch.ones(2, 5) if masked else None
-            adv.update_triton(d, g, mask, norm, 0.1, 1.0)
-            for kind in ("uniform", "normal"):
-                adv.init_triton(d, mask, kind, norm, 1.0, 7, 3)
-    return rec.launches
+        for mod in triton_modules():
+            if callable(getattr(mod, "aot_launches", None)):
+                mod.aot_launches()
+            else:
+                missing.append(mod.__name__)
+    return rec.launches, missing
 
 
 def expected_kernels() -> set[str]:
@@ -148,18 +124,8 @@ def expected_kernels() -> set[str]:
     from triton.runtime.autotuner import Autotuner
     from triton.runtime.jit import JITFunction
 
-    import glob
-    import importlib
-
-    root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "fastpeft", "ops")
-    ops = sorted(os.path.basename(os.path.dirname(f)) for f in glob.glob(os.path.join(root, "*", "triton_kernel.py")))
-    out = set()
-    for op in ops:
-        mod = importlib.import_module(f"fastpeft.ops.{op}.triton_kernel")
-        for name, obj in vars(mod).items():
-            if isinstance(obj, (JITFunction, Autotuner)) and name.endswith("_kernel"):
-                out.add(f"{mod.__name__}.{name}")
-    return out
+    return {f"{mod.__name__}.{name}" for mod in triton_modules() for name, obj in vars(mod).items()
+            if isinstance(obj, (JITFunction, Autotuner)) and name.endswith("_kernel")}
 
 
 def _value(fn, p, bound):
@@ -220,7 +186,7 @@ def main(argv=None) -> int:
     if unknown:
         ap.error(f"--arch: expected one of {sorted(SHARED_LIMIT)}, got {unknown}")
 
-    launches = drive_all_ops()
+    launches, no_driver = drive_all_ops()
     seen_kernels = {f"{e['fn'].__module__}.{e['fn'].__name__}" for e in launches}
     missing = sorted(expected_kernels() - seen_kernels)
 
@@ -277,8 +243,10 @@ def main(argv=None) -> int:
                     failures.append(f"sm_{arch} {name} {options}: {shared} bytes of shared memory > {limit}")
             if tuned and group and not fits:
                 failures.append(f"sm_{arch} {name}: no autotune config fits in {limit} bytes of shared memory")
+    for m in no_driver:
+        failures.append(f"{m}: has no aot_launches() (the launches to compile for GPUs)")
     for m in missing:
-        failures.append(f"{m}: never launched by the driver (add a case to drive_all_ops)")
+        failures.append(f"{m}: never launched (add a call to aot_launches() in its module)")
     summary = {"archs": archs, "launches_recorded": len(launches), "compiled": len(results),
                "kernels": sorted(seen_kernels), "failures": failures,
                "seconds": round(time.perf_counter() - t_start, 1)}

@@ -107,9 +107,9 @@ class _EmbeddingHook:
     # ---- trainer callbacks ---------------------------------------------------------------
     def on_train_begin(self, trainer) -> None:
         self.attach(trainer.module if hasattr(trainer, "module") else trainer.model)
-        state = getattr(trainer, "state", {}) or {}
+        step = getattr(getattr(trainer, "state", None), "step", 0)
         accum = getattr(getattr(trainer, "config", None), "grad_accum", 1) or 1
-        self._calls = int(state.get("step", 0)) * int(accum)
+        self._calls = int(step) * int(accum)
 
     def on_train_end(self, trainer, result) -> None:
         self.remove()

@@ -82,9 +82,9 @@ class ImageOp:
         return self.transform(x, self._reseed())
 
     def on_train_begin(self, trainer) -> None:
-        state = getattr(trainer, "state", {}) or {}
+        step = getattr(getattr(trainer, "state", None), "step", 0)
         accum = getattr(getattr(trainer, "config", None), "grad_accum", 1) or 1
-        self._calls = int(state.get("step", 0)) * int(accum)
+        self._calls = int(step) * int(accum)
 
     def on_batch(self, trainer, batch: dict) -> dict:
         if self.key not in batch:

@@ -33,7 +33,7 @@ so every label stays on its position; the other operations raise a ``ValueError`
 around would break the word/label alignment).
 
 Randomness: each operation owns a ``torch.Generator`` re-seeded for every batch from ``(seed, batch
-counter)``; the counter restarts at ``trainer.state["step"] * grad_accum`` in ``on_train_begin``, so a run
+counter)``; the counter restarts at ``trainer.state.step * grad_accum`` in ``on_train_begin``, so a run
 is reproducible for a seed and a resumed run sees the same augmentations as an uninterrupted one.
 
 Use::
@@ -211,9 +211,9 @@ class TokenAugmentation:
             if pad is None:
                 pad = getattr(getattr(trainer, "collator", None), "pad_token_id", None)
             self.pad_token_id = pad
-        state = getattr(trainer, "state", {}) or {}
+        step = getattr(getattr(trainer, "state", None), "step", 0)
         accum = getattr(getattr(trainer, "config", None), "grad_accum", 1) or 1
-        self._calls = int(state.get("step", 0)) * int(accum)
+        self._calls = int(step) * int(accum)
 
     def on_batch(self, trainer, batch: dict) -> dict:
         return self(batch)

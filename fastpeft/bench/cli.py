@@ -108,7 +108,7 @@ def execute(cases, device, args, old=None) -> int:
 
     try:
         from tqdm.auto import tqdm
-    except ImportError:  # tqdm is a dependency, but a bar is not worth failing for
+    except ImportError:  # tqdm comes with fastpeft[train]; a bar is not worth failing for
         tqdm = None
 
     settings = runner.Settings.for_suite(args.suite, device, args.repeats, args.max_minutes)

@@ -15,7 +15,7 @@ Variants (each on its own deep copy of the same base model):
 
 * ``fastpeft``: ``fastpeft.get_peft_model(model, fastpeft.LoraConfig(...))``;
 * ``hf_peft``: ``peft.get_peft_model(model, peft.LoraConfig(...))``, the same kwargs;
-* ``fastpeft_accelerate``: ``fastpeft.accelerate(<the HF PEFT model>)``, when fastpeft has it;
+* ``fastpeft_accelerate``: ``fastpeft.accelerate(<the HF PEFT model>)``;
 * ``floor``: the same model with every weight frozen, gradients flowing back to the
   input embeddings (``inputs_embeds.requires_grad_()``): forward + backward only,
   as there is nothing to update.
@@ -31,6 +31,8 @@ import warnings
 
 import torch
 
+from .. import LoraConfig, accelerate, get_peft_model
+from ..adversarial import FreeLB
 from .cases import Built, Case, Skip, Target
 from .cases.ops import require
 
@@ -123,15 +125,8 @@ def _add_variants(base, batch, lora_kwargs, seed, lr, variants, skipped, notes, 
         notes[name] = f"{note}; {sum(p.numel() for p in trainable):,} trainable parameters"
 
     try:
-        import fastpeft
-
-        if not hasattr(fastpeft, "get_peft_model") or not hasattr(fastpeft, "LoraConfig"):
-            raise Skip("fastpeft.get_peft_model / fastpeft.LoraConfig are not available (not implemented yet?)")
         torch.manual_seed(seed)
-        add("fastpeft", fastpeft.get_peft_model(copy.deepcopy(base), fastpeft.LoraConfig(**lora_kwargs)),
-            "fastpeft.get_peft_model")
-    except Skip as e:
-        skipped["fastpeft"] = str(e)
+        add("fastpeft", get_peft_model(copy.deepcopy(base), LoraConfig(**lora_kwargs)), "fastpeft.get_peft_model")
     except Exception as e:  # noqa: BLE001 - reported as this variant's failure
         variants["fastpeft"] = _raiser(f"fastpeft.get_peft_model failed: {type(e).__name__}: {e}")
     hf_model = None
@@ -146,14 +141,12 @@ def _add_variants(base, batch, lora_kwargs, seed, lr, variants, skipped, notes, 
     except Exception as e:  # noqa: BLE001
         variants["hf_peft"] = _raiser(f"peft.get_peft_model failed: {type(e).__name__}: {e}")
     try:
-        import fastpeft
-
-        if hf_model is not None and hasattr(fastpeft, "accelerate"):
+        if hf_model is not None:
             import peft
 
             torch.manual_seed(seed)
             m = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**lora_kwargs))
-            summary = fastpeft.accelerate(m)  # patches m in place
+            summary = accelerate(m)  # patches m in place
             add("fastpeft_accelerate", m, f"fastpeft.accelerate(HF PEFT model): {_one_line(summary)}")
     except Exception as e:  # noqa: BLE001
         variants["fastpeft_accelerate"] = _raiser(f"fastpeft.accelerate failed: {type(e).__name__}: {e}")
@@ -256,11 +249,6 @@ def freelb_build(batch_size: int, seq: int, r: int, p: float, steps: int):
     (MiniLM sequence classification); the perturbation updates must not be visible, so
     the ratio should stay within K + 0.2."""
     def build(device: torch.device) -> Built:
-        import fastpeft
-
-        if not hasattr(fastpeft, "get_peft_model"):
-            raise Skip("fastpeft.get_peft_model is not available")
-        adversarial = require("fastpeft.adversarial")
         base, weights = _load_minilm(device, torch.float32)
         g = torch.Generator().manual_seed(1)
         ids = torch.randint(1000, base.config.vocab_size, (batch_size, seq), generator=g).to(device)
@@ -277,13 +265,13 @@ def freelb_build(batch_size: int, seq: int, r: int, p: float, steps: int):
 
         for name in ("plain", f"freelb_k{steps}"):
             torch.manual_seed(0)
-            model = fastpeft.get_peft_model(copy.deepcopy(base), fastpeft.LoraConfig(**kw))
+            model = get_peft_model(copy.deepcopy(base), LoraConfig(**kw))
             model.train()
             opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-4)
             if name == "plain":
                 variants[name] = _step_fn(model, batch, opt)
             else:
-                method = adversarial.FreeLB(steps=steps)
+                method = FreeLB(steps=steps)
 
                 def step(model=model, opt=opt, method=method):
                     method.step(model, batch, forward_fn)

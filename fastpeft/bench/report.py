@@ -12,6 +12,7 @@ import math
 import sys
 from typing import Optional
 
+from .._optional import import_extra
 from ..fileio import atomic_write, atomic_write_bytes
 
 RATIO_LEGEND = ("×floor = median time / the floor variant's (frozen base layer, memory copy of the same bytes, "
@@ -241,7 +242,9 @@ def chart_bars(result: dict) -> list[tuple[str, str, float, str]]:
 
 def write_chart(result: dict, path: str) -> bool:
     """PNG of every variant's time ratio (to the floor, else to the baseline).
-    Returns False (and writes nothing) when there is nothing to draw."""
+    Returns False (and writes nothing) when there is nothing to draw; raises
+    :class:`fastpeft._optional.MissingExtra` without matplotlib."""
+    import_extra("matplotlib", "fastpeft bench's chart (--no-plot skips it)")
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 

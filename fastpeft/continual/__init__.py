@@ -7,8 +7,8 @@
 * :mod:`.metrics` -- accuracy matrix summaries (average accuracy, forgetting, backward transfer) and the
   heat-map PNG;
 * :mod:`.runner` -- :func:`run_stream` / :class:`ContinualRunner` (the Trainer once per task);
-* :mod:`.config` -- :func:`run_from_config` (the ``continual:`` section of a ``fastpeft finetune`` config)
-  and :func:`validate_section`.
+* :mod:`.config` -- :func:`run_from_config` (the ``continual:`` section of a ``fastpeft finetune`` config),
+  :class:`ContinualConfig` and :func:`validate_section`.
 
 Example::
 
@@ -26,10 +26,10 @@ from .metrics import (average_accuracy, backward_transfer, forgetting, learning_
                       plot_matrix, summarize)
 from .runner import ContinualRunner, evaluate_task, run_stream
 from .stream import ContinualTask, check_stream, concat_datasets, encode_stream
-from .config import run_from_config, validate_section
+from .config import ContinualConfig, run_from_config, validate_section
 
 __all__ = ["ContinualTask", "ContinualRunner", "run_stream", "evaluate_task", "encode_stream", "check_stream",
            "concat_datasets", "Strategy", "Naive", "EWC", "L2SP", "Replay", "PerTaskAdapters", "LwF",
            "ReservoirBuffer", "STRATEGIES", "make_strategy", "diagonal_fisher", "lwf_distillation",
            "average_accuracy", "learning_accuracy", "forgetting", "backward_transfer", "summarize",
-           "plot_matrix", "plot_matrices", "run_from_config", "validate_section"]
+           "plot_matrix", "plot_matrices", "ContinualConfig", "run_from_config", "validate_section"]

@@ -31,131 +31,123 @@ from __future__ import annotations
 import copy
 import dataclasses
 import re
+from typing import Optional
 
 import torch
 
-from .methods import STRATEGIES
+from ..workflow.config_checks import ConfigError, Section, check_data, parse_number
+from ..workflow.models import load_tokenizer, resolve_model_path
+from ..workflow.pipeline import apply_method, load_split
+from ..workflow.tasks import get_task
+from ..workflow.trainer import TrainerConfig
+from .methods import STRATEGIES, STRATEGY_PARAMS
+from .runner import run_stream
+from .stream import ContinualTask
 
-DEFAULTS = {"strategy": "naive", "tasks": None, "ewc_lambda": 100.0, "ewc_gamma": 1.0, "fisher_samples": 200,
-            "fisher_mode": "empirical", "l2_lambda": 0.01, "l2_anchor": "previous", "replay_size": 200,
-            "lwf_alpha": 1.0, "lwf_temperature": 2.0, "seed": None}
-_FLOATS = ("ewc_lambda", "ewc_gamma", "l2_lambda", "lwf_alpha", "lwf_temperature")
-_INTS = ("replay_size", "fisher_samples", "seed")
 _NAME = re.compile(r"^[A-Za-z0-9_\-]+$")
 
 
-def _error(msg: str) -> ValueError:
-    try:
-        from ..workflow.config import ConfigError
-        return ConfigError(msg)
-    except ImportError:  # pragma: no cover
-        return ValueError(msg)
+@dataclasses.dataclass
+class ContinualConfig(Section):
+    """The ``continual:`` section (see the module docstring), checked when built: errors are
+    :class:`~fastpeft.workflow.config_checks.ConfigError` naming ``continual.<key>``; numbers given as
+    strings are parsed, each task's ``data`` is checked like the top-level ``data:`` section."""
+
+    NAME = "continual"
+    strategy: str = "naive"
+    tasks: Optional[list] = None
+    ewc_lambda: float = 100.0
+    ewc_gamma: float = 1.0
+    fisher_samples: Optional[int] = 200
+    fisher_mode: str = "empirical"
+    l2_lambda: float = 0.01
+    l2_anchor: str = "previous"
+    replay_size: int = 200
+    lwf_alpha: float = 1.0
+    lwf_temperature: float = 2.0
+    seed: Optional[int] = None
+
+    @classmethod
+    def from_section(cls, section):
+        if section is None:
+            raise ConfigError("continual: expected a mapping with 'strategy' and 'tasks', got nothing")
+        return super().from_section(section)
+
+    def __post_init__(self):
+        if self.strategy not in STRATEGIES:
+            raise ConfigError(f"continual.strategy: unknown strategy {self.strategy!r}; expected one of "
+                              f"{sorted(STRATEGIES)}")
+        if not isinstance(self.tasks, list) or not self.tasks:
+            raise ConfigError(f"continual.tasks: expected a non-empty list of {{name, data}} mappings, "
+                              f"got {self.tasks!r}")
+        self.tasks = [_check_task(i, t) for i, t in enumerate(self.tasks)]
+        names = [t["name"] for t in self.tasks]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ConfigError(f"continual.tasks: task names must be unique, repeated: {dup}")
+        for k in ("ewc_lambda", "ewc_gamma", "l2_lambda", "lwf_alpha", "lwf_temperature"):
+            setattr(self, k, float(parse_number(getattr(self, k), f"continual.{k}")))
+        for k in ("replay_size", "fisher_samples", "seed"):
+            if getattr(self, k) is not None:
+                setattr(self, k, _integer(getattr(self, k), k))
+        checks = {"ewc_lambda": (self.ewc_lambda >= 0, "a number >= 0"),
+                  "ewc_gamma": (0 <= self.ewc_gamma <= 1, "a number in [0, 1]"),
+                  "l2_lambda": (self.l2_lambda >= 0, "a number >= 0"),
+                  "lwf_alpha": (self.lwf_alpha >= 0, "a number >= 0"),
+                  "lwf_temperature": (self.lwf_temperature > 0, "a number > 0"),
+                  "replay_size": (self.replay_size is not None and self.replay_size > 0,
+                                  "a positive integer (the buffer's capacity in examples)"),
+                  "fisher_samples": (self.fisher_samples is None or self.fisher_samples >= 1,
+                                     "an integer >= 1 (or null: every training example)"),
+                  "seed": (self.seed is None or self.seed >= 0, "null or an integer >= 0")}
+        for k, (ok, expected) in checks.items():
+            if not ok:
+                raise ConfigError(f"continual.{k}: expected {expected}, got {getattr(self, k)!r}")
+        if self.fisher_mode not in ("empirical", "expected"):
+            raise ConfigError(f"continual.fisher_mode: expected 'empirical' or 'expected', got {self.fisher_mode!r}")
+        if self.l2_anchor not in ("previous", "initial"):
+            raise ConfigError(f"continual.l2_anchor: expected 'previous' or 'initial', got {self.l2_anchor!r}")
 
 
-def _number(value, key: str, kind):
-    from ..workflow.config import parse_number
+DEFAULTS = {f.name: f.default for f in dataclasses.fields(ContinualConfig)}
+
+
+def _integer(value, key: str) -> int:
     value = parse_number(value, f"continual.{key}")
-    if kind is int:
-        if isinstance(value, float) and value.is_integer():
-            value = int(value)
-        if not isinstance(value, int):
-            raise _error(f"continual.{key}: expected an integer, got {value!r}")
-        return value
-    return float(value)
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if not isinstance(value, int):
+        raise ConfigError(f"continual.{key}: expected an integer, got {value!r}")
+    return value
 
 
 def _check_task(i: int, t) -> dict:
-    from ..workflow.config import DATA_KEYS, FILE_KEYS
     where = f"continual.tasks[{i}]"
     if not isinstance(t, dict):
-        raise _error(f"{where}: expected a mapping {{name: ..., data: {{train: ..., validation: ...}}}}, got {t!r}")
+        raise ConfigError(f"{where}: expected a mapping {{name: ..., data: {{train: ..., validation: ...}}}}, "
+                          f"got {t!r}")
     bad = sorted(set(t) - {"name", "data"})
     if bad:
-        raise _error(f"{where}: unknown key(s) {bad}; expected 'name' and 'data'")
+        raise ConfigError(f"{where}: unknown key(s) {bad}; expected 'name' and 'data'")
     name = t.get("name")
     if not isinstance(name, str) or not _NAME.match(name):
-        raise _error(f"{where}.name: expected a non-empty name of letters, digits, '_' or '-', got {name!r}")
+        raise ConfigError(f"{where}.name: expected a non-empty name of letters, digits, '_' or '-', got {name!r}")
     data = t.get("data")
     if not isinstance(data, dict):
-        raise _error(f"{where}.data: expected a mapping with 'train' and 'validation', got {data!r}")
-    data = copy.deepcopy(data)
-    bad = sorted(set(data) - DATA_KEYS)
-    if bad:
-        raise _error(f"{where}.data: unknown key(s) {bad}; expected some of {sorted(DATA_KEYS)}")
-    for split in ("train", "validation"):
-        if not data.get(split):
-            raise _error(f"{where}.data.{split}: required (every task needs training and evaluation data)")
-    for split in ("train", "validation", "test"):
-        v = data.get(split)
-        if v is None or isinstance(v, str):
-            continue
-        if not isinstance(v, dict) or "path" not in v:
-            raise _error(f"{where}.data.{split}: expected a path or a mapping with 'path', got {v!r}")
-        bad = sorted(set(v) - FILE_KEYS)
-        if bad:
-            raise _error(f"{where}.data.{split}: unknown key(s) {bad}; expected some of {sorted(FILE_KEYS)}")
-    for k in ("max_length", "train_limit", "validation_limit", "train_subset_seed"):
-        if data.get(k) is not None:
-            v = data[k]
-            try:
-                v = int(v) if isinstance(v, str) else v
-            except ValueError:
-                pass
-            if not isinstance(v, int) or isinstance(v, bool) or v < (0 if k == "train_subset_seed" else 1):
-                raise _error(f"{where}.data.{k}: expected a positive integer, got {data[k]!r}")
-            data[k] = v
-    return {"name": name, "data": data}
+        raise ConfigError(f"{where}.data: expected a mapping with 'train' and 'validation', got {data!r}")
+    why = "every task needs training and evaluation data"
+    return {"name": name, "data": check_data(copy.deepcopy(data), f"{where}.data",
+                                             required={"train": why, "validation": why})}
 
 
 def validate_section(section) -> dict:
-    """Check a ``continual:`` section and return a copy with every default filled (see module docstring).
-    Raises ``ValueError`` (``fastpeft.workflow.config.ConfigError``) naming ``continual.<key>``."""
-    if section is None:
-        raise _error("continual: expected a mapping with 'strategy' and 'tasks', got nothing")
-    if not isinstance(section, dict):
-        raise _error(f"continual: expected a mapping, got {type(section).__name__}")
-    unknown = sorted(set(section) - set(DEFAULTS))
-    if unknown:
-        raise _error(f"continual: unknown key(s) {unknown}; expected some of {sorted(DEFAULTS)}")
-    out = dict(DEFAULTS)
-    out.update({k: v for k, v in section.items() if v is not None or k == "seed"})
-    if out["strategy"] not in STRATEGIES:
-        raise _error(f"continual.strategy: unknown strategy {out['strategy']!r}; expected one of {sorted(STRATEGIES)}")
-    tasks = out["tasks"]
-    if not isinstance(tasks, list) or not tasks:
-        raise _error(f"continual.tasks: expected a non-empty list of {{name, data}} mappings, got {tasks!r}")
-    out["tasks"] = [_check_task(i, t) for i, t in enumerate(tasks)]
-    names = [t["name"] for t in out["tasks"]]
-    dup = sorted({n for n in names if names.count(n) > 1})
-    if dup:
-        raise _error(f"continual.tasks: task names must be unique, repeated: {dup}")
-    for k in _FLOATS:
-        out[k] = _number(out[k], k, float)
-    for k in _INTS:
-        if out[k] is not None:
-            out[k] = _number(out[k], k, int)
-    checks = {"ewc_lambda": (out["ewc_lambda"] >= 0, "a number >= 0"),
-              "ewc_gamma": (0 <= out["ewc_gamma"] <= 1, "a number in [0, 1]"),
-              "l2_lambda": (out["l2_lambda"] >= 0, "a number >= 0"),
-              "lwf_alpha": (out["lwf_alpha"] >= 0, "a number >= 0"),
-              "lwf_temperature": (out["lwf_temperature"] > 0, "a number > 0"),
-              "replay_size": (out["replay_size"] > 0, "a positive integer (the buffer's capacity in examples)"),
-              "fisher_samples": (out["fisher_samples"] is None or out["fisher_samples"] >= 1,
-                                 "an integer >= 1 (or null: every training example)"),
-              "seed": (out["seed"] is None or out["seed"] >= 0, "null or an integer >= 0")}
-    for k, (ok, expected) in checks.items():
-        if not ok:
-            raise _error(f"continual.{k}: expected {expected}, got {out[k]!r}")
-    if out["fisher_mode"] not in ("empirical", "expected"):
-        raise _error(f"continual.fisher_mode: expected 'empirical' or 'expected', got {out['fisher_mode']!r}")
-    if out["l2_anchor"] not in ("previous", "initial"):
-        raise _error(f"continual.l2_anchor: expected 'previous' or 'initial', got {out['l2_anchor']!r}")
-    return out
+    """Check a ``continual:`` section (:class:`ContinualConfig`) and return it as a dict with every default
+    filled (see module docstring). Raises ``ValueError`` (``ConfigError``) naming ``continual.<key>``."""
+    return ContinualConfig.from_section(section).to_dict()
 
 
 def strategy_params(section: dict, seed: int) -> dict:
     """The keyword arguments of ``make_strategy(section["strategy"], ...)`` from a validated section."""
-    from .methods import STRATEGY_PARAMS
     name = section["strategy"]
     params = {k: section[k] for k in STRATEGY_PARAMS[name] if k != "seed"}
     if "seed" in STRATEGY_PARAMS[name]:
@@ -167,22 +159,15 @@ def run_from_config(cfg: dict, log=None) -> dict:
     """Run the ``continual:`` section of ``cfg`` (a dict from ``fastpeft.workflow.config.build_config``,
     plus ``continual``); returns the result dict (also written to ``output_dir/result.json``).
     ``log(message)``, when given, receives one progress line per task (the matrix row)."""
-    from ..workflow.models import load_tokenizer, resolve_model_path
-    from ..workflow.pipeline import apply_method, load_split
-    from ..workflow.tasks import get_task
-    from ..workflow.trainer import TrainerConfig
-    from .runner import run_stream
-    from .stream import ContinualTask
-
     if not isinstance(cfg, dict):
-        raise _error(f"cfg: expected the config dict from build_config, got {type(cfg).__name__}")
+        raise ConfigError(f"cfg: expected the config dict from build_config, got {type(cfg).__name__}")
     section = validate_section(cfg.get("continual"))
     for key in ("model", "task"):
         if not cfg.get(key):
-            raise _error(f"{key}: required")
+            raise ConfigError(f"{key}: required")
     task = get_task(cfg["task"])
     if task.default_mode != "max" or not hasattr(task, "fit_labels"):
-        raise _error(f"task: continual learning needs a labelled task with a higher-is-better metric "
+        raise ConfigError(f"task: continual learning needs a labelled task with a higher-is-better metric "
                      f"(sequence_classification, token_classification), got {cfg['task']!r}")
     trcfg = cfg.get("trainer")
     if trcfg is None:

@@ -9,8 +9,8 @@
 * :mod:`~fastpeft.fewshot.baselines` -- head-only on frozen features, nearest class prototype, soft-prompt
   tuning (:class:`HeadOnlyClassifier`, :class:`PrototypeClassifier`, :class:`PromptTuningClassifier`).
 * :mod:`~fastpeft.fewshot.evaluate` -- multi-seed evaluation, mean +- std (:func:`evaluate_seeds`).
-* :mod:`~fastpeft.fewshot.config` -- the ``fewshot:`` config section (:func:`validate_section`,
-  :func:`run_from_config`).
+* :mod:`~fastpeft.fewshot.config` -- the ``fewshot:`` config section (:class:`FewshotConfig`,
+  :func:`validate_section`, :func:`run_from_config`).
 
 Quick use::
 
@@ -21,7 +21,7 @@ Quick use::
 """
 from .baselines import FrozenEncoder, HeadOnlyClassifier, PromptTuningClassifier, PrototypeClassifier, \
     class_prototypes, prototype_predict
-from .config import run_from_config, validate_section
+from .config import FewshotConfig, run_from_config, validate_section
 from .encoder import mean_pool
 from .evaluate import METHODS, evaluate_seeds, make_classifier, mean_std
 from .head import LogisticHead, fit_logistic_head
@@ -33,4 +33,5 @@ __all__ = ["sample_k_shot", "k_shot_records", "SetFitClassifier", "SetFitConfig"
            "templated_examples", "oversampled_pairs", "label_name_prior",
            "HeadOnlyClassifier", "PrototypeClassifier", "PromptTuningClassifier", "FrozenEncoder",
            "class_prototypes", "prototype_predict", "LogisticHead", "fit_logistic_head", "mean_pool",
-           "METHODS", "evaluate_seeds", "make_classifier", "mean_std", "run_from_config", "validate_section"]
+           "METHODS", "evaluate_seeds", "make_classifier", "mean_std", "FewshotConfig", "run_from_config",
+           "validate_section"]

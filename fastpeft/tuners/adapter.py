@@ -39,6 +39,7 @@ from torch import nn
 
 from ..blocks import ARCHS, find_typed_blocks
 from .base import PeftConfig
+from .registry import register_tuner
 
 PEFT_TYPE = "BOTTLENECK_ADAPTER"
 ADAPTER_TYPES = ("houlsby", "pfeiffer", "parallel")
@@ -333,7 +334,7 @@ def _mark_trainable(model: nn.Module, st: _State, inference_mode: bool) -> None:
             m.requires_grad_(name in st.active and not inference_mode)
 
 
-def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict:
+def adapter_state_dict(model: nn.Module, adapter_name: str = "default", *, config=None) -> dict:
     out = {}
     for prefix, m in _adapter_modules(model, adapter_name):
         for k, v in m.state_dict().items():
@@ -341,7 +342,7 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict:
     return out
 
 
-def load_adapter_state_dict(model: nn.Module, state: dict, adapter_name: str = "default") -> None:
+def load_adapter_state_dict(model: nn.Module, state: dict, adapter_name: str = "default", *, config=None) -> None:
     params = {}
     for prefix, m in _adapter_modules(model, adapter_name):
         for k, p in m.named_parameters():
@@ -358,7 +359,8 @@ def load_adapter_state_dict(model: nn.Module, state: dict, adapter_name: str = "
             p.copy_(state[k].to(device=p.device, dtype=p.dtype))
 
 
-def remove(model: nn.Module, adapter_name: str = "default") -> None:
+def remove(model: nn.Module, adapter_name: str = "default", *, unwrap_empty: bool = True) -> None:
+    """Take the adapter's hooks and parameters away (hooks, not wrapper layers: nothing to unwrap)."""
     st = _state(model)
     if adapter_name not in st.configs:
         raise ValueError(f"adapter_name: no bottleneck adapter {adapter_name!r} (present: {sorted(st.configs)})")
@@ -384,7 +386,7 @@ def remove(model: nn.Module, adapter_name: str = "default") -> None:
         object.__delattr__(model, _STATE_ATTR)
 
 
-def set_adapter(model: nn.Module, adapter_names, inference_mode: bool = False) -> None:
+def set_adapter(model: nn.Module, adapter_names, *, inference_mode: bool = False) -> None:
     names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
     st = _state(model)
     unknown = [n for n in names if n not in st.configs]
@@ -399,8 +401,6 @@ def set_adapter(model: nn.Module, adapter_names, inference_mode: bool = False) -
 def enable_adapters(model: nn.Module, enabled: bool) -> None:
     _state(model, create=True).enabled = bool(enabled)
 
-
-from . import register_tuner  # noqa: E402  (fastpeft.tuners defines it before importing methods)
 
 register_tuner(PEFT_TYPE, BottleneckAdapterConfig, inject, adapter_state_dict, load_adapter_state_dict,
                remove=remove, set_adapter=set_adapter, enable_adapters=enable_adapters)

@@ -1,48 +1,6 @@
-"""Base config and the contract every fastpeft tuner (PEFT method) implements.
+"""The base config of every fastpeft tuner (PEFT method) and reading ``adapter_config.json``.
 
-Contract
-========
-
-A tuner module (``fastpeft/tuners/<method>.py``) registers itself at import with
-:func:`fastpeft.tuners.register_tuner`::
-
-    register_tuner(peft_type, config_cls, inject, adapter_state_dict, load_adapter_state_dict,
-                   remove=None, merge=None, unmerge=None, set_adapter=None, enable_adapters=None)
-
-* ``config_cls``: a dataclass subclass of :class:`PeftConfig` whose field names are
-  HF PEFT's (so ``adapter_config.json`` files are interchangeable).
-* ``inject(model, config, adapter_name) -> list[str]``: adds the adapter's
-  parameters to ``model`` *in place* and returns the names of the touched modules.
-  Parameter names must make ``model.state_dict()`` keys identical to HF PEFT's in
-  memory (adapter name inside, e.g. ``...query.lora_A.default.weight``).  Raises
-  ``ValueError`` listing candidate module names when nothing matches, and leaves
-  the model unchanged if it fails half-way.
-* ``adapter_state_dict(model, adapter_name) -> dict[str, Tensor]``: the adapter's
-  tensors under their *on-disk* keys (adapter name stripped), relative to the
-  wrapped model, i.e. WITHOUT the ``base_model.model.`` prefix that
-  :class:`fastpeft.PeftModel` adds.  (Prompt-learning configs, whose class
-  attribute ``is_prompt_learning`` is True, give keys that are written as they
-  are, e.g. ``prompt_embeddings``, exactly as HF PEFT writes them.)
-* ``load_adapter_state_dict(model, state, adapter_name)``: takes the on-disk keys
-  (same convention as above), validates them (missing / unexpected keys, shapes:
-  the error names them) and loads them; nothing is changed when it raises.
-* ``remove(model, adapter_name)``: undoes ``inject`` for that adapter (used by
-  ``delete_adapter``, ``merge_and_unload`` and ``unload``).  It may accept a keyword
-  ``unwrap_empty`` (PeftModel passes False from ``delete_adapter``, where HF PEFT keeps
-  adapter layers that have no adapter left, and True when unloading).
-* ``merge(model, adapter_names)`` / ``unmerge(model)``: fold the adapter into the
-  base weights and back (methods that cannot merge leave them None; PeftModel
-  then raises a clear error).
-* ``set_adapter(model, adapter_names: list[str])``: make these adapters the active
-  ones (optional: None means the method supports a single adapter only).
-* ``enable_adapters(model, enabled: bool)``: switch all adapters of the method off
-  and on again (``with peft_model.disable_adapter():``); optional.
-
-``adapter_state_dict`` and ``load_adapter_state_dict`` may also accept a keyword
-argument ``config``: PeftModel then passes the adapter's config (LoRA uses it for ``bias``).
-
-``modules_to_save`` (trainable copies of heads such as ``classifier``) is handled
-by :class:`fastpeft.PeftModel` for every method, with HF PEFT's key convention.
+The contract a tuner implements, and its registry, are in :mod:`fastpeft.tuners.registry`.
 """
 from __future__ import annotations
 
@@ -113,7 +71,7 @@ class PeftConfig:
         :class:`PeftConfig`, it returns the registered config class for ``peft_type``."""
         d = read_config_dict(path)
         if cls is PeftConfig or dataclasses.fields(cls) == dataclasses.fields(PeftConfig):
-            from . import config_class_for
+            from .registry import config_class_for
             target = config_class_for(d.get("peft_type"))
         else:
             target = cls
@@ -129,7 +87,7 @@ def as_fastpeft_config(config) -> "PeftConfig":
     if not callable(to_dict) or getattr(config, "peft_type", None) is None:
         raise TypeError(f"peft_config: expected a fastpeft config (e.g. fastpeft.LoraConfig) or an HF PEFT "
                         f"config, got {type(config).__name__}")
-    from . import config_class_for
+    from .registry import config_class_for
     d = {k: (v.value if isinstance(v, enum.Enum) else v) for k, v in to_dict().items()}
     return config_class_for(d["peft_type"]).from_dict(d)
 

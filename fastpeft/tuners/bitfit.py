@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from .base import PeftConfig
+from .registry import register_tuner
 
 PEFT_TYPE = "BITFIT"
 _STATE_ATTR = "_fastpeft_bitfit"
@@ -109,14 +110,14 @@ def inject(model: nn.Module, config: BitFitConfig, adapter_name: str = "default"
     return [n for n, _ in chosen]
 
 
-def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict:
+def adapter_state_dict(model: nn.Module, adapter_name: str = "default", *, config=None) -> dict:
     st = _state(model, adapter_name)
     if not st.enabled:  # trained values are parked while disabled
         return {f"{n}.bias": st.trained_while_disabled[n] for n in st.modules}
     return {f"{n}.bias": model.get_submodule(n).bias.detach() for n in st.modules}
 
 
-def load_adapter_state_dict(model: nn.Module, state: dict, adapter_name: str = "default") -> None:
+def load_adapter_state_dict(model: nn.Module, state: dict, adapter_name: str = "default", *, config=None) -> None:
     st = _state(model, adapter_name)
     params = {f"{n}.bias": model.get_submodule(n).bias for n in st.modules}
     missing = sorted(set(params) - set(state))
@@ -147,8 +148,9 @@ def enable_adapters(model: nn.Module, enabled: bool) -> None:
         st.enabled = enabled
 
 
-def merge(model: nn.Module, adapter_names=None) -> None:
-    """BitFit trains the model's own biases: merging only marks them as kept by :func:`remove`."""
+def merge(model: nn.Module, adapter_names=None, *, safe_merge: bool = False) -> None:
+    """BitFit trains the model's own biases: merging only marks them as kept by :func:`remove`
+    (no weight changes, so ``safe_merge`` has nothing to check)."""
     for st in getattr(model, _STATE_ATTR, {}).values():
         st.merged = True
 
@@ -158,8 +160,9 @@ def unmerge(model: nn.Module) -> None:
         st.merged = False
 
 
-def remove(model: nn.Module, adapter_name: str = "default") -> None:
-    """Undo :func:`inject`: restore ``requires_grad``; restore the original biases unless merged."""
+def remove(model: nn.Module, adapter_name: str = "default", *, unwrap_empty: bool = True) -> None:
+    """Undo :func:`inject`: restore ``requires_grad``; restore the original biases unless merged
+    (no wrapper layers: ``unwrap_empty`` has nothing to do)."""
     st = _state(model, adapter_name)
     if not st.enabled:
         enable_adapters(model, True)
@@ -176,8 +179,6 @@ def remove(model: nn.Module, adapter_name: str = "default") -> None:
 def trainable_bias_names(model: nn.Module, adapter_name: str = "default") -> list:
     return [f"{n}.bias" for n in _state(model, adapter_name).modules]
 
-
-from . import register_tuner  # noqa: E402  (fastpeft.tuners defines it before importing methods)
 
 register_tuner(PEFT_TYPE, BitFitConfig, inject, adapter_state_dict, load_adapter_state_dict,
                remove=remove, merge=merge, unmerge=unmerge, enable_adapters=enable_adapters)

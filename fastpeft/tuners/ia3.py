@@ -25,12 +25,9 @@ import torch
 from torch import nn
 
 from .base import PeftConfig
+from .._optional import conv1d_cls
+from .registry import register_tuner
 from .targeting import find_targets, linear_types, candidate_names
-
-try:  # transformers is optional for plain nn.Module models
-    from transformers.pytorch_utils import Conv1D as _HFConv1D
-except Exception:  # pragma: no cover
-    _HFConv1D = None
 
 PEFT_TYPE = "IA3"
 
@@ -93,7 +90,8 @@ class IA3Linear(nn.Module):
         self.base_layer = base_layer
         self.ia3_l = nn.ParameterDict()
         self.is_feedforward = is_feedforward
-        self.fan_in_fan_out = _HFConv1D is not None and isinstance(base_layer, _HFConv1D)
+        conv1d = conv1d_cls()
+        self.fan_in_fan_out = conv1d is not None and isinstance(base_layer, conv1d)
         if self.fan_in_fan_out:
             self.in_features, self.out_features = base_layer.weight.shape
         else:
@@ -296,7 +294,7 @@ def _mark_trainable(model: nn.Module, inference_mode: bool) -> None:
             p.requires_grad_(k in m.active_adapters and not inference_mode)
 
 
-def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict:
+def adapter_state_dict(model: nn.Module, adapter_name: str = "default", *, config=None) -> dict:
     """On-disk tensors: ``{"<path>.ia3_l": tensor}`` (HF PEFT keys without ``base_model.model.``)."""
     out = {}
     for n, m in iter_ia3_layers(model):
@@ -305,7 +303,7 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict:
     return out
 
 
-def load_adapter_state_dict(model: nn.Module, state: dict, adapter_name: str = "default") -> None:
+def load_adapter_state_dict(model: nn.Module, state: dict, adapter_name: str = "default", *, config=None) -> None:
     """Validate (missing / unexpected keys, shapes) and copy ``state`` into ``adapter_name``'s vectors."""
     params = {f"{n}.ia3_l": m.ia3_l[adapter_name] for n, m in iter_ia3_layers(model) if adapter_name in m.ia3_l}
     _check_and_copy(params, state, "IA3")
@@ -324,8 +322,9 @@ def _check_and_copy(params: dict, state: dict, what: str) -> None:
             p.copy_(state[k].to(device=p.device, dtype=p.dtype))
 
 
-def remove(model: nn.Module, adapter_name: str = "default") -> None:
-    """Drop ``adapter_name``; wrappers left without adapters are replaced by their base layer."""
+def remove(model: nn.Module, adapter_name: str = "default", *, unwrap_empty: bool = True) -> None:
+    """Drop ``adapter_name``; wrappers left without adapters are replaced by their base layer
+    (always: IA3 does not keep empty wrappers, whatever ``unwrap_empty``)."""
     for name, m in list(iter_ia3_layers(model)):
         if adapter_name not in m.ia3_l:
             continue
@@ -341,7 +340,7 @@ def remove(model: nn.Module, adapter_name: str = "default") -> None:
             setattr(parent, child, m.base_layer)
 
 
-def merge(model: nn.Module, adapter_names=None, safe_merge: bool = False) -> None:
+def merge(model: nn.Module, adapter_names=None, *, safe_merge: bool = False) -> None:
     """Fold the (active or named) adapters into the base weights.  ``safe_merge`` checks every
     layer first and raises, with nothing merged, when a merged weight would be non-finite."""
     layers = [m for _, m in iter_ia3_layers(model)]
@@ -361,7 +360,7 @@ def unmerge(model: nn.Module) -> None:
         m.unmerge()
 
 
-def set_adapter(model: nn.Module, adapter_names, inference_mode: bool = False) -> None:
+def set_adapter(model: nn.Module, adapter_names, *, inference_mode: bool = False) -> None:
     names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
     for _, m in iter_ia3_layers(model):
         m.active_adapters = [n for n in names if n in m.ia3_l]
@@ -373,8 +372,6 @@ def enable_adapters(model: nn.Module, enabled: bool) -> None:
     for _, m in iter_ia3_layers(model):
         m.disable_adapters = not enabled
 
-
-from . import register_tuner  # noqa: E402  (fastpeft.tuners defines it before importing methods)
 
 register_tuner(PEFT_TYPE, IA3Config, inject, adapter_state_dict, load_adapter_state_dict,
                remove=remove, merge=merge, unmerge=unmerge, set_adapter=set_adapter,

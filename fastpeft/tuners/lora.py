@@ -29,10 +29,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import register_tuner
 from ..ops.lora_linear.layer import call_reason, fused_lora_forward
 from .base import PeftConfig
 from .._optional import conv1d_cls
+from .registry import register_tuner
 from .targeting import find_targets, get_submodule_parent, pattern_value
 
 PEFT_TYPE = "LORA"
@@ -93,17 +93,13 @@ class LoraConfig(PeftConfig):
         if self.alpha_pattern is None:
             self.alpha_pattern = {}
 
-
-def _lora_from_dict(cls, d: dict):
-    # A saved adapter's init scheme (pissa, olora, loftq, ...) does not matter once its
-    # weights are loaded from the file: read it as a plain LoRA adapter.
-    d = dict(d)
-    if d.get("init_lora_weights", True) not in (True, False, "gaussian"):
-        d["init_lora_weights"] = True
-    return PeftConfig.from_dict.__func__(cls, d)
-
-
-LoraConfig.from_dict = classmethod(_lora_from_dict)
+    @classmethod
+    def from_dict(cls, d: dict) -> "LoraConfig":
+        """:meth:`PeftConfig.from_dict`, reading a saved adapter's init scheme (pissa, olora, loftq,
+        ...) as plain LoRA: it does not matter once the weights are loaded from the file."""
+        if isinstance(d, dict) and d.get("init_lora_weights", True) not in (True, False, "gaussian"):
+            d = {**d, "init_lora_weights": True}
+        return super().from_dict(d)
 
 
 def _check_rank(name, r):
@@ -526,7 +522,7 @@ class Conv2d(nn.Module, LoraLayer):
 LORA_LAYER_TYPES = (Linear, Embedding, Conv2d)
 
 
-# -- tuner functions (the registry contract) -------------------------------------------
+# -- tuner functions (the contract of fastpeft.tuners.registry) ------------------------
 def _supported_types() -> tuple:
     c = conv1d_cls()
     base = (nn.Linear, nn.Embedding, nn.Conv2d) + LORA_LAYER_TYPES
@@ -641,13 +637,13 @@ def _bias_entries(model: nn.Module, config: Optional[LoraConfig]) -> dict:
             if getattr(m.base_layer, "bias", None) is not None}
 
 
-def adapter_state_dict(model: nn.Module, adapter_name: str, config: Optional[LoraConfig] = None) -> dict:
+def adapter_state_dict(model: nn.Module, adapter_name: str, *, config: Optional[LoraConfig] = None) -> dict:
     entries = _disk_entries(model, adapter_name)
     entries.update(_bias_entries(model, config))
     return {k: v.detach() for k, v in entries.items()}
 
 
-def load_adapter_state_dict(model: nn.Module, state: dict, adapter_name: str,
+def load_adapter_state_dict(model: nn.Module, state: dict, adapter_name: str, *,
                             config: Optional[LoraConfig] = None) -> None:
     expected = _disk_entries(model, adapter_name)
     optional = _bias_entries(model, config)
@@ -672,7 +668,7 @@ def load_adapter_state_dict(model: nn.Module, state: dict, adapter_name: str,
         m._dora_norm_cache.clear()
 
 
-def remove(model: nn.Module, adapter_name: str, unwrap_empty: bool = True) -> None:
+def remove(model: nn.Module, adapter_name: str, *, unwrap_empty: bool = True) -> None:
     """Delete ``adapter_name`` from every LoRA layer; a layer left without adapters is
     replaced by its base layer unless ``unwrap_empty`` is False (HF PEFT's delete_adapter
     keeps it)."""
@@ -690,7 +686,7 @@ def unload_all(model: nn.Module) -> None:
         setattr(parent, child, m.base_layer)
 
 
-def merge(model: nn.Module, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
+def merge(model: nn.Module, adapter_names: Optional[list[str]] = None, *, safe_merge: bool = False) -> None:
     for _, m in lora_layers(model):
         m.merge(safe_merge=safe_merge, adapter_names=adapter_names)
 
@@ -701,7 +697,7 @@ def unmerge(model: nn.Module) -> None:
             m.unmerge()
 
 
-def set_adapter(model: nn.Module, adapter_names: list[str], inference_mode: bool = False) -> None:
+def set_adapter(model: nn.Module, adapter_names: list[str], *, inference_mode: bool = False) -> None:
     for _, m in lora_layers(model):
         m.set_adapter(adapter_names, inference_mode=inference_mode)
 

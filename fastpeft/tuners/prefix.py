@@ -35,6 +35,7 @@ from torch import nn
 from .prompt import (CACHE_NAMES, PromptLearningConfig, bind_args, cache_len, check_state_common,
                      enable_common, extend_mask, freeze_all_but_encoder, get_cache, input_len_and_batch,
                      install_state, model_dims, owner_of, pl_state, remove_common, set_adapter_common)
+from .registry import register_tuner
 
 PEFT_TYPE = "PREFIX_TUNING"
 
@@ -210,7 +211,7 @@ def inject(model: nn.Module, config: PrefixTuningConfig, adapter_name: str = "de
     return [f"prompt_encoder.{adapter_name}"] + ([prefix] if prefix else [])
 
 
-def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict:
+def adapter_state_dict(model: nn.Module, adapter_name: str = "default", *, config=None) -> dict:
     """``{"prompt_embeddings": [n, num_layers * 2 * token_dim]}`` as HF PEFT writes it."""
     st = pl_state(model)
     if st is None or adapter_name not in st.configs:
@@ -219,7 +220,7 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict:
         return {"prompt_embeddings": model.prompt_encoder[adapter_name].prefix().detach().clone()}
 
 
-def load_adapter_state_dict(model: nn.Module, state: dict, adapter_name: str = "default") -> None:
+def load_adapter_state_dict(model: nn.Module, state: dict, adapter_name: str = "default", *, config=None) -> None:
     st = pl_state(model)
     if st is None or adapter_name not in st.configs:
         raise ValueError(f"adapter_name: no prefix tuning adapter {adapter_name!r}")
@@ -234,11 +235,9 @@ def load_adapter_state_dict(model: nn.Module, state: dict, adapter_name: str = "
         w.copy_(state["prompt_embeddings"].to(device=w.device, dtype=w.dtype))
 
 
-def remove(model: nn.Module, adapter_name: str = "default") -> None:
+def remove(model: nn.Module, adapter_name: str = "default", *, unwrap_empty: bool = True) -> None:
     remove_common(model, adapter_name)
 
-
-from . import register_tuner  # noqa: E402  (fastpeft.tuners defines it before importing methods)
 
 register_tuner(PEFT_TYPE, PrefixTuningConfig, inject, adapter_state_dict, load_adapter_state_dict,
                remove=remove, set_adapter=set_adapter_common, enable_adapters=enable_common)

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from .base import PeftConfig
+from .registry import register_tuner
 
 PEFT_TYPE = "PROMPT_TUNING"
 INIT_CHOICES = ("RANDOM", "TEXT", "SAMPLE_VOCAB")
@@ -207,7 +208,7 @@ def remove_common(model: nn.Module, adapter_name: str) -> None:
                 object.__delattr__(m, _OWNER_ATTR)
 
 
-def set_adapter_common(model: nn.Module, adapter_names, inference_mode: bool = False) -> None:
+def set_adapter_common(model: nn.Module, adapter_names, *, inference_mode: bool = False) -> None:
     names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
     st = pl_state(model)
     if st is None:
@@ -390,7 +391,7 @@ def inject(model: nn.Module, config: PromptTuningConfig, adapter_name: str = "de
     return [f"prompt_encoder.{adapter_name}"]
 
 
-def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict:
+def adapter_state_dict(model: nn.Module, adapter_name: str = "default", *, config=None) -> dict:
     """``{"prompt_embeddings": [n, token_dim]}`` exactly as HF PEFT writes it."""
     st = pl_state(model)
     if st is None or adapter_name not in st.configs:
@@ -398,7 +399,7 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict:
     return {"prompt_embeddings": model.prompt_encoder[adapter_name].embedding.weight.detach()}
 
 
-def load_adapter_state_dict(model: nn.Module, state: dict, adapter_name: str = "default") -> None:
+def load_adapter_state_dict(model: nn.Module, state: dict, adapter_name: str = "default", *, config=None) -> None:
     st = pl_state(model)
     if st is None or adapter_name not in st.configs:
         raise ValueError(f"adapter_name: no prompt tuning adapter {adapter_name!r}")
@@ -408,11 +409,9 @@ def load_adapter_state_dict(model: nn.Module, state: dict, adapter_name: str = "
         w.copy_(state["prompt_embeddings"].to(device=w.device, dtype=w.dtype))
 
 
-def remove(model: nn.Module, adapter_name: str = "default") -> None:
+def remove(model: nn.Module, adapter_name: str = "default", *, unwrap_empty: bool = True) -> None:
     remove_common(model, adapter_name)
 
-
-from . import register_tuner  # noqa: E402  (fastpeft.tuners defines it before importing methods)
 
 register_tuner(PEFT_TYPE, PromptTuningConfig, inject, adapter_state_dict, load_adapter_state_dict,
                remove=remove, set_adapter=set_adapter_common, enable_adapters=enable_common)

@@ -6,8 +6,9 @@ A checkpoint is a directory ``checkpoint-<step>/`` holding
 * ``state.safetensors`` -- every tensor needed to resume exactly: trainable parameters (``model.*``),
   the best-so-far trainable parameters (``best.*``), optimiser state (``optim.<idx>.<key>``), the
   torch / CUDA / numpy RNG states (``rng.*``) and the loss scaler's tensors (``scaler.*``);
-* ``state.json`` -- everything else: step, epoch, position in the epoch's batch order, best metric,
-  patience counter, scheduler and optimiser hyper-parameters, Python RNG state, log history.
+* ``state.json`` -- everything else: the run's position (the fields of the trainer's ``TrainState``: step,
+  epoch, position in the epoch's batch order, best metric, patience counter, ...), scheduler, optimiser
+  hyper-parameters and loss scaler, Python RNG state, log history.
 
 The directory is written under a temporary name next to its destination and renamed into place
 (``os.replace``), so a run killed mid-write leaves either the previous checkpoint or the complete new
@@ -26,8 +27,6 @@ from ..fileio import atomic_dir, atomic_write  # noqa: F401  (re-exported: ckpt.
 
 STATE_JSON = "state.json"
 STATE_TENSORS = "state.safetensors"
-
-
 
 
 # --------------------------------------------------------------------------- state (de)serialisation

@@ -45,11 +45,12 @@ def _epilog(p) -> None:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from .tasks import task_names
     _epilog(p)
     p.add_argument("--config", help="YAML config file (see examples/ and the README section 'Using fastpeft')")
     g = p.add_argument_group("model and task")
     g.add_argument("--model", help="base model: a local transformers directory or the bundled name 'minilm'")
-    g.add_argument("--task", help="sequence_classification | token_classification | causal_lm")
+    g.add_argument("--task", help=" | ".join(task_names()))
     g.add_argument("--output-dir", help="where adapter, metrics, curves and checkpoints go")
     g = p.add_argument_group("data")
     g.add_argument("--train", help="training file (TSV/CSV/JSONL with a header; CoNLL for token classification)")

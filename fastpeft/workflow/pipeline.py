@@ -11,10 +11,15 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 import torch
 
-from .data import make_loader, PaddingCollator, take
+from .. import LoraConfig, PeftModel, get_peft_model
+from .._optional import import_extra
+from ..adversarial import build as build_adversarial_method
+from .config import CALLBACK_SECTIONS, METHOD_CLASSES, STUDY_SECTIONS, to_yaml
+from .data import make_loader, take
 from .models import load_tokenizer, resolve_model_path
 from .tasks import get_task
 
@@ -22,25 +27,17 @@ TASK_FILE = "fastpeft_task.json"
 
 
 def peft_api(backend: str = "auto"):
-    """(get_peft_model, LoraConfig, PeftModel, name) from fastpeft when it provides them, else HF peft."""
+    """(get_peft_model, LoraConfig, PeftModel, name): fastpeft's for ``"auto"`` / ``"fastpeft"``, Hugging Face
+    PEFT's for ``"peft"``."""
     if backend in ("auto", "fastpeft"):
-        import fastpeft
-        if all(hasattr(fastpeft, n) for n in ("get_peft_model", "LoraConfig", "PeftModel")):
-            return fastpeft.get_peft_model, fastpeft.LoraConfig, fastpeft.PeftModel, "fastpeft"
-        if backend == "fastpeft":
-            raise RuntimeError("method.backend='fastpeft' but fastpeft.get_peft_model / LoraConfig / PeftModel "
-                               "are not available in this build")
-    try:
-        from peft import LoraConfig, PeftModel, get_peft_model
-    except ImportError as e:
-        raise RuntimeError("no PEFT implementation: fastpeft's patching layer is missing and HF peft is "
-                           "not installed") from e
-    return get_peft_model, LoraConfig, PeftModel, "peft"
+        return get_peft_model, LoraConfig, PeftModel, "fastpeft"
+    if backend != "peft":
+        raise ValueError(f"method.backend: expected 'auto', 'fastpeft' or 'peft', got {backend!r}")
+    peft = import_extra("peft", "method.backend: peft")
+    return peft.get_peft_model, peft.LoraConfig, peft.PeftModel, "peft"
 
 
-# method name -> fastpeft config class (HF peft has the same class for lora / ia3 / prefix / prompt)
-METHOD_CLASSES = {"lora": "LoraConfig", "ia3": "IA3Config", "adapter": "BottleneckAdapterConfig",
-                  "bitfit": "BitFitConfig", "prefix": "PrefixTuningConfig", "prompt": "PromptTuningConfig"}
+# method name -> HF peft's config class, for the methods it has under the same name
 HF_PEFT_METHODS = {"lora": "LoraConfig", "ia3": "IA3Config", "prefix": "PrefixTuningConfig",
                    "prompt": "PromptTuningConfig"}
 
@@ -54,29 +51,26 @@ def apply_method(model, method: dict, task):
     backend = method.pop("backend", "auto")
     if name not in METHOD_CLASSES:
         raise ValueError(f"method.name: expected one of {sorted(METHOD_CLASSES)}, got {name!r}")
-    get_peft_model, LoraConfig, _, used = peft_api(backend)
+    get_peft, _, _, used = peft_api(backend)
     if name == "lora":
-        cls = LoraConfig
         method.setdefault("r", 8)
         method.setdefault("lora_alpha", 16)
         method.setdefault("lora_dropout", 0.0)
         method.setdefault("target_modules", task.default_target_modules)
+    if used == "fastpeft":
+        cls = METHOD_CLASSES[name]
+    elif name in HF_PEFT_METHODS:
+        import peft
+        cls = getattr(peft, HF_PEFT_METHODS[name])
     else:
-        import fastpeft
-        if used == "fastpeft" and hasattr(fastpeft, METHOD_CLASSES[name]):
-            cls = getattr(fastpeft, METHOD_CLASSES[name])
-        elif used == "peft" and name in HF_PEFT_METHODS:
-            import peft
-            cls = getattr(peft, HF_PEFT_METHODS[name])
-        else:
-            raise ValueError(f"method.name: {name!r} is not available with the {used} backend")
+        raise ValueError(f"method.name: {name!r} is not available with the {used} backend")
     if task.head_modules:
         method.setdefault("modules_to_save", list(task.head_modules))
     try:
         pcfg = cls(**method)
     except TypeError as e:
         raise ValueError(f"method: {e}") from None
-    peft_model = get_peft_model(model, pcfg)
+    peft_model = get_peft(model, pcfg)
     peft_model._fastpeft_backend = used
     return peft_model
 
@@ -103,13 +97,11 @@ def load_split(task, data: dict, split: str, limit=None, seed=None, with_labels=
 def finetune(cfg: dict, *, callbacks=None, loss_fn=None, adversarial=None) -> dict:
     """Run the job ``cfg`` describes: one fine-tuning run, or, with a ``fewshot:`` / ``continual:`` section,
     a k-shot study over seeds (:mod:`fastpeft.fewshot`) / a stream of tasks (:mod:`fastpeft.continual`)."""
-    for section in ("fewshot", "continual"):
+    for section, load in STUDY_SECTIONS.items():
         if cfg.get(section) is not None:
             if callbacks or loss_fn is not None or adversarial is not None:
                 raise ValueError(f"finetune: callbacks / loss_fn / adversarial are not supported with {section}:")
-            import importlib
-            import sys
-            run = importlib.import_module(f"fastpeft.{section}.config").run_from_config
+            _, run = load()
             return run(cfg, log=lambda msg: print(msg, file=sys.stderr))  # stdout carries the summary
     from .trainer import Trainer
 
@@ -131,7 +123,7 @@ def finetune(cfg: dict, *, callbacks=None, loss_fn=None, adversarial=None) -> di
     if adversarial is None and cfg.get("adversarial"):
         adversarial = build_adversarial(cfg["adversarial"])
     if cfg.get("augment"):
-        from fastpeft.augment.config import callbacks_from_config
+        callbacks_from_config = CALLBACK_SECTIONS["augment"]()
         aug_callbacks, aug_loss = callbacks_from_config(cfg["augment"], model=model, tokenizer=tok, task=task,
                                                         seed=trcfg.seed)
         callbacks = list(callbacks or []) + list(aug_callbacks)
@@ -147,7 +139,6 @@ def finetune(cfg: dict, *, callbacks=None, loss_fn=None, adversarial=None) -> di
                       extra_files={TASK_FILE: json.dumps(task_info, indent=1)})
     if trcfg.output_dir:
         os.makedirs(trcfg.output_dir, exist_ok=True)
-        from .config import to_yaml
         with open(os.path.join(trcfg.output_dir, "config.yaml"), "w") as f:
             f.write(to_yaml(cfg))
     result = trainer.train()
@@ -159,19 +150,10 @@ def finetune(cfg: dict, *, callbacks=None, loss_fn=None, adversarial=None) -> di
 
 
 def build_adversarial(spec: dict):
+    """The ``adversarial:`` section (``{method: freelb, <its arguments>}``) as a :mod:`fastpeft.adversarial`
+    method; the section itself is left as it is."""
     spec = dict(spec)
-    name = spec.pop("method")
-    try:
-        import fastpeft.adversarial as adv
-    except ImportError as e:
-        raise RuntimeError("adversarial: fastpeft.adversarial is not available in this build") from e
-    factory = getattr(adv, "build", None) or getattr(adv, "get_method", None)
-    if factory is not None:
-        return factory(name, **spec)
-    for attr in dir(adv):
-        if attr.lower() == name.lower().replace("-", "").replace("_", ""):
-            return getattr(adv, attr)(**spec)
-    raise ValueError(f"adversarial.method: unknown method {name!r}")
+    return build_adversarial_method(spec.pop("method"), **spec)
 
 
 def load_for_inference(adapter_dir: str, model: str | None = None, backend: str = "auto"):
@@ -200,8 +182,7 @@ def run_on_file(adapter_dir: str, path: str, *, mode: str, model: str | None = N
     with_labels = mode == "evaluate"
     recs = task.read(path, dcfg, limit=limit, with_labels=with_labels)
     ds = task.encode(recs, tok, max_length or info.get("max_length", 128), with_labels=with_labels)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    loader = make_loader(ds, PaddingCollator(pad), batch_size, shuffle=False)
+    loader = make_loader(ds, task.collator(tok), batch_size, shuffle=False)
     with torch.no_grad():
         if with_labels:
             return task.evaluate(m, loader, ds)

@@ -4,10 +4,11 @@ Optimisers AdamW / SGD+momentum (fused kernels where torch has them, else foreac
 ``linear`` (warm-up then linear decay to 0), ``cosine`` (warm-up then half-cosine to 0) and
 ``constant`` (warm-up then flat); weight decay only on weight matrices (not on biases and norm
 parameters); gradient accumulation; mixed precision, loss scaling and clipping through ``fastpeft.amp``
-(fp32 by default); validation every N optimizer steps or each epoch; early stopping on a metric with
-patience / min-delta and the best trainable state restored at the end; atomic checkpoints with everything
-needed to resume exactly (``resume_from``); tqdm progress bar; JSONL metrics log; PNG curves; callbacks
-(data augmentation, custom losses, adversarial training). Deterministic for a fixed seed on CPU.
+(fp32 by default; FSDP runs use the scaler's ``grad_tail="torch"`` mode); validation every N optimizer steps
+or each epoch; early stopping on a metric with patience / min-delta and the best trainable state restored at
+the end; atomic checkpoints with everything needed to resume exactly (``resume_from``; the run's position is
+a :class:`TrainState`); tqdm progress bar; JSONL metrics log; PNG curves; callbacks (data augmentation,
+custom losses, adversarial training). Deterministic for a fixed seed on CPU.
 
 Python use::
 
@@ -28,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import inspect
+import itertools
 import json
 import math
 import os
@@ -35,14 +37,16 @@ import random
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 
+from .. import amp
+from .._optional import import_extra
 from . import checkpointing as ckpt
 from . import distributed as D
-from .data import EncodedDataset, PaddingCollator, make_loader
-from .tasks import Task, model_inputs
+from .data import EncodedDataset, make_loader
+from .tasks import Task
 
 
 # --------------------------------------------------------------------------- configuration
@@ -181,72 +185,6 @@ def build_scheduler(optimizer, cfg: TrainerConfig, total_steps: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, Schedule(cfg.scheduler, warmup, total_steps))
 
 
-class _FallbackScaler:
-    """torch-only stand-in with the ``fastpeft.amp.GradScaler`` interface (used if that module is absent):
-    unscale, non-finite check (the step is skipped), clip, step."""
-
-    def __init__(self, precision: str = "fp32", init_scale: float = 2.0 ** 16, growth_interval: int = 2000):
-        self.precision = precision
-        self.enabled = precision == "fp16"
-        self._scale = float(init_scale) if self.enabled else 1.0
-        self.growth_interval = growth_interval
-        self._good = 0
-        self._found_inf = False
-
-    def scale(self, loss):
-        return loss * self._scale if self.enabled else loss
-
-    def step(self, optimizer, max_norm: float | None = None) -> bool:
-        params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-        if self.enabled:
-            for p in params:
-                p.grad.mul_(1.0 / self._scale)
-        if max_norm:
-            norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-        else:
-            norm = torch.linalg.vector_norm(torch.stack([p.grad.float().norm() for p in params])) if params \
-                else torch.zeros(())
-        if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor norm
-            norm = norm.full_tensor()
-        self._found_inf = not bool(torch.isfinite(norm))
-        if self._found_inf:
-            return False
-        optimizer.step()
-        return True
-
-    def update(self):
-        if not self.enabled:
-            return
-        if self._found_inf:
-            self._scale /= 2.0
-            self._good = 0
-        else:
-            self._good += 1
-            if self._good >= self.growth_interval:
-                self._scale *= 2.0
-                self._good = 0
-
-    def state_dict(self):
-        return {"scale": self._scale, "good": self._good, "precision": self.precision}
-
-    def load_state_dict(self, sd):
-        self._scale, self._good = float(sd["scale"]), int(sd["good"])
-
-
-def _amp_api():
-    """(GradScaler class, autocast(device_type, dtype) factory) from fastpeft.amp, else the fallback."""
-    try:
-        from fastpeft import amp
-        if hasattr(amp, "GradScaler") and hasattr(amp, "autocast"):
-            return amp.GradScaler, amp.autocast
-    except ImportError:
-        pass
-    return _FallbackScaler, lambda device, dtype: torch.autocast(device_type=device, dtype=dtype)
-
-
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
 def _resolve_device(name: str, info: D.DistInfo) -> torch.device:
     if name == "auto":
         return torch.device(f"cuda:{info.local_rank}") if torch.cuda.is_available() else torch.device("cpu")
@@ -261,14 +199,62 @@ def _flatten_state(sd: dict, prefix: str) -> dict:
     return out
 
 
+def _scaler_state(meta: dict, tensors: dict) -> dict:
+    """The loss scaler's state from a checkpoint, in ``fastpeft.amp.GradScaler``'s format. FSDP checkpoints
+    written before the scaler had its ``grad_tail="torch"`` mode hold ``{scale, good, precision}`` (a
+    scaler with the default growth / backoff factors and interval): read them as such."""
+    sd = dict(meta.get("scaler", {}))
+    sd.update({k[7:]: v for k, v in tensors.items() if k.startswith("scaler.")})
+    if "good" in sd and "_growth_tracker" not in sd:
+        sd = {"scale": sd["scale"], "_growth_tracker": sd["good"], "precision": sd["precision"],
+              "growth_factor": 2.0, "backoff_factor": 0.5, "growth_interval": 2000}
+    return sd
+
+
 # --------------------------------------------------------------------------- the trainer
 
-class EarlyStop(Exception):
-    pass
+@dataclass
+class TrainState:
+    """Where a run is; everything but ``best_state`` is written to a checkpoint's ``state.json`` under
+    these names (``best_state``, name -> tensor, goes to ``state.safetensors`` as ``best.*``)."""
+    step: int = 0                          # optimizer steps taken
+    epoch: int = 0                         # epochs completed
+    batch_in_epoch: int = 0                # (global) batches of the current epoch already consumed
+    best_metric: float | None = None
+    best_step: int | None = None
+    bad_evals: int = 0                     # evaluations since the last improvement (patience)
+    examples: int = 0                      # training examples seen, all ranks together
+    skipped_steps: int = 0                 # optimizer steps skipped for non-finite gradients
+    best_state: dict | None = None         # trainable parameters at best_step
+
+    def to_meta(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "best_state"}
+
+    @classmethod
+    def from_checkpoint(cls, meta: dict, best_state: dict | None) -> "TrainState":
+        """From a checkpoint's ``state.json`` (other keys ignored; a missing one keeps its default)."""
+        names = {f.name for f in dataclasses.fields(cls)} - {"best_state"}
+        return cls(**{k: v for k, v in meta.items() if k in names}, best_state=best_state or None)
+
+
+@dataclass
+class _Run:
+    """What one ``train()`` call works through: the batches and the step budget, and the throughput clock."""
+    loader: torch.utils.data.DataLoader
+    batches_per_epoch: int
+    total_steps: int
+    t0: float
+    examples_since: int = 0
+    time_since: float = 0.0
 
 
 class Trainer:
-    """Fine-tune the trainable parameters of ``model`` on ``train_data`` (see module docstring)."""
+    """Fine-tune the trainable parameters of ``model`` on ``train_data`` (see module docstring).
+
+    ``train()`` is :meth:`_setup`, then :meth:`_optimizer_step` (one step over ``grad_accum`` micro-batches),
+    :meth:`_record_step` and :meth:`_evaluate_and_checkpoint` per step until ``max_steps`` / ``epochs`` or
+    early stopping, then :meth:`_finish`; :attr:`state` (a :class:`TrainState`) is what checkpoints restore.
+    """
 
     def __init__(self, model: torch.nn.Module, task: Task, train_data: EncodedDataset,
                  eval_data: EncodedDataset | None = None, config: TrainerConfig | None = None, *,
@@ -281,18 +267,19 @@ class Trainer:
         self.train_data = train_data
         self.eval_data = eval_data
         self.tokenizer = tokenizer
-        pad = getattr(tokenizer, "pad_token_id", None)
-        self.collator = collator or PaddingCollator(pad if pad is not None else 0)
+        self.collator = collator or task.collator(tokenizer)
         self.callbacks = list(callbacks or [])
         self.loss_fn = loss_fn
         self.adversarial = adversarial
         self._save_adapter = save_adapter
         self.extra_files = extra_files or {}
         self.history: list[dict] = []
-        self.state: dict[str, Any] = {}
+        self.state = TrainState()
         self.wrapped = model
         self.info = D.DistInfo()
         self.device = torch.device("cpu")
+        self.pbar = None
+        self.resumed_from = None
 
     # ---- helpers -------------------------------------------------------------------------
     @property
@@ -315,10 +302,15 @@ class Trainer:
 
     def forward(self, model, batch):
         """(loss, logits) of the task, with ``loss_fn`` replacing the task loss when given."""
-        if self.loss_fn is None:
+        if self.loss_fn is None:  # (a task's own forward(model, batch) need not know about loss_fn)
             return self.task.forward(model, batch)
-        out = model(**model_inputs(batch))
-        return self.loss_fn(out, batch), out.logits
+        return self.task.forward(model, batch, loss_fn=self.loss_fn)
+
+    def _autocast(self):
+        """Autocast to ``config.precision`` on the training device (a null context for fp32)."""
+        if self.config.precision == "fp32":
+            return contextlib.nullcontext()
+        return amp.autocast(self.device.type, self.config.precision)
 
     def _callback(self, name: str, *args):
         for cb in self.callbacks:
@@ -349,9 +341,7 @@ class Trainer:
         was = model.training
         model.eval()
         try:
-            dtype = _DTYPES[self.config.precision]
-            ctx = _amp_api()[1](self.device.type, dtype) if dtype != torch.float32 else contextlib.nullcontext()
-            with ctx:
+            with self._autocast():
                 return self.task.evaluate(model, self._eval_loader(data), data)
         finally:
             model.train(was)
@@ -399,7 +389,7 @@ class Trainer:
         cfg = self.config
         if not cfg.output_dir and path is None:
             return None
-        path = path or os.path.join(cfg.output_dir, f"checkpoint-{self.state['step']}")
+        path = path or os.path.join(cfg.output_dir, f"checkpoint-{self.state.step}")
         trainable = self.trainable_state()  # collective under FSDP: every rank calls it
         opt_sd = self.optimizer.state_dict()
         opt_sd = {"param_groups": opt_sd["param_groups"],
@@ -409,15 +399,15 @@ class Trainer:
         if not self.info.is_main:
             return path
         tensors = _flatten_state(trainable, "model.")
-        if self.state.get("best_state") is not None:
-            tensors.update(_flatten_state(self.state["best_state"], "best."))
+        if self.state.best_state is not None:
+            tensors.update(_flatten_state(self.state.best_state, "best."))
         opt_t, opt_m = ckpt.optimizer_to_flat(opt_sd)
         tensors.update(opt_t)
         rng_t, rng_m = ckpt.rng_state()
         tensors.update(rng_t)
         scaler_sd = self.scaler.state_dict()
         tensors.update({f"scaler.{k}": v for k, v in scaler_sd.items() if torch.is_tensor(v)})
-        meta = {k: v for k, v in self.state.items() if k != "best_state"}
+        meta = self.state.to_meta()
         meta.update(optimizer=opt_m, rng=rng_m, scheduler=self.scheduler.state_dict(),
                     scaler={k: v for k, v in scaler_sd.items() if not torch.is_tensor(v)},
                     history=self.history, config=dataclasses.asdict(cfg), world_size=self.info.world_size)
@@ -450,15 +440,11 @@ class Trainer:
         sched = dict(meta["scheduler"])
         sched["lr_lambdas"] = [None] * len(self.optimizer.param_groups)
         self.scheduler.load_state_dict(sched)
-        scaler_sd = dict(meta.get("scaler", {}))
-        scaler_sd.update({k[7:]: v for k, v in tensors.items() if k.startswith("scaler.")})
+        scaler_sd = _scaler_state(meta, tensors)
         if scaler_sd:
             self.scaler.load_state_dict(scaler_sd)
         ckpt.set_rng_state(tensors, meta["rng"])
-        for k in ("step", "epoch", "batch_in_epoch", "best_metric", "best_step", "bad_evals", "examples"):
-            if k in meta:
-                self.state[k] = meta[k]
-        self.state["best_state"] = best or None
+        self.state = TrainState.from_checkpoint(meta, best)
         self.history = list(meta.get("history", []))
         if self.info.is_main and self.config.output_dir:  # rewrite the log to match the checkpoint
             with ckpt.atomic_write(os.path.join(self.config.output_dir, "metrics.jsonl")) as f:
@@ -466,46 +452,69 @@ class Trainer:
                     f.write(json.dumps(r) + "\n")
         self.resumed_from = path
 
-    # ---- training ------------------------------------------------------------------------
-    def _improved(self, value: float) -> bool:
-        best = self.state["best_metric"]
-        if best is None:
-            return True
-        if self.mode == "max":
-            return value > best + self.config.min_delta
-        return value < best - self.config.min_delta
-
-    def _do_eval(self) -> bool:
-        """Evaluate, track the best state; True when early stopping says stop."""
-        if self.eval_data is None:
-            return False
-        metrics = self.evaluate()
-        step = self.state["step"]
-        if self.metric not in metrics:
-            raise ValueError(f"trainer.metric: {self.metric!r} is not among the task's metrics {sorted(metrics)}")
-        value = metrics[self.metric]
-        rec = {"type": "eval", "step": step, "epoch": self.state["epoch"], **metrics}
-        if value is not None and self._improved(value):
-            self.state.update(best_metric=value, best_step=step, bad_evals=0)
-            self.state["best_state"] = self.trainable_state()
-            rec["best"] = True
+    # ---- training: setup -----------------------------------------------------------------
+    def _setup(self) -> _Run:
+        """Processes, device, seeds, the wrapped model, batches, scaler / optimizer / schedule, a fresh
+        or resumed :attr:`state`; calls ``on_train_begin``."""
+        cfg = self.config
+        self.info = D.init_from_env() if cfg.distributed in ("auto", "ddp", "fsdp") else D.DistInfo()
+        if cfg.distributed in ("ddp", "fsdp") and not self.info.enabled:
+            warnings.warn(f"trainer.distributed={cfg.distributed!r} but WORLD_SIZE<=1: training on one process")
+        self.device = _resolve_device(cfg.device, self.info)
+        if cfg.precision == "fp16" and self.device.type == "cpu":
+            warnings.warn("fp16 on CPU is slow and rarely useful; prefer bf16 or fp32")
+        if cfg.deterministic:
+            torch.use_deterministic_algorithms(True)
+        torch.manual_seed(cfg.seed)
+        random.seed(cfg.seed)
+        if cfg.output_dir and self.info.is_main:
+            os.makedirs(cfg.output_dir, exist_ok=True)
+        self.metric = cfg.metric or self.task.default_metric
+        self.mode = cfg.mode or (self.task.default_mode if cfg.metric is None else self.task.metric_mode(self.metric))
+        self.model.to(self.device)
+        if self.info.enabled:
+            kind = "ddp" if cfg.distributed == "auto" else cfg.distributed
+            self.wrapped = D.wrap_model(self.model, kind, self.device)
         else:
-            self.state["bad_evals"] += 1
-        self._log(rec)
-        self._callback("on_evaluate", step, metrics)
-        if self.pbar is not None:
-            self.pbar.write(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()
-                                                         if isinstance(v, float)))
-        return self.config.patience is not None and self.state["bad_evals"] >= self.config.patience
+            self.wrapped = self.model
 
-    def _adversarial_step(self, model, batch, n: int, dtype) -> float:
+        loader = make_loader(self.train_data, self.collator, cfg.batch_size, shuffle=True, seed=cfg.seed,
+                             bucket_size=cfg.bucket_size, drop_last=cfg.drop_last, rank=self.info.rank,
+                             world_size=self.info.world_size, num_workers=cfg.num_workers)
+        batches_per_epoch = len(loader.batch_sampler.global_batches(0))
+        if batches_per_epoch == 0:
+            raise ValueError("training data gives no batch (fewer examples than processes, or drop_last)")
+        total_steps = cfg.max_steps or cfg.epochs * math.ceil(batches_per_epoch / cfg.grad_accum)
+
+        # FSDP2 gradients are DTensors, which the fused grad-tail op cannot take: the scaler's torch mode then
+        tail = "torch" if D.is_fsdp(self.wrapped) else "fused"
+        self.scaler = amp.GradScaler(precision=cfg.precision, grad_tail=tail)
+        self.optimizer = build_optimizer(self.module, cfg)
+        self.scheduler = build_scheduler(self.optimizer, cfg, total_steps)
+        self.state = TrainState()
+        self.history = []
+        self.resumed_from = None
+        if self.info.is_main and cfg.output_dir and not cfg.resume_from:
+            open(os.path.join(cfg.output_dir, "metrics.jsonl"), "w").close()
+        if cfg.resume_from:
+            self._resume(cfg.resume_from)
+        self.optimizer.zero_grad(set_to_none=True)
+        self._callback("on_train_begin")
+
+        self.pbar = None
+        if cfg.progress and self.info.is_main:
+            tqdm = import_extra("tqdm.auto", "the trainer's progress bar (trainer.progress: false turns it off)").tqdm
+            self.pbar = tqdm(total=total_steps, initial=self.state.step, desc="train", dynamic_ncols=True)
+        t0 = time.perf_counter()
+        return _Run(loader, batches_per_epoch, total_steps, t0, time_since=t0)
+
+    # ---- training: one optimizer step ----------------------------------------------------
+    def _adversarial_step(self, model, batch, n: int) -> float:
         """``adversarial.step(model, batch, forward_fn, backward=...)``: the method runs its own forward /
         backward passes; ``backward`` applies loss scaling and the 1/n accumulation factor."""
-        autocast = self._autocast
 
         def forward_fn(m, b):
-            ctx = autocast(self.device.type, dtype) if dtype != torch.float32 else contextlib.nullcontext()
-            with ctx:
+            with self._autocast():
                 loss, logits = self.forward(m, b)
             return loss.float(), logits
 
@@ -526,13 +535,12 @@ class Trainer:
 
         return float(step(model, batch, scaled_forward)) / unit
 
-    def _train_step(self, micro: list[dict]) -> float:
-        cfg = self.config
+    def _optimizer_step(self, micro: list[dict]) -> float:
+        """Forward / backward over the micro-batches (gradients summed, synchronised on the last), then
+        unscale, clip and step (skipped when a gradient is non-finite); the mean loss of the micro-batches."""
         model = self.wrapped
         model.train()
         n = len(micro)
-        dtype = _DTYPES[cfg.precision]
-        autocast = self._autocast
         total = 0.0
         for i, batch in enumerate(micro):
             batch = self._callback("on_batch", batch)
@@ -540,146 +548,117 @@ class Trainer:
             last = i == n - 1
             with D.no_sync(model, skip=self.info.enabled and not last):
                 if self.adversarial is not None:
-                    total += self._adversarial_step(model, batch, n, dtype) / n
+                    total += self._adversarial_step(model, batch, n) / n
                 else:
-                    ctx = autocast(self.device.type, dtype) if dtype != torch.float32 else contextlib.nullcontext()
-                    with ctx:
+                    with self._autocast():
                         loss, _ = self.forward(model, batch)
                     self.scaler.scale(loss.float() / n).backward()
                     total += float(loss.detach()) / n
-        stepped = self.scaler.step(self.optimizer, max_norm=cfg.max_grad_norm or None)
+        stepped = self.scaler.step(self.optimizer, max_norm=self.config.max_grad_norm or None)
         self.scaler.update()
-        if stepped is not False:
+        if stepped:
             self.scheduler.step()
         else:
-            self.state["skipped_steps"] = self.state.get("skipped_steps", 0) + 1
+            self.state.skipped_steps += 1
         self.optimizer.zero_grad(set_to_none=True)
         return total
 
-    def train(self) -> dict:
-        cfg = self.config
-        self.info = D.init_from_env() if cfg.distributed in ("auto", "ddp", "fsdp") else D.DistInfo()
-        if cfg.distributed in ("ddp", "fsdp") and not self.info.enabled:
-            warnings.warn(f"trainer.distributed={cfg.distributed!r} but WORLD_SIZE<=1: training on one process")
-        self.device = _resolve_device(cfg.device, self.info)
-        if cfg.precision != "fp32" and self.device.type == "cpu" and cfg.precision == "fp16":
-            warnings.warn("fp16 on CPU is slow and rarely useful; prefer bf16 or fp32")
-        if cfg.deterministic:
-            torch.use_deterministic_algorithms(True)
-        torch.manual_seed(cfg.seed)
-        random.seed(cfg.seed)
-        if cfg.output_dir and self.info.is_main:
-            os.makedirs(cfg.output_dir, exist_ok=True)
-        self.metric = cfg.metric or self.task.default_metric
-        self.mode = cfg.mode or (self.task.default_mode if cfg.metric is None else
-                                 ("min" if "loss" in self.metric or "perplexity" in self.metric else "max"))
-        self.model.to(self.device)
-        if self.info.enabled:
-            kind = "ddp" if cfg.distributed == "auto" else cfg.distributed
-            self.wrapped = D.wrap_model(self.model, kind, self.device)
+    def _micro_batch_groups(self, run: _Run):
+        """The rest of the current epoch (from ``state.batch_in_epoch``) in groups of ``grad_accum``
+        micro-batches; the last group of an epoch may be smaller."""
+        run.loader.batch_sampler.set_epoch(self.state.epoch, start_batch=self.state.batch_in_epoch)
+        it = iter(run.loader)
+        while True:
+            micro = list(itertools.islice(it, self.config.grad_accum))
+            if not micro:
+                return
+            yield micro
+
+    def _record_step(self, run: _Run, micro: list[dict], loss: float) -> bool:
+        """Advance :attr:`state` past the step just taken, log it; True when it completed an epoch."""
+        cfg, st = self.config, self.state
+        n_ex = sum(self.task.num_examples(b) for b in micro) * self.info.world_size
+        st.step += 1
+        st.batch_in_epoch += len(micro)
+        st.examples += n_ex
+        run.examples_since += n_ex
+        at_epoch_end = st.batch_in_epoch >= run.batches_per_epoch
+        if at_epoch_end:
+            st.epoch += 1
+            st.batch_in_epoch = 0
+        lr = self.optimizer.param_groups[0]["lr"]
+        if st.step % cfg.log_every == 0 or st.step == run.total_steps:
+            now = time.perf_counter()
+            self._log({"type": "train", "step": st.step, "epoch": st.epoch, "loss": loss, "lr": lr,
+                       "examples_per_s": run.examples_since / max(now - run.time_since, 1e-9)})
+            run.examples_since, run.time_since = 0, now
+        if self.pbar is not None:
+            self.pbar.update(1)
+            self.pbar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}",
+                                  ex_s=f"{st.examples / max(time.perf_counter() - run.t0, 1e-9):.1f}")
+        return at_epoch_end
+
+    # ---- training: evaluation and checkpoints --------------------------------------------
+    def _improved(self, value: float) -> bool:
+        best = self.state.best_metric
+        if best is None:
+            return True
+        if self.mode == "max":
+            return value > best + self.config.min_delta
+        return value < best - self.config.min_delta
+
+    def _do_eval(self) -> bool:
+        """Evaluate, track the best state; True when early stopping says stop."""
+        if self.eval_data is None:
+            return False
+        metrics = self.evaluate()
+        st = self.state
+        if self.metric not in metrics:
+            raise ValueError(f"trainer.metric: {self.metric!r} is not among the task's metrics {sorted(metrics)}")
+        value = metrics[self.metric]
+        rec = {"type": "eval", "step": st.step, "epoch": st.epoch, **metrics}
+        if value is not None and self._improved(value):
+            st.best_metric, st.best_step, st.bad_evals = value, st.step, 0
+            st.best_state = self.trainable_state()
+            rec["best"] = True
         else:
-            self.wrapped = self.model
+            st.bad_evals += 1
+        self._log(rec)
+        self._callback("on_evaluate", st.step, metrics)
+        if self.pbar is not None:
+            self.pbar.write(f"step {st.step}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()
+                                                            if isinstance(v, float)))
+        return self.config.patience is not None and st.bad_evals >= self.config.patience
 
-        loader = make_loader(self.train_data, self.collator, cfg.batch_size, shuffle=True, seed=cfg.seed,
-                             bucket_size=cfg.bucket_size, drop_last=cfg.drop_last, rank=self.info.rank,
-                             world_size=self.info.world_size, num_workers=cfg.num_workers)
-        sampler = loader.batch_sampler
-        batches_per_epoch = len(sampler.global_batches(0))
-        if batches_per_epoch == 0:
-            raise ValueError("training data gives no batch (fewer examples than processes, or drop_last)")
-        steps_per_epoch = math.ceil(batches_per_epoch / cfg.grad_accum)
-        total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
+    def _evaluate_and_checkpoint(self, run: _Run, at_epoch_end: bool) -> bool:
+        """Evaluate when due (every ``eval_every`` steps, else at each epoch end; and after the last step)
+        and checkpoint when due (every ``save_every`` steps, and at each evaluation but the last, which
+        :meth:`_finish` saves); True when early stopping says stop."""
+        cfg, step = self.config, self.state.step
+        last = step >= run.total_steps
+        due = (cfg.eval_every and step % cfg.eval_every == 0) or (not cfg.eval_every and at_epoch_end) or last
+        evaluated = bool(due) and self.eval_data is not None
+        stop = self._do_eval() if evaluated else False
+        if (cfg.save_every and step % cfg.save_every == 0) or (evaluated and cfg.output_dir and not last):
+            self.save_checkpoint()
+        return stop
 
-        ScalerCls, self._autocast = _amp_api()
-        if D.is_fsdp(self.wrapped):  # the fused grad-tail op has no DTensor sharding rule: torch's clip
-            ScalerCls = _FallbackScaler
-        self.scaler = ScalerCls(precision=cfg.precision)
-        self.optimizer = build_optimizer(self.module, cfg)
-        self.scheduler = build_scheduler(self.optimizer, cfg, total_steps)
-        self.state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "best_metric": None, "best_step": None,
-                      "bad_evals": 0, "best_state": None, "examples": 0}
-        self.history = []
-        self.resumed_from = None
-        if self.info.is_main and cfg.output_dir and not cfg.resume_from:
-            open(os.path.join(cfg.output_dir, "metrics.jsonl"), "w").close()
-        if cfg.resume_from:
-            self._resume(cfg.resume_from)
-        self.optimizer.zero_grad(set_to_none=True)
-        self._callback("on_train_begin")
-
-        self.pbar = None
-        if cfg.progress and self.info.is_main:
-            from tqdm.auto import tqdm
-            self.pbar = tqdm(total=total_steps, initial=self.state["step"], desc="train", dynamic_ncols=True)
-        t0 = time.perf_counter()
-        ex_since, t_since = 0, t0
-        stop = False
-        try:
-            while self.state["step"] < total_steps and not stop:
-                sampler.set_epoch(self.state["epoch"], start_batch=self.state["batch_in_epoch"])
-                it = iter(loader)
-                epoch_done = False
-                while not stop:
-                    micro = []
-                    for _ in range(cfg.grad_accum):
-                        b = next(it, None)
-                        if b is None:
-                            break
-                        micro.append(b)
-                    if not micro:
-                        epoch_done = True
-                        break
-                    loss = self._train_step(micro)
-                    loss = D.all_reduce_mean(loss, self.info)
-                    n_ex = sum(len(b["input_ids"]) for b in micro) * self.info.world_size
-                    st = self.state
-                    st["step"] += 1
-                    st["batch_in_epoch"] += len(micro)
-                    st["examples"] += n_ex
-                    ex_since += n_ex
-                    at_epoch_end = st["batch_in_epoch"] >= batches_per_epoch
-                    if at_epoch_end:
-                        st["epoch"] += 1
-                        st["batch_in_epoch"] = 0
-                        epoch_done = True
-                    lr = self.optimizer.param_groups[0]["lr"]
-                    if st["step"] % cfg.log_every == 0 or st["step"] == total_steps:
-                        now = time.perf_counter()
-                        self._log({"type": "train", "step": st["step"], "epoch": st["epoch"], "loss": loss,
-                                   "lr": lr, "examples_per_s": ex_since / max(now - t_since, 1e-9)})
-                        ex_since, t_since = 0, now
-                    if self.pbar is not None:
-                        self.pbar.update(1)
-                        self.pbar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}",
-                                              ex_s=f"{st['examples'] / max(time.perf_counter() - t0, 1e-9):.1f}")
-                    last = st["step"] >= total_steps
-                    do_eval = (cfg.eval_every and st["step"] % cfg.eval_every == 0) or \
-                              (not cfg.eval_every and at_epoch_end) or last
-                    if do_eval and self.eval_data is not None:
-                        stop = self._do_eval() or stop
-                    if (cfg.save_every and st["step"] % cfg.save_every == 0) or \
-                            (do_eval and self.eval_data is not None and cfg.output_dir and not last):
-                        self.save_checkpoint()
-                    self._callback("on_step_end", st["step"], loss)
-                    if last or epoch_done:
-                        break
-                if not epoch_done and not stop and self.state["step"] < total_steps:
-                    break
-        finally:
-            if self.pbar is not None:
-                self.pbar.close()
-        elapsed = time.perf_counter() - t0
-        if stop:
-            self._log({"type": "early_stop", "step": self.state["step"], "best_step": self.state["best_step"],
-                       "best_metric": self.state["best_metric"]})
+    # ---- training: finish ----------------------------------------------------------------
+    def _finish(self, run: _Run, early_stopped: bool) -> dict:
+        """Final checkpoint, best state restored, adapter / curves / result.json written; the result dict."""
+        cfg, st = self.config, self.state
+        elapsed = time.perf_counter() - run.t0
+        if early_stopped:
+            self._log({"type": "early_stop", "step": st.step, "best_step": st.best_step,
+                       "best_metric": st.best_metric})
         if cfg.output_dir:  # the final state (before restoring the best), to continue training later
-            self.save_checkpoint(os.path.join(cfg.output_dir, f"checkpoint-{self.state['step']}"))
-        if cfg.restore_best and self.state.get("best_state") is not None:
-            self.load_trainable_state(self.state["best_state"])
-        result = {"steps": self.state["step"], "epochs": self.state["epoch"], "metric": self.metric,
-                  "mode": self.mode, "best_metric": self.state["best_metric"], "best_step": self.state["best_step"],
-                  "early_stopped": stop, "train_seconds": elapsed, "examples": self.state["examples"],
-                  "skipped_steps": self.state.get("skipped_steps", 0), "resumed_from": self.resumed_from,
+            self.save_checkpoint(os.path.join(cfg.output_dir, f"checkpoint-{st.step}"))
+        if cfg.restore_best and st.best_state is not None:
+            self.load_trainable_state(st.best_state)
+        result = {"steps": st.step, "epochs": st.epoch, "metric": self.metric, "mode": self.mode,
+                  "best_metric": st.best_metric, "best_step": st.best_step, "early_stopped": early_stopped,
+                  "train_seconds": elapsed, "examples": st.examples, "skipped_steps": st.skipped_steps,
+                  "resumed_from": self.resumed_from,
                   "losses": [h["loss"] for h in self.history if h["type"] == "train"]}
         if cfg.output_dir:
             gathered = self._gathered_adapter_state()
@@ -696,6 +675,25 @@ class Trainer:
         result["history"] = self.history
         self._callback("on_train_end", result)
         return result
+
+    def train(self) -> dict:
+        """Train until ``max_steps`` (else ``epochs``) or early stopping; returns ``{"steps", "epochs",
+        "metric", "mode", "best_metric", "best_step", "early_stopped", "losses", "history", ...}``."""
+        run = self._setup()
+        stop = False
+        try:
+            while self.state.step < run.total_steps and not stop:
+                for micro in self._micro_batch_groups(run):
+                    loss = D.all_reduce_mean(self._optimizer_step(micro), self.info)
+                    at_epoch_end = self._record_step(run, micro, loss)
+                    stop = self._evaluate_and_checkpoint(run, at_epoch_end)
+                    self._callback("on_step_end", self.state.step, loss)
+                    if stop or at_epoch_end or self.state.step >= run.total_steps:
+                        break
+        finally:
+            if self.pbar is not None:
+                self.pbar.close()
+        return self._finish(run, stop)
 
 
 def train(model, task, train_data, eval_data=None, config: TrainerConfig | dict | None = None, **kwargs) -> dict:

@@ -1,5 +1,7 @@
 """Token-level text ops: label-preserving, special tokens and padding untouched, masks consistent,
 per-token labels aligned (or a clear error), determinism by seed, neighbours equal a brute-force search."""
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -132,7 +134,7 @@ def test_determinism_and_batch_counter(tok, emb_model):
 
         class FakeTrainer:  # resuming at step 2 with grad_accum 1 replays the third batch
             tokenizer = tok
-            state = {"step": 2}
+            state = SimpleNamespace(step=2)
             config = type("C", (), {"grad_accum": 1})()
         e = make(5)
         e.on_train_begin(FakeTrainer())

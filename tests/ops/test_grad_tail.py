@@ -15,9 +15,8 @@ from ..helpers import TOL, assert_close, runnable_backends
 EXAMPLE = ([torch.zeros(3)], torch.ones(()), 1.0, 2.0, 1e-6)
 # The Triton interpreter is slow: the broad tests run the compiled and torch backends, and
 # the triton backend gets its own small-shape tests below (on a GPU it runs everywhere).
-BACKENDS = [b for b in runnable_backends("grad_tail", *EXAMPLE)
-            if b.id != "triton" or torch.cuda.is_available()]
-TRITON = [b for b in runnable_backends("grad_tail", *EXAMPLE) if b.id == "triton"]
+BACKENDS = [b for b in runnable_backends("grad_tail") if b.id != "triton" or torch.cuda.is_available()]
+TRITON = [b for b in runnable_backends("grad_tail") if b.id == "triton"]
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # total norm / multiplier: fp32 accumulation over <= ~1e5 elements (vs float64)
 NORM_RTOL = 2e-5

@@ -4,10 +4,6 @@ The oracle, ``lora_linear_plain`` in float64, uses the shared Philox mask of the
 same seed, so comparing a backend's forward *and* gradients with it also checks
 that the backend drops the same elements in forward and backward.
 """
-import os
-import shutil
-import subprocess
-
 import pytest
 import torch
 from torch.library import opcheck
@@ -18,16 +14,11 @@ from fastpeft.kernels.philox import dropout_keep_mask
 from fastpeft.ops import lora_linear
 from fastpeft.ops.lora_linear import lora_linear_plain
 
-from ..helpers import TOL, runnable_backends
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def _example():
-    return (torch.zeros(2, 8), torch.zeros(4, 8), torch.zeros(4), torch.zeros(2, 8), torch.zeros(4, 2), 1.0, 0.1, 0)
+from ..helpers import check_scaled as check
+from ..helpers import run_cpp_unit_test, runnable_backends
 
 
-BACKENDS = runnable_backends("lora_linear", *_example())
+BACKENDS = runnable_backends("lora_linear")
 
 
 def device_of(backend):
@@ -60,15 +51,6 @@ def oracle(x, w, b, a, bb, scale, p, seed, dy):
     y = lora_linear_plain(*args, scale, p, seed)
     y.backward(dy.detach().cpu().double())
     return y.detach(), [t.grad if t is not None else None for t in args]
-
-
-def check(actual, expected, dtype, what):
-    """|actual - expected| <= atol * max(1, max|expected|) + rtol * |expected|, TOL[dtype]."""
-    atol, rtol = TOL[dtype]
-    expected = expected.double()
-    big = max(1.0, float(expected.abs().max())) if expected.numel() else 1.0
-    torch.testing.assert_close(actual.detach().cpu().double(), expected, atol=atol * big, rtol=rtol,
-                               msg=lambda m: f"{what} ({dtype}): {m}")
 
 
 def run(backend, x, w, b, a, bb, scale, p, seed):
@@ -334,15 +316,48 @@ def test_torch_compile_fullgraph(backend):
         check(t.grad, r.grad, dtype, name)
 
 
+# -- on a GPU (``-m gpu``; benchmarks/gpu_run.sh): the Triton kernels on the device -----------------
+# The cases above use CPU tensors, so on a GPU machine they skip the Triton backend: these run it on
+# CUDA. Every case is one new compile per kernel (FASTPEFT_TRITON_AUTOTUNE=off there), so the list is
+# short: fp32 / fp16 / bf16, odd (prime) and 3-D shapes, dropout on and off, ranks that pad to 16 and
+# to 64, a size with many tiles, and fp32 LoRA parameters with bf16 activations.
+GPU_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# (lead dims, K, N, r, dropout_p, bias)
+GPU_CASES = {
+    "prime-3d-r5": ((3, 37), 67, 45, 5, 0.1, True),
+    "tiles-r64": ((1031,), 512, 384, 64, 0.1, False),
+    "no-dropout-r16": ((257,), 128, 256, 16, 0.0, True),
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", list(GPU_CASES))
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+def test_triton_on_gpu_matches_float64(case, dtype):
+    lead, K, N, r, p, bias = GPU_CASES[case]
+    inputs = make(lead, K, N, r, dtype, "cuda", bias=bias)
+    check_all("triton", inputs, 1.7, p, 1234567, dtype)
+
+
+@pytest.mark.gpu
+def test_triton_on_gpu_fp32_params_with_bf16_activations():
+    inputs = make((5, 29), 96, 80, 8, torch.bfloat16, "cuda", lora_dtype=torch.float32)
+    check_all("triton", inputs, 2.0, 0.1, 99, torch.bfloat16)
+
+
+@pytest.mark.gpu
+def test_triton_on_gpu_mask_is_the_shared_philox_mask():
+    """x = 1, W = 0, A = 1, B = 1, r = 1: y[m, n] = sum_k keep[m, k] / (1 - p), the torch mask's row sums."""
+    M, K, p, seed = 70, 300, 0.3, 2024
+    x = torch.ones(M, K, device="cuda")
+    with fastpeft.use_backend("triton", op="lora_linear"):
+        y = lora_linear(x, torch.zeros(2, K, device="cuda"), None, torch.ones(1, K, device="cuda"),
+                        torch.ones(2, 1, device="cuda"), 1.0, p, seed)
+    keep = dropout_keep_mask(seed, M, K, p, stream=0).double()
+    torch.testing.assert_close(y[:, 0].double().cpu(), keep.sum(1) / (1 - p), atol=1e-3, rtol=1e-5)
+
+
 # -- the torch-free C++ kernels ---------------------------------------------------------
 def test_cpp_kernel_unit_test(tmp_path):
     """Build and run csrc/lora_linear/lora_linear_test.cpp (no torch) when a C++ compiler is there."""
-    cxx = shutil.which("g++") or shutil.which("c++")
-    if cxx is None:
-        pytest.skip("no C++ compiler")
-    src = os.path.join(ROOT, "csrc", "lora_linear")
-    exe = str(tmp_path / "lora_linear_test")
-    subprocess.run([cxx, "-std=c++17", "-O1", "-fopenmp", os.path.join(src, "lora_linear_test.cpp"),
-                    os.path.join(src, "lora_linear_cpu.cpp"), "-o", exe], check=True, capture_output=True)
-    out = subprocess.run([exe], capture_output=True, text=True)
-    assert out.returncode == 0, out.stdout + out.stderr
+    run_cpp_unit_test("lora_linear", tmp_path)

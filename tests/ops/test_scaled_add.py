@@ -9,11 +9,11 @@ from fastpeft.ops import scaled_add
 
 from ..helpers import assert_close, runnable_backends
 
-EXAMPLE = (torch.zeros(2), torch.zeros(2), 1.0)
+BACKENDS = runnable_backends("scaled_add")
 SHAPES = [(0,), (1,), (7, 13), (3, 5, 11), (1031,)]
 
 
-@pytest.mark.parametrize("backend", runnable_backends("scaled_add", *EXAMPLE))
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
 def test_forward_backward_matches_float64(backend, shape, dtype):
@@ -33,7 +33,7 @@ def test_forward_backward_matches_float64(backend, shape, dtype):
     assert_close(b.grad, alpha * g64, dtype, "grad b", scale=4)
 
 
-@pytest.mark.parametrize("backend", runnable_backends("scaled_add", *EXAMPLE))
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_strided_inputs(backend):
     a = torch.randn(9, 14)[:, ::2]
     b = torch.randn(7, 9).t()
@@ -70,7 +70,7 @@ def test_opcheck(name):
     opcheck(op.default, (a, b, 0.5))
 
 
-@pytest.mark.parametrize("backend", runnable_backends("scaled_add", *EXAMPLE))
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_torch_compile_fullgraph(backend):
     a = torch.randn(6, 5, requires_grad=True)
     b = torch.randn(6, 5, requires_grad=True)
@@ -93,3 +93,16 @@ def test_first_call_inside_torch_compile_probes_availability():
     a = torch.randn(3, 4)
     out = torch.compile(lambda a: scaled_add(a, a, 2.0), fullgraph=True)(a)
     torch.testing.assert_close(out, 3 * a)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_on_gpu(backend, dtype):
+    if backend == "cuda" and not fastpeft._ext.has_cuda_kernels():
+        pytest.skip("fastpeft._C was built without CUDA kernels")
+    a = torch.randn(3, 1001, device="cuda", dtype=dtype)
+    b = torch.randn(3, 1001, device="cuda", dtype=dtype)
+    with fastpeft.use_backend(backend, op="scaled_add"):
+        out = scaled_add(a, b, 0.75)
+    assert_close(out, a.double() + 0.75 * b.double(), dtype, "out")

@@ -1,4 +1,4 @@
-"""Causal LM task on a tiny random GPT-2; records from a datasets-like object."""
+"""Tasks: causal LM on a tiny random GPT-2, records from a datasets-like object, a new task as one class."""
 import json
 
 import pytest
@@ -69,8 +69,6 @@ def test_records_from_a_datasets_like_object():
 def test_other_peft_methods_through_the_workflow(name, extra, tiny_model_dir, tiny_cls_files):
     import fastpeft
     from fastpeft.workflow import load_tokenizer
-    if not hasattr(fastpeft, {"ia3": "IA3Config", "bitfit": "BitFitConfig"}[name]):
-        pytest.skip(f"fastpeft has no {name}")
     task = get_task("sequence_classification")
     tok = load_tokenizer(tiny_model_dir)
     recs = task.read(tiny_cls_files[0], {}, limit=32)
@@ -80,3 +78,78 @@ def test_other_peft_methods_through_the_workflow(name, extra, tiny_model_dir, ti
     r = Trainer(model, task, task.encode(recs, tok, 16), None,
                 TrainerConfig(max_steps=2, batch_size=16, progress=False, plot=False)).train()
     assert len(r["losses"]) == 2 and all(l == l for l in r["losses"])
+
+
+def test_a_new_task_is_one_registered_class():
+    """A task whose batches have no ``input_ids`` (its own dataset lengths, collator, example count and loss)
+    trains through the unchanged Trainer; the config check and ``finetune --help`` read the registry."""
+    from types import SimpleNamespace
+
+    from fastpeft.workflow.config import build_config
+    from fastpeft.workflow.data import EncodedDataset
+    from fastpeft.workflow.tasks import TASKS, Task, register_task, task_names
+
+    class VectorDataset(EncodedDataset):
+        def __init__(self, features):
+            self.features, self.records, self.lengths = features, None, [1] * len(features)
+
+    class Regressor(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(3, 1)
+
+        def forward(self, x, labels=None):
+            y = self.lin(x).squeeze(-1)
+            return SimpleNamespace(logits=y, loss=None if labels is None else ((y - labels) ** 2).mean())
+
+    counted = []
+
+    @register_task
+    class ToyRegression(Task):
+        name = "toy_regression"
+        default_metric = "mse"
+
+        def collator(self, tokenizer):
+            return lambda feats: {"x": torch.tensor([f["x"] for f in feats]),
+                                  "labels": torch.tensor([f["y"] for f in feats])}
+
+        def num_examples(self, batch):
+            counted.append(len(batch["x"]))
+            return len(batch["x"])
+
+        def evaluate(self, model, loader, dataset):
+            return {"mse": sum(float(out.loss) for _, out in self.outputs(model, loader))}
+
+    try:
+        g = torch.Generator().manual_seed(0)
+        xs = torch.randn(24, 3, generator=g)
+        ds = VectorDataset([{"x": x.tolist(), "y": float(x.sum())} for x in xs])
+        torch.manual_seed(0)
+        model = Regressor()
+        t = Trainer(model, get_task("toy_regression"), ds, ds,
+                    TrainerConfig(lr=0.1, batch_size=8, max_steps=6, progress=False, plot=False, max_grad_norm=None))
+        before = t.evaluate()["mse"]
+        r = t.train()
+        assert r["metric"] == "mse" and r["mode"] == "min" and r["examples"] == 48 and counted == [8] * 6
+        assert t.evaluate()["mse"] < before
+        assert "toy_regression" in task_names()
+        assert build_config({"model": "m", "task": "toy_regression", "data": {"train": "x.tsv"}})["task"] == \
+            "toy_regression"
+        import argparse
+        from fastpeft.workflow import cli_finetune
+        p = argparse.ArgumentParser()
+        cli_finetune.add_arguments(p)
+        assert "toy_regression" in p.format_help()
+    finally:
+        TASKS.pop("toy_regression")
+
+
+def test_task_decides_metric_direction_and_default_hooks():
+    task = get_task("sequence_classification")
+    assert task.metric_mode("loss") == "min" and task.metric_mode("perplexity") == "min"
+    assert task.metric_mode("macro_f1") == "max"
+    assert task.num_examples({"input_ids": torch.zeros(5, 3)}) == 5
+    assert task.collator(None).pad_token_id == 0
+    assert get_task("ner").name == "token_classification" and get_task("lm").name == "causal_lm"
+    with pytest.raises(ValueError, match="unknown task 'nope'"):
+        get_task("nope")

@@ -8,7 +8,7 @@ import torch
 
 from fastpeft.workflow import Trainer, TrainerConfig
 from fastpeft.workflow import checkpointing as ckpt
-from fastpeft.workflow.trainer import Schedule, build_optimizer
+from fastpeft.workflow.trainer import Schedule, TrainState, build_optimizer
 
 from .conftest import Kill, KillAt, make_cls_setup
 
@@ -47,6 +47,39 @@ def test_resume_continues_exactly(tmp_path, tiny_model_dir, tiny_cls_files):
     # the metrics log was rewritten from the checkpoint: one train record per step, no duplicates
     steps = [json.loads(l)["step"] for l in open(tmp_path / "b" / "metrics.jsonl") if '"train"' in l]
     assert steps == list(range(1, N + 1))
+
+
+def test_checkpoint_written_before_trainstate_and_one_scaler_still_resumes(tmp_path, tiny_model_dir, tiny_cls_files):
+    """state.json as the trainer wrote it before the TrainState dataclass (no ``skipped_steps`` key) and with
+    the scaler state FSDP runs wrote before ``fastpeft.amp.GradScaler(grad_tail="torch")``
+    (``{scale, good, precision}``): resuming from it continues exactly."""
+    N, k = 5, 2
+    _, r_ref = _run(tiny_model_dir, tiny_cls_files, _cfg(max_steps=N, output_dir=str(tmp_path / "a")))
+    with pytest.raises(Kill):
+        _run(tiny_model_dir, tiny_cls_files, _cfg(max_steps=N, save_every=k, output_dir=str(tmp_path / "b")),
+             callbacks=[KillAt(k + 1)])
+    state_json = tmp_path / "b" / f"checkpoint-{k}" / "state.json"
+    meta = json.loads(state_json.read_text())
+    assert meta["skipped_steps"] == 0 and meta["scaler"]["precision"] == "fp32"
+    del meta["skipped_steps"]
+    meta["scaler"] = {"scale": 1.0, "good": 2, "precision": "fp32"}
+    state_json.write_text(json.dumps(meta))
+    t, r_res = _run(tiny_model_dir, tiny_cls_files,
+                    _cfg(max_steps=N, output_dir=str(tmp_path / "b"), resume_from="latest"))
+    assert r_res["resumed_from"].endswith(f"checkpoint-{k}") and r_res["skipped_steps"] == 0
+    assert t.scaler._get_growth_tracker() == 2  # read from 'good' (fp32 does not scale, so it stays)
+    torch.testing.assert_close(torch.tensor(r_res["losses"]), torch.tensor(r_ref["losses"]), rtol=1e-5, atol=1e-6)
+
+
+def test_train_state_round_trips_through_checkpoint_meta():
+    st = TrainState(step=7, epoch=1, batch_in_epoch=2, best_metric=0.5, best_step=4, bad_evals=1, examples=99,
+                    skipped_steps=3, best_state={"w": torch.ones(2)})
+    meta = st.to_meta()
+    assert set(meta) == {"step", "epoch", "batch_in_epoch", "best_metric", "best_step", "bad_evals", "examples",
+                         "skipped_steps"}
+    back = TrainState.from_checkpoint({**meta, "optimizer": {}, "history": []}, st.best_state)
+    assert back == st
+    assert TrainState.from_checkpoint({"step": 3}, {}) == TrainState(step=3)
 
 
 def test_grad_accumulation_matches_bigger_batch(tiny_model_dir, tiny_cls_files):

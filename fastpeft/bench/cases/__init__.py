@@ -9,10 +9,9 @@ with the reason.  ``build`` raises :class:`Skip` when the whole case cannot run
 (the op is not there, no such device, ...); any other exception marks the case
 failed.  Both are reported, never fatal.
 
-Case modules: :mod:`.ops` (lora_linear, bottleneck_adapter, grad_tail,
-adv_perturb_update), :mod:`fastpeft.bench.e2e` (training steps) and
-:mod:`.ceilings` (device ceilings).  :func:`all_cases` collects them per suite
-and device.
+Case modules: :mod:`.ops` (one module per op package, ``ops/<package>.py``),
+:mod:`fastpeft.bench.e2e` (training steps) and :mod:`.ceilings` (device
+ceilings).  :func:`all_cases` collects them per suite and device.
 """
 from __future__ import annotations
 
@@ -34,7 +33,7 @@ class Skip(Exception):
 
 @dataclass
 class Target:
-    """A goal from the issues, checked (reported, not asserted) on one case.
+    """A performance goal, checked (reported, not asserted) on one case.
 
     ``metric`` is ``"time"`` (median seconds) or ``"memory"`` (peak bytes);
     the check is ``metric(variant) <= limit * metric(against) + slack``.  A speed-up goal

@@ -35,7 +35,8 @@ Same seed, same values on every backend (up to the rounding of log/cos for
 
 Files: ``reference.py`` (torch backend, oracle, the eager FreeLB baseline),
 ``triton_kernel.py``, ``csrc/adv_perturb_update/`` (C++ CPU, CUDA, binding, C++ test),
-``tests/ops/test_adv_perturb_update.py``, ``benchmarks/bench_adv_perturb_update.py``.
+``tests/ops/test_adv_perturb_update.py``, ``fastpeft/bench/cases/ops/adv_perturb_update.py``,
+``benchmarks/bench_adv_perturb_update.py``.
 """
 from __future__ import annotations
 
@@ -43,18 +44,35 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from ... import _ext, _triton
 from ...backends import define_op
 from ...kernels.philox import check_seed
-from .._checks import check_float, check_same_device, check_tensor, device_reason, dtype_reason
+from .._checks import check_float, check_same_device, check_tensor
+from .._register import compiled_op, random_tensors, register_backend, triton_op
 from .reference import (INIT_KINDS, INIT_STREAM, NORMS, adv_perturb_init_reference,
                         adv_perturb_update_reference, freelb_eager_update)
 
-UPDATE_OP = define_op("adv_perturb_update")
-INIT_OP = define_op("adv_perturb_init")
 CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 GPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def _example_mask(device):
+    mask = torch.ones(2, 3, device=device)
+    mask[1, 2] = 0  # one padding position
+    return mask
+
+
+def _update_example(device, dtype):
+    randn = random_tensors(device, dtype)
+    return randn(2, 3, 8, scale=0.1), randn(2, 3, 8), _example_mask(device), "l2_example", 0.1, 1.0
+
+
+def _init_example(device, dtype):
+    return torch.zeros(2, 3, 8, device=device, dtype=dtype), _example_mask(device), "uniform", "l2_example", 1.0, 0
+
+
+UPDATE_OP = define_op("adv_perturb_update", example=_update_example)
+INIT_OP = define_op("adv_perturb_init", example=_init_example)
 
 
 def _check_mask(mask, delta):
@@ -145,31 +163,13 @@ def adv_perturb_init(like: Union[torch.Tensor, Sequence[int]], *, kind: str = "u
     return delta
 
 
-# -- torch ------------------------------------------------------------------
-UPDATE_OP.register("torch")(adv_perturb_update_reference)
-INIT_OP.register("torch")(adv_perturb_init_reference)
+# -- cpu / cuda: torch.ops.fastpeft.adv_perturb_update / _init (csrc/adv_perturb_update/) --
+def _no_output(*args, **kwargs):
+    return None
 
 
-# -- cpu / cuda (compiled: torch.ops.fastpeft.adv_perturb_update / _init) -----
-if _ext.load() is not None and hasattr(torch.ops.fastpeft, "adv_perturb_update"):
-    @torch.library.register_fake("fastpeft::adv_perturb_update")
-    def _(delta, grad, mask, norm, step_size, epsilon):
-        return None
-
-    @torch.library.register_fake("fastpeft::adv_perturb_init")
-    def _(delta, mask, kind, norm, scale, seed):
-        return None
-
-
-def _compiled_ops_reason() -> Optional[str]:
-    reason = _ext.unavailable_reason()
-    if reason is None and not hasattr(torch.ops.fastpeft, "adv_perturb_update"):
-        reason = "fastpeft._C was built before adv_perturb_update existed (rebuild the extension)"
-    return reason
-
-
-def _cuda_reason() -> Optional[str]:
-    return _compiled_ops_reason() or _ext.cuda_available()
+compiled_op("adv_perturb_update", fake=_no_output)
+compiled_op("adv_perturb_init", fake=_no_output)
 
 
 def _update_compiled(delta, grad, mask, norm, step_size, epsilon):
@@ -180,24 +180,8 @@ def _init_compiled(delta, mask, kind, norm, scale, seed):
     torch.ops.fastpeft.adv_perturb_init(delta, mask, kind, norm, scale, seed)
 
 
-def _supports(device_type, dtypes, what):
-    def check(delta, *args, forced):
-        return device_reason(delta, device_type, what) or dtype_reason(delta, dtypes, what)
-    return check
-
-
-UPDATE_OP.register("cpu", available=_compiled_ops_reason,
-                   supports=_supports("cpu", CPU_DTYPES, "cpu backend"))(_update_compiled)
-UPDATE_OP.register("cuda", available=_cuda_reason,
-                   supports=_supports("cuda", GPU_DTYPES, "cuda backend"))(_update_compiled)
-INIT_OP.register("cpu", available=_compiled_ops_reason,
-                 supports=_supports("cpu", CPU_DTYPES, "cpu backend"))(_init_compiled)
-INIT_OP.register("cuda", available=_cuda_reason,
-                 supports=_supports("cuda", GPU_DTYPES, "cuda backend"))(_init_compiled)
-
-
-# -- triton (custom_op + fake, so opcheck and torch.compile work) -------------
-@torch.library.custom_op("fastpeft::adv_perturb_update_triton", mutates_args=("delta",))
+# -- triton: torch.ops.fastpeft.adv_perturb_update_triton / _init_triton (in place) ---
+@triton_op("adv_perturb_update_triton", fake=_no_output, mutates_args=["delta"])
 def _update_triton(delta: torch.Tensor, grad: torch.Tensor, mask: Optional[torch.Tensor], norm: str,
                    step_size: float, epsilon: float) -> None:
     from .triton_kernel import update_triton
@@ -205,12 +189,7 @@ def _update_triton(delta: torch.Tensor, grad: torch.Tensor, mask: Optional[torch
     update_triton(delta, grad, mask, norm, step_size, epsilon)
 
 
-@_update_triton.register_fake
-def _(delta, grad, mask, norm, step_size, epsilon):
-    return None
-
-
-@torch.library.custom_op("fastpeft::adv_perturb_init_triton", mutates_args=("delta",))
+@triton_op("adv_perturb_init_triton", fake=_no_output, mutates_args=["delta"])
 def _init_triton(delta: torch.Tensor, mask: Optional[torch.Tensor], kind: str, norm: str, scale: float,
                  seed: int) -> None:
     from .triton_kernel import init_triton
@@ -218,17 +197,16 @@ def _init_triton(delta: torch.Tensor, mask: Optional[torch.Tensor], kind: str, n
     init_triton(delta, mask, kind, norm, scale, seed, INIT_STREAM)
 
 
-@_init_triton.register_fake
-def _(delta, mask, kind, norm, scale, seed):
-    return None
-
-
-def _triton_supports(delta, *args, forced):
-    return _triton.supports_device(delta.device, forced) or dtype_reason(delta, GPU_DTYPES, "triton backend")
-
-
-UPDATE_OP.register("triton", available=_triton.available, supports=_triton_supports)(_update_triton)
-INIT_OP.register("triton", available=_triton.available, supports=_triton_supports)(_init_triton)
+# -- backends ------------------------------------------------------------------
+_COMPILED = ["adv_perturb_update", "adv_perturb_init"]
+register_backend(UPDATE_OP, "torch")(adv_perturb_update_reference)
+register_backend(UPDATE_OP, "cpu", dtypes=CPU_DTYPES, needs=_COMPILED)(_update_compiled)
+register_backend(UPDATE_OP, "cuda", dtypes=GPU_DTYPES, needs=_COMPILED)(_update_compiled)
+register_backend(UPDATE_OP, "triton", dtypes=GPU_DTYPES)(_update_triton)
+register_backend(INIT_OP, "torch")(adv_perturb_init_reference)
+register_backend(INIT_OP, "cpu", dtypes=CPU_DTYPES, needs=_COMPILED)(_init_compiled)
+register_backend(INIT_OP, "cuda", dtypes=GPU_DTYPES, needs=_COMPILED)(_init_compiled)
+register_backend(INIT_OP, "triton", dtypes=GPU_DTYPES)(_init_triton)
 
 __all__ = ["adv_perturb_update", "adv_perturb_init", "freelb_eager_update", "UPDATE_OP", "INIT_OP", "NORMS",
            "INIT_KINDS", "INIT_STREAM"]

@@ -171,3 +171,17 @@ def init_triton(delta: torch.Tensor, mask, kind: str, norm: str, scale: float, s
                            HAS_MASK=m is not None, BLOCK=_block(H))
     if d is not delta:
         delta.copy_(d)
+
+
+def aot_launches() -> None:
+    """Every launch this module must compile for on a GPU, on CPU tensors (tests/triton_aot.py
+    records them instead of running them): each dtype, norm, with and without a mask, both init kinds."""
+    import itertools
+
+    for dt, norm, masked in itertools.product((torch.float32, torch.float16, torch.bfloat16), tuple(MODES),
+                                              (False, True)):
+        d, g = torch.zeros(2, 5, 24, dtype=dt), torch.zeros(2, 5, 24, dtype=dt)
+        mask = torch.ones(2, 5) if masked else None
+        update_triton(d, g, mask, norm, 0.1, 1.0)
+        for kind in ("uniform", "normal"):
+            init_triton(d, mask, kind, norm, 1.0, 7, 3)

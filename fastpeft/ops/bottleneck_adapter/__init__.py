@@ -40,7 +40,8 @@ Backward (g = dY [M, H]; keep, s = 1/(1-p); a = act(h); d = a*keep*s)::
     dX     = r*g + dh W_down               # [M, H]
 
 Files of this op: ``reference.py``, ``triton_kernel.py``, ``csrc/bottleneck_adapter/``,
-``tests/ops/test_bottleneck_adapter.py``, ``benchmarks/bench_bottleneck_adapter.py``.
+``tests/ops/test_bottleneck_adapter.py``, ``fastpeft/bench/cases/ops/bottleneck_adapter.py``,
+``benchmarks/bench_bottleneck_adapter.py``.
 """
 from __future__ import annotations
 
@@ -48,16 +49,25 @@ from typing import Optional
 
 import torch
 
-from ... import _ext, _triton
 from ...backends import define_op
 from ...kernels.philox import MAX_SEED
-from .._checks import check_float, check_same_device, check_tensor, device_reason, dtype_reason
+from .._checks import check_float, check_same_device, check_tensor
+from .._register import compiled_op, random_tensors, register_backend, triton_op
 from .reference import ACTIVATIONS, DROPOUT_STREAM, adapter_keep_mask, bottleneck_adapter_reference
 
-OP = define_op("bottleneck_adapter")
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 GPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _example(device, dtype):
+    randn = random_tensors(device, dtype)
+    H, Bn = 8, 4
+    return (randn(2, H), randn(Bn, H, scale=H ** -0.5), randn(Bn), randn(H, Bn, scale=Bn ** -0.5), randn(H),
+            "relu", 0.1, 0, True)
+
+
+OP = define_op("bottleneck_adapter", example=_example)
 
 
 def bottleneck_adapter(x: torch.Tensor, W_down: torch.Tensor, b_down: Optional[torch.Tensor],
@@ -121,10 +131,6 @@ def bottleneck_adapter(x: torch.Tensor, W_down: torch.Tensor, b_down: Optional[t
     return OP(x, W_down, b_down, W_up, b_up, activation, p, seed, residual)
 
 
-# -- torch ------------------------------------------------------------------
-OP.register("torch")(bottleneck_adapter_reference)
-
-
 # -- shared by the fused backends: fake shapes and autograd ------------------
 # Each fused backend has a forward op returning (y, h) -- h = x W_downᵀ + b_down
 # [M, Bn] is all that backward needs besides x -- and a backward op returning
@@ -169,47 +175,19 @@ def _autograd_backward(bwd_op):
     return backward
 
 
-# -- cpu (C++, torch.ops.fastpeft.bottleneck_adapter_fwd / _bwd) --------------
-if _ext.load() is not None and hasattr(torch.ops.fastpeft, "bottleneck_adapter_fwd"):
-    torch.library.register_fake("fastpeft::bottleneck_adapter_fwd")(_fwd_fake)
-    torch.library.register_fake("fastpeft::bottleneck_adapter_bwd")(_bwd_fake)
-    torch.library.register_autograd(
-        "fastpeft::bottleneck_adapter_fwd",
-        _autograd_backward(lambda *a: torch.ops.fastpeft.bottleneck_adapter_bwd(*a)),
-        setup_context=_setup_context)
+# -- cpu: torch.ops.fastpeft.bottleneck_adapter_fwd / _bwd (csrc/bottleneck_adapter/) --
+compiled_op("bottleneck_adapter_bwd", fake=_bwd_fake)
+compiled_op("bottleneck_adapter_fwd", fake=_fwd_fake, setup_context=_setup_context,
+            backward=_autograd_backward(lambda *a: torch.ops.fastpeft.bottleneck_adapter_bwd(*a)))
 
 
-def _cpu_available():
-    reason = _ext.cpu_available()
-    if reason is None and not hasattr(torch.ops.fastpeft, "bottleneck_adapter_fwd"):
-        reason = "fastpeft._C was built without bottleneck_adapter (rebuild the extension)"
-    return reason
-
-
-def _cpu_supports(x, W_down, b_down, W_up, b_up, activation, dropout_p, seed, residual, forced):
-    return device_reason(x, "cpu", "cpu backend") or dtype_reason(x, CPU_DTYPES, "cpu backend")
-
-
-@OP.register("cpu", available=_cpu_available, supports=_cpu_supports)
 def _bottleneck_adapter_cpu(x, W_down, b_down, W_up, b_up, activation, dropout_p, seed, residual):
     return torch.ops.fastpeft.bottleneck_adapter_fwd(x, W_down, b_down, W_up, b_up, activation, dropout_p, seed,
                                                      residual)[0]
 
-__all__ = ["bottleneck_adapter", "bottleneck_adapter_reference", "adapter_keep_mask", "ACTIVATIONS",
-           "DROPOUT_STREAM", "OP"]
 
-
-# -- triton (custom_op + fake + autograd, so opcheck and torch.compile work) ---
-@torch.library.custom_op("fastpeft::bottleneck_adapter_triton_fwd", mutates_args=())
-def _triton_fwd(x: torch.Tensor, W_down: torch.Tensor, b_down: Optional[torch.Tensor], W_up: torch.Tensor,
-                b_up: Optional[torch.Tensor], activation: str, dropout_p: float, seed: int,
-                residual: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    from .triton_kernel import adapter_fwd_triton
-
-    return adapter_fwd_triton(x, W_down, b_down, W_up, b_up, activation, dropout_p, seed, residual)
-
-
-@torch.library.custom_op("fastpeft::bottleneck_adapter_triton_bwd", mutates_args=())
+# -- triton: torch.ops.fastpeft.bottleneck_adapter_triton_fwd / _bwd -----------------
+@triton_op("bottleneck_adapter_triton_bwd", fake=_bwd_fake)
 def _triton_bwd(grad_y: torch.Tensor, grad_h: Optional[torch.Tensor], x: torch.Tensor, h: torch.Tensor,
                 W_down: torch.Tensor, b_down: Optional[torch.Tensor], W_up: torch.Tensor, b_up: Optional[torch.Tensor],
                 activation: str, dropout_p: float, seed: int, residual: bool, need_dx: bool, need_down: bool,
@@ -220,18 +198,31 @@ def _triton_bwd(grad_y: torch.Tensor, grad_h: Optional[torch.Tensor], x: torch.T
                               residual, need_dx, need_down, need_up)
 
 
-_triton_fwd.register_fake(_fwd_fake)
-_triton_bwd.register_fake(_bwd_fake)
-_triton_fwd.register_autograd(_autograd_backward(lambda *a: _triton_bwd(*a)), setup_context=_setup_context)
+@triton_op("bottleneck_adapter_triton_fwd", fake=_fwd_fake, setup_context=_setup_context,
+           backward=_autograd_backward(lambda *a: _triton_bwd(*a)))
+def _triton_fwd(x: torch.Tensor, W_down: torch.Tensor, b_down: Optional[torch.Tensor], W_up: torch.Tensor,
+                b_up: Optional[torch.Tensor], activation: str, dropout_p: float, seed: int,
+                residual: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    from .triton_kernel import adapter_fwd_triton
+
+    return adapter_fwd_triton(x, W_down, b_down, W_up, b_up, activation, dropout_p, seed, residual)
 
 
-def _triton_supports(x, W_down, b_down, W_up, b_up, activation, dropout_p, seed, residual, forced):
-    reason = _triton.supports_device(x.device, forced) or dtype_reason(x, GPU_DTYPES, "triton backend")
-    if reason is None and x.dtype == torch.bfloat16 and x.device.type == "cpu":
-        reason = "the Triton interpreter has no bfloat16 tl.dot"
-    return reason
-
-
-@OP.register("triton", available=_triton.available, supports=_triton_supports)
 def _bottleneck_adapter_triton(x, W_down, b_down, W_up, b_up, activation, dropout_p, seed, residual):
     return _triton_fwd(x, W_down, b_down, W_up, b_up, activation, dropout_p, seed, residual)[0]
+
+
+def _no_bf16_dot_in_interpreter(x, *args, forced):
+    if x.dtype == torch.bfloat16 and x.device.type == "cpu":
+        return "the Triton interpreter has no bfloat16 tl.dot"
+    return None
+
+
+# -- backends ----------------------------------------------------------------------
+register_backend(OP, "torch")(bottleneck_adapter_reference)
+register_backend(OP, "cpu", dtypes=CPU_DTYPES, needs=["bottleneck_adapter_fwd", "bottleneck_adapter_bwd"])(
+    _bottleneck_adapter_cpu)
+register_backend(OP, "triton", dtypes=GPU_DTYPES, also=_no_bf16_dot_in_interpreter)(_bottleneck_adapter_triton)
+
+__all__ = ["bottleneck_adapter", "bottleneck_adapter_reference", "adapter_keep_mask", "ACTIVATIONS",
+           "DROPOUT_STREAM", "OP"]

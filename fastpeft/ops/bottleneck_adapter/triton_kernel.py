@@ -238,3 +238,25 @@ def adapter_bwd_triton(grad_y, grad_h, x, h, W_down, b_down, W_up, b_up, activat
         if b_up is not None:
             dbu = g2.sum(0, dtype=torch.float32).to(b_up.dtype)
     return dx, dWd, dbd, dWu, dbu
+
+
+def aot_launches() -> None:
+    """Every launch this module must compile for on a GPU, on CPU tensors (tests/triton_aot.py
+    records them instead of running them): each activation dtype, fp32 or activation-dtype
+    parameters, activations, dropout on/off, residual, biases, and grad_h present or not."""
+    import itertools
+
+    def t(*shape, dtype):
+        return torch.zeros(*shape, dtype=dtype)
+
+    M, H, Bn = 40, 48, 16
+    acts = (torch.float32, torch.float16, torch.bfloat16)
+    for dt, act, p, residual, bias, wdt in itertools.product(acts, ("relu", "gelu", "silu"), (0.0, 0.1),
+                                                             (True, False), (True, False), ("act", "fp32")):
+        par = dt if wdt == "act" else torch.float32
+        x = t(M, H, dtype=dt)
+        wd, wu = t(Bn, H, dtype=par), t(H, Bn, dtype=par)
+        bd, bu = (t(Bn, dtype=par), t(H, dtype=par)) if bias else (None, None)
+        y, h = adapter_fwd_triton(x, wd, bd, wu, bu, act, p, 7, residual)
+        for gh in (None, t(M, Bn, dtype=dt)):
+            adapter_bwd_triton(t(M, H, dtype=dt), gh, x, h, wd, bd, wu, bu, act, p, 7, residual, True, True, True)

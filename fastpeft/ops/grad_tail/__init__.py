@@ -46,7 +46,8 @@ tensors including zero and empty tensors.  ``norm_type`` other than 2 runs on th
 Files of this op: ``reference.py`` (torch backend), ``triton_kernel.py`` (pointer-table
 multi-tensor kernels, one launch per dtype present), ``csrc/grad_tail/`` (``_cpu.cpp`` OpenMP over
 fixed chunks with a deterministic reduction, ``_cuda.cu`` one block per chunk + last-block
-finalisation, ``_binding.cpp``), ``tests/ops/test_grad_tail.py``, ``benchmarks/bench_grad_tail.py``.
+finalisation, ``_binding.cpp``), ``tests/ops/test_grad_tail.py``, ``fastpeft/bench/cases/ops/grad_tail.py``,
+``benchmarks/bench_grad_tail.py``.
 """
 from __future__ import annotations
 
@@ -55,14 +56,27 @@ from typing import NamedTuple, Optional, Sequence, Union
 
 import torch
 
-from ... import _ext, _triton
 from ...backends import define_op
+from .._register import compiled_op, random_tensors, register_backend, triton_op
 from .reference import grad_tail_apply_reference, grad_tail_stats_reference
 
-OP = define_op("grad_tail")
-OP_APPLY = define_op("grad_tail_apply")
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 DEFAULT_EPS = 1e-6  # the epsilon of torch.nn.utils.clip_grad_norm_
+
+
+def _example(device, dtype):
+    randn = random_tensors(device, dtype)
+    return [randn(4), randn(3, 5)], torch.full((), 0.5, device=device), 1.0, 2.0, DEFAULT_EPS
+
+
+def _apply_example(device, dtype):
+    randn = random_tensors(device, dtype)
+    return [randn(4), randn(3, 5)], torch.full((), 0.5, device=device)
+
+
+OP = define_op("grad_tail", example=_example)
+OP_APPLY = define_op("grad_tail_apply", example=_apply_example)
 
 
 class GradTailStats(NamedTuple):
@@ -176,20 +190,18 @@ def grad_tail_(grads: Sequence[torch.Tensor], *, inv_scale: Union[float, torch.T
     return stats
 
 
-# -- torch --------------------------------------------------------------------
-OP.register("torch")(grad_tail_stats_reference)
-OP_APPLY.register("torch")(grad_tail_apply_reference)
+# -- fakes, shared by the compiled and the Triton ops --------------------------------
+def _stats_fake(grads, inv_scale, max_norm, eps):
+    return tuple(inv_scale.new_empty((), dtype=torch.float32) for _ in range(3))
 
 
-# -- cpu / cuda (compiled: torch.ops.fastpeft.grad_tail_stats / grad_tail_apply_) --
-if _ext.load() is not None:
-    @torch.library.register_fake("fastpeft::grad_tail_stats")
-    def _(grads, inv_scale, max_norm, eps):
-        return tuple(inv_scale.new_empty((), dtype=torch.float32) for _ in range(3))
+def _apply_fake(grads, multiplier):
+    return None
 
-    @torch.library.register_fake("fastpeft::grad_tail_apply_")
-    def _(grads, multiplier):
-        return None
+
+# -- cpu / cuda: torch.ops.fastpeft.grad_tail_stats / grad_tail_apply_ (csrc/grad_tail/) --
+compiled_op("grad_tail_stats", fake=_stats_fake)
+compiled_op("grad_tail_apply_", fake=_apply_fake)
 
 
 def _stats_compiled(grads, inv_scale, max_norm, norm_type, eps):
@@ -200,33 +212,8 @@ def _apply_compiled(grads, multiplier):
     torch.ops.fastpeft.grad_tail_apply_(grads, multiplier)
 
 
-def _device_reason(device: torch.device, device_type: str, what: str) -> Optional[str]:
-    return None if device.type == device_type else f"{what} needs {device_type} tensors, got {device.type}"
-
-
-def _stats_supports(device_type: str):
-    def supports(grads, inv_scale, max_norm, norm_type, eps, forced):
-        return _device_reason(inv_scale.device, device_type, f"{device_type} backend") or \
-            (None if norm_type == 2.0 else f"{device_type} backend computes the 2-norm only, got norm_type={norm_type}")
-    return supports
-
-
-def _apply_supports(device_type: str):
-    def supports(grads, multiplier, forced):
-        return _device_reason(multiplier.device, device_type, f"{device_type} backend")
-    return supports
-
-
-OP.register("cpu", available=_ext.cpu_available, supports=_stats_supports("cpu"))(_stats_compiled)
-OP.register("cuda", available=_ext.cuda_available, supports=_stats_supports("cuda"))(_stats_compiled)
-OP_APPLY.register("cpu", available=_ext.cpu_available, supports=_apply_supports("cpu"))(_apply_compiled)
-OP_APPLY.register("cuda", available=_ext.cuda_available, supports=_apply_supports("cuda"))(_apply_compiled)
-
-# -- triton (custom_op + fake, so opcheck and torch.compile work) ---------------
-TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-@torch.library.custom_op("fastpeft::grad_tail_stats_triton", mutates_args=())
+# -- triton: torch.ops.fastpeft.grad_tail_stats_triton / grad_tail_apply_triton_ --------
+@triton_op("grad_tail_stats_triton", fake=_stats_fake)
 def _grad_tail_stats_triton(grads: list[torch.Tensor], inv_scale: torch.Tensor, max_norm: Optional[float],
                             eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     from .triton_kernel import grad_tail_stats_triton
@@ -234,41 +221,41 @@ def _grad_tail_stats_triton(grads: list[torch.Tensor], inv_scale: torch.Tensor, 
     return grad_tail_stats_triton(grads, inv_scale, max_norm, eps)
 
 
-@_grad_tail_stats_triton.register_fake
-def _(grads, inv_scale, max_norm, eps):
-    return tuple(inv_scale.new_empty((), dtype=torch.float32) for _ in range(3))
-
-
-@torch.library.custom_op("fastpeft::grad_tail_apply_triton_", mutates_args=("grads",))
+@triton_op("grad_tail_apply_triton_", fake=_apply_fake, mutates_args=["grads"])
 def _grad_tail_apply_triton(grads: list[torch.Tensor], multiplier: torch.Tensor) -> None:
     from .triton_kernel import grad_tail_apply_triton
 
     grad_tail_apply_triton(grads, multiplier)
 
 
-@_grad_tail_apply_triton.register_fake
-def _(grads, multiplier):
-    return None
+def _stats_triton_entry(grads, inv_scale, max_norm, norm_type, eps):
+    return _grad_tail_stats_triton(grads, inv_scale, max_norm, eps)
 
 
-def _triton_dtype_reason(grads) -> Optional[str]:
+# -- backends: the device is the scale's (args[1]); the kernels compute the 2-norm only ----
+def _triton_dtypes(grads, *args, forced):
     for i, g in enumerate(grads):
         if g.dtype not in TRITON_DTYPES:
             return f"triton backend supports float32, float16 and bfloat16 grads, got {g.dtype} at grads[{i}]"
     return None
 
 
-def _stats_triton_entry(grads, inv_scale, max_norm, norm_type, eps):
-    return _grad_tail_stats_triton(grads, inv_scale, max_norm, eps)
+def _two_norm(backend, then=None):
+    def check(grads, inv_scale, max_norm, norm_type, eps, forced):
+        if norm_type != 2.0:
+            return f"{backend} backend computes the 2-norm only, got norm_type={norm_type}"
+        return None if then is None else then(grads, forced=forced)
+    return check
 
 
-OP.register("triton", available=_triton.available,
-            supports=lambda grads, inv_scale, max_norm, norm_type, eps, forced:
-            _triton.supports_device(inv_scale.device, forced)
-            or (None if norm_type == 2.0 else f"triton backend computes the 2-norm only, got norm_type={norm_type}")
-            or _triton_dtype_reason(grads))(_stats_triton_entry)
-OP_APPLY.register("triton", available=_triton.available,
-                  supports=lambda grads, multiplier, forced: _triton.supports_device(multiplier.device, forced)
-                  or _triton_dtype_reason(grads))(_grad_tail_apply_triton)
+_COMPILED = ["grad_tail_stats", "grad_tail_apply_"]
+register_backend(OP, "torch")(grad_tail_stats_reference)
+register_backend(OP, "cpu", arg=1, also=_two_norm("cpu"), needs=_COMPILED)(_stats_compiled)
+register_backend(OP, "cuda", arg=1, also=_two_norm("cuda"), needs=_COMPILED)(_stats_compiled)
+register_backend(OP, "triton", arg=1, also=_two_norm("triton", then=_triton_dtypes))(_stats_triton_entry)
+register_backend(OP_APPLY, "torch")(grad_tail_apply_reference)
+register_backend(OP_APPLY, "cpu", arg=1, needs=_COMPILED)(_apply_compiled)
+register_backend(OP_APPLY, "cuda", arg=1, needs=_COMPILED)(_apply_compiled)
+register_backend(OP_APPLY, "triton", arg=1, also=_triton_dtypes)(_grad_tail_apply_triton)
 
 __all__ = ["grad_tail", "grad_tail_", "grad_tail_apply_", "collect_grads", "GradTailStats", "OP", "OP_APPLY"]

@@ -130,3 +130,12 @@ def grad_tail_apply_triton(grads: Sequence[torch.Tensor], multiplier: torch.Tens
     m = multiplier.reshape(1).to(torch.float32)
     for dtype, off, n in layout:
         _apply_kernel[(n,)](table[off:], table[off + n:], m, DTYPE=_TL[dtype], CHUNK=CHUNK, BLOCK=BLOCK)
+
+
+def aot_launches() -> None:
+    """Every launch this module must compile for on a GPU, on CPU tensors (tests/triton_aot.py
+    records them instead of running them): fp32, fp16 and bf16 gradients, clipping on and off."""
+    for max_norm in (None, 1.0):
+        grads = [torch.zeros(33, dtype=d) for d in (torch.float32, torch.float16, torch.bfloat16)]
+        mult, _, _ = grad_tail_stats_triton(grads, torch.ones(()), max_norm, 1e-6)
+        grad_tail_apply_triton(grads, mult)

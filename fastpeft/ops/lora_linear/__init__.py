@@ -15,8 +15,9 @@ and ``U0 = drop(x) lora_Aᵀ`` [M, r], regenerates the mask from the seed, and
 computes weight/bias gradients only when they require grad.
 
 Files of this op: ``reference.py`` (torch backend and oracle), ``triton_kernel.py``,
-``csrc/lora_linear/`` (torch-free ``_cpu.cpp`` kernels, ``_binding.cpp``),
-``tests/ops/test_lora_linear.py``, ``benchmarks/bench_lora_linear.py``.
+``csrc/lora_linear/`` (torch-free ``_cpu.cpp`` kernels, ``_binding.cpp``), ``layer.py`` (when a
+LoRA layer can run this op), ``tests/ops/test_lora_linear.py``,
+``fastpeft/bench/cases/ops/lora_linear.py``, ``benchmarks/bench_lora_linear.py``.
 """
 from __future__ import annotations
 
@@ -25,17 +26,26 @@ from typing import Optional
 
 import torch
 
-from ... import _ext, _triton
 from ...backends import define_op
-from .._checks import check_float, check_same_device, check_tensor, device_reason, dtype_reason
 from ...kernels.philox import check_seed
+from .._checks import check_float, check_same_device, check_tensor
+from .._register import compiled_op, random_tensors, register_backend, triton_op
 from .reference import lora_linear_plain, lora_linear_reference
 
-OP = define_op("lora_linear")
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 GPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_TRITON_RANK = 256
+
+
+def _example(device, dtype):
+    randn = random_tensors(device, dtype)
+    M, K, N, r = 2, 8, 4, 2
+    return (randn(M, K), randn(N, K, scale=K ** -0.5), randn(N), randn(r, K, scale=K ** -0.5),
+            randn(N, r, scale=r ** -0.5), 1.0, 0.1, 0)
+
+
+OP = define_op("lora_linear", example=_example)
 
 
 def _check_args(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed):
@@ -109,10 +119,6 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     return OP(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed)
 
 
-# -- torch --------------------------------------------------------------------
-OP.register("torch")(lora_linear_reference)
-
-
 # -- shared by the compiled and Triton ops ---------------------------------------
 # Both are a pair of ops:
 #   <fwd>(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed) -> (y [..., N], u0 [M, r])
@@ -151,42 +157,18 @@ def _make_backward(bwd):
     return backward
 
 
-# -- cpu (compiled: torch.ops.fastpeft.lora_linear_fwd / _bwd) ---------------------
-if _ext.load() is not None and hasattr(torch.ops.fastpeft, "lora_linear_fwd"):
-    torch.library.register_fake("fastpeft::lora_linear_fwd")(_fwd_fake)
-    torch.library.register_fake("fastpeft::lora_linear_bwd")(_bwd_fake)
-    torch.library.register_autograd(
-        "fastpeft::lora_linear_fwd",
-        _make_backward(lambda *a: torch.ops.fastpeft.lora_linear_bwd(*a)), setup_context=_setup_context)
+# -- cpu: torch.ops.fastpeft.lora_linear_fwd / _bwd (csrc/lora_linear/) --------------
+compiled_op("lora_linear_bwd", fake=_bwd_fake)
+compiled_op("lora_linear_fwd", fake=_fwd_fake, setup_context=_setup_context,
+            backward=_make_backward(lambda *a: torch.ops.fastpeft.lora_linear_bwd(*a)))
 
 
-def _cpu_available():
-    reason = _ext.cpu_available()
-    if reason is None and not hasattr(torch.ops.fastpeft, "lora_linear_fwd"):
-        reason = "fastpeft._C was built without lora_linear (rebuild the extension)"
-    return reason
-
-
-def _cpu_supports(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed, forced):
-    return device_reason(x, "cpu", "cpu backend") or dtype_reason(x, CPU_DTYPES, "cpu backend")
-
-
-@OP.register("cpu", available=_cpu_available, supports=_cpu_supports)
 def _lora_linear_cpu(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed):
     return torch.ops.fastpeft.lora_linear_fwd(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed)[0]
 
 
-# -- triton (custom ops + fake + autograd, so opcheck and torch.compile work) -------
-@torch.library.custom_op("fastpeft::lora_linear_triton_fwd", mutates_args=())
-def _lora_linear_triton_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                            lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float, dropout_p: float,
-                            seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    from .triton_kernel import lora_linear_fwd_triton
-
-    return lora_linear_fwd_triton(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed)
-
-
-@torch.library.custom_op("fastpeft::lora_linear_triton_bwd", mutates_args=())
+# -- triton: torch.ops.fastpeft.lora_linear_triton_fwd / _bwd ----------------------
+@triton_op("lora_linear_triton_bwd", fake=_bwd_fake)
 def _lora_linear_triton_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor,
                             lora_B: torch.Tensor, u0: torch.Tensor, scale: float, dropout_p: float, seed: int,
                             needs: list[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
@@ -196,20 +178,28 @@ def _lora_linear_triton_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Ten
     return lora_linear_bwd_triton(dy, x, weight, lora_A, lora_B, u0, scale, dropout_p, seed, needs)
 
 
-_lora_linear_triton_fwd.register_fake(_fwd_fake)
-_lora_linear_triton_bwd.register_fake(_bwd_fake)
-_lora_linear_triton_fwd.register_autograd(_make_backward(_lora_linear_triton_bwd), setup_context=_setup_context)
+@triton_op("lora_linear_triton_fwd", fake=_fwd_fake, setup_context=_setup_context,
+           backward=_make_backward(_lora_linear_triton_bwd))
+def _lora_linear_triton_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                            lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float, dropout_p: float,
+                            seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    from .triton_kernel import lora_linear_fwd_triton
+
+    return lora_linear_fwd_triton(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed)
 
 
-def _triton_supports(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed, forced):
-    reason = _triton.supports_device(x.device, forced) or dtype_reason(x, GPU_DTYPES, "triton backend")
-    if reason is None and lora_A.shape[0] > MAX_TRITON_RANK:
-        reason = f"triton backend supports ranks up to {MAX_TRITON_RANK}, got {lora_A.shape[0]}"
-    return reason
-
-
-@OP.register("triton", available=_triton.available, supports=_triton_supports)
 def _lora_linear_triton(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed):
     return _lora_linear_triton_fwd(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed)[0]
+
+
+def _rank_fits_triton(x, weight, bias, lora_A, *args, forced):
+    r = lora_A.shape[0]
+    return None if r <= MAX_TRITON_RANK else f"triton backend supports ranks up to {MAX_TRITON_RANK}, got {r}"
+
+
+# -- backends ----------------------------------------------------------------------
+register_backend(OP, "torch")(lora_linear_reference)
+register_backend(OP, "cpu", dtypes=CPU_DTYPES, needs=["lora_linear_fwd", "lora_linear_bwd"])(_lora_linear_cpu)
+register_backend(OP, "triton", dtypes=GPU_DTYPES, also=_rank_fits_triton)(_lora_linear_triton)
 
 __all__ = ["lora_linear", "lora_linear_plain", "OP"]

@@ -276,3 +276,22 @@ def lora_linear_bwd_triton(dy, x, weight, lora_A, lora_B, u0, scale: float, p: f
     if need_b:
         db = dy2.sum(0)
     return dx, dw, db, da, dbb
+
+
+def aot_launches() -> None:
+    """Every launch this module must compile for on a GPU, on CPU tensors (tests/triton_aot.py
+    records them instead of running them): each activation dtype, fp32 or activation-dtype LoRA
+    parameters, ranks padding to 16, 64 and 256, dropout on/off, bias or not."""
+    import itertools
+
+    def t(*shape, dtype):
+        return torch.zeros(*shape, dtype=dtype)
+
+    M, K, N = 40, 48, 56
+    acts = (torch.float32, torch.float16, torch.bfloat16)
+    for dt, r, p, bias, pdt in itertools.product(acts, (1, 16, 64, 256), (0.0, 0.1), (False, True), ("act", "fp32")):
+        par = dt if pdt == "act" else torch.float32
+        x, w = t(M, K, dtype=dt), t(N, K, dtype=dt)
+        a, b = t(r, K, dtype=par), t(N, r, dtype=par)
+        y, u0 = lora_linear_fwd_triton(x, w, t(N, dtype=dt) if bias else None, a, b, 2.0, p, 7)
+        lora_linear_bwd_triton(t(M, N, dtype=dt), x, w, a, b, u0, 2.0, p, 7, [True] * 5)

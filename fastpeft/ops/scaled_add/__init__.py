@@ -10,20 +10,28 @@ Backward (d out = g):  d a = g,  d b = alpha * g.
 
 Files of this op: ``reference.py`` (torch backend), ``triton_kernel.py``,
 ``csrc/scaled_add/`` (``_cpu.cpp`` + ``_cuda.cu`` kernels, ``_binding.cpp``),
-``tests/ops/test_scaled_add.py``, ``benchmarks/bench_scaled_add.py``.
+``tests/ops/test_scaled_add.py``, ``fastpeft/bench/cases/ops/scaled_add.py`` (benchmark
+cases) and ``benchmarks/bench_scaled_add.py``; one line in ``fastpeft/ops/__init__.py``.
 """
 from __future__ import annotations
 
 import torch
 
-from ... import _ext, _triton
 from ...backends import define_op
-from .._checks import check_float, check_same_device, check_tensor, device_reason, dtype_reason
+from .._checks import check_float, check_same_device, check_tensor
+from .._register import compiled_op, random_tensors, register_backend, triton_op
 from .reference import scaled_add_reference
 
-OP = define_op("scaled_add")
 CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 GPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _example(device, dtype):
+    randn = random_tensors(device, dtype)
+    return randn(4), randn(4), 0.5
+
+
+OP = define_op("scaled_add", example=_example)
 
 
 def scaled_add(a: torch.Tensor, b: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
@@ -45,11 +53,11 @@ def scaled_add(a: torch.Tensor, b: torch.Tensor, alpha: float = 1.0) -> torch.Te
     return OP(a, b, alpha)
 
 
-# -- torch ------------------------------------------------------------------
-OP.register("torch")(scaled_add_reference)
+# -- fake and autograd, shared by the compiled and the Triton op ----------------
+def _fake(a, b, alpha):
+    return torch.empty_like(a, memory_format=torch.contiguous_format)
 
 
-# -- cpu / cuda (compiled, torch.ops.fastpeft.scaled_add) --------------------
 def _setup_context(ctx, inputs, output):
     ctx.alpha = inputs[2]
 
@@ -58,43 +66,26 @@ def _backward(ctx, grad):
     return grad, grad * ctx.alpha, None
 
 
-if _ext.load() is not None:
-    @torch.library.register_fake("fastpeft::scaled_add")
-    def _(a, b, alpha):
-        return torch.empty_like(a, memory_format=torch.contiguous_format)
-
-    torch.library.register_autograd("fastpeft::scaled_add", _backward, setup_context=_setup_context)
+# -- cpu / cuda: torch.ops.fastpeft.scaled_add (csrc/scaled_add/) ---------------
+compiled_op("scaled_add", fake=_fake, backward=_backward, setup_context=_setup_context)
 
 
 def _compiled(a, b, alpha):
     return torch.ops.fastpeft.scaled_add(a, b, alpha)
 
 
-OP.register("cpu", available=_ext.cpu_available,
-            supports=lambda a, b, alpha, forced: device_reason(a, "cpu", "cpu backend")
-            or dtype_reason(a, CPU_DTYPES, "cpu backend"))(_compiled)
-OP.register("cuda", available=_ext.cuda_available,
-            supports=lambda a, b, alpha, forced: device_reason(a, "cuda", "cuda backend")
-            or dtype_reason(a, GPU_DTYPES, "cuda backend"))(_compiled)
-
-
-# -- triton (custom_op + fake, so opcheck and torch.compile work) -------------
-@torch.library.custom_op("fastpeft::scaled_add_triton", mutates_args=())
+# -- triton: torch.ops.fastpeft.scaled_add_triton ---------------------------------
+@triton_op("scaled_add_triton", fake=_fake, backward=_backward, setup_context=_setup_context)
 def _scaled_add_triton(a: torch.Tensor, b: torch.Tensor, alpha: float) -> torch.Tensor:
     from .triton_kernel import scaled_add_triton
 
     return scaled_add_triton(a, b, alpha)
 
 
-@_scaled_add_triton.register_fake
-def _(a, b, alpha):
-    return torch.empty_like(a, memory_format=torch.contiguous_format)
-
-
-_scaled_add_triton.register_autograd(_backward, setup_context=_setup_context)
-
-OP.register("triton", available=_triton.available,
-            supports=lambda a, b, alpha, forced: _triton.supports_device(a.device, forced)
-            or dtype_reason(a, GPU_DTYPES, "triton backend"))(_scaled_add_triton)
+# -- backends ------------------------------------------------------------------
+register_backend(OP, "torch")(scaled_add_reference)
+register_backend(OP, "cpu", dtypes=CPU_DTYPES, needs=["scaled_add"])(_compiled)
+register_backend(OP, "cuda", dtypes=GPU_DTYPES, needs=["scaled_add"])(_compiled)
+register_backend(OP, "triton", dtypes=GPU_DTYPES)(_scaled_add_triton)
 
 __all__ = ["scaled_add", "OP"]

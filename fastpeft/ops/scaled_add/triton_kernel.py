@@ -21,3 +21,10 @@ def scaled_add_triton(a: torch.Tensor, b: torch.Tensor, alpha: float) -> torch.T
         block = 1024
         _scaled_add_kernel[(triton.cdiv(n, block),)](a, b, out, float(alpha), n, BLOCK=block)
     return out
+
+
+def aot_launches() -> None:
+    """Every launch this module must compile for on a GPU, on CPU tensors (tests/triton_aot.py
+    records them instead of running them and compiles each to a cubin)."""
+    for dt in (torch.float32, torch.float16, torch.bfloat16):
+        scaled_add_triton(torch.zeros(37, dtype=dt), torch.zeros(37, dtype=dt), 0.5)

@@ -1,0 +1,68 @@
+"""Causal language modelling: next-token prediction on text."""
+from __future__ import annotations
+
+import torch
+
+from .. import metrics as M
+from ..data import EncodedDataset
+from .base import Task, device_of, read_rows, register_task, source_name
+
+
+@register_task
+class CausalLM(Task):
+    """Next-token prediction on text. Metrics: loss (mean token cross-entropy), perplexity.
+    ``predict`` greedily continues each text (``max_new_tokens``) for a quick look."""
+
+    name = "causal_lm"
+    aliases = ("lm", "clm")
+    default_metric = "loss"
+    default_mode = "min"
+    head_modules: list[str] = []
+    default_target_modules = "all-linear"
+    max_new_tokens = 20
+
+    def read(self, path: str, cfg: dict, limit: int | None = None, with_labels: bool = True) -> list[dict]:
+        col = cfg.get("text_column", "text")
+        recs = read_rows(path, [col], cfg, limit)
+        return [{"text": str(r[col]), "_line": r["_line"], "_source": source_name(path)} for r in recs]
+
+    def encode(self, records, tokenizer, max_length: int, with_labels: bool = True) -> EncodedDataset:
+        enc = tokenizer([r["text"] for r in records], truncation=True, max_length=max_length)
+        feats = []
+        for i in range(len(records)):
+            f = {k: enc[k][i] for k in ("input_ids", "attention_mask")}
+            if with_labels:
+                f["labels"] = list(enc["input_ids"][i])
+            feats.append(f)
+        ds = EncodedDataset(feats, records)
+        ds.tokenizer = tokenizer
+        return ds
+
+    def build_model(self, model_path: str):
+        from transformers import AutoModelForCausalLM
+        from ..models import load_base_model
+        return load_base_model(model_path, AutoModelForCausalLM)
+
+    @torch.no_grad()
+    def evaluate(self, model, loader, dataset) -> dict:
+        loss_sum, n = 0.0, 0
+        for batch, out in self.outputs(model, loader):
+            k = int((batch["labels"][:, 1:] != -100).sum())
+            loss_sum += float(out.loss) * k
+            n += k
+        loss = loss_sum / max(n, 1)
+        return {"loss": loss, "perplexity": M.perplexity(loss)}
+
+    @torch.no_grad()
+    def predict(self, model, loader, dataset) -> list[dict]:
+        tok = getattr(dataset, "tokenizer", None)
+        out = []
+        dev = device_of(model)
+        for f, r in zip(dataset.features, dataset.records):
+            ids = torch.tensor([f["input_ids"]], device=dev)
+            gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                 max_new_tokens=self.max_new_tokens, do_sample=False,
+                                 pad_token_id=getattr(tok, "pad_token_id", None))
+            new = gen[0, ids.shape[1]:].tolist()
+            out.append({"text": r["text"], "continuation": tok.decode(new) if tok is not None else new})
+        return out
