@@ -31,22 +31,31 @@ bfloat16), ``triton`` (GPU: float32/float16/bfloat16).  One kernel family serves
 (``fastpeft::glu_fwd/_bwd`` with the activation as an argument).
 
 Files of these ops: ``reference.py``, ``triton_kernel.py``, ``csrc/glu/``, ``tests/ops/test_glu.py``,
-``benchmarks/bench_glu.py``.
+``fastpeft/bench/cases/ops/glu.py`` (benchmark cases), ``benchmarks/bench_glu.py``; one line in
+``fastpeft/ops/__init__.py``.
 """
 from __future__ import annotations
 
 import torch
 
-from ... import _ext, _triton
 from ...backends import define_op
-from .._checks import check_same_device, check_tensor, device_reason, dtype_reason
+from .._checks import check_same_device, check_tensor
+from .._register import compiled_op, random_tensors, register_backend, triton_op
 from .reference import GELU_KERNEL_ACT, geglu_reference, swiglu_reference
 
-SWIGLU = define_op("swiglu")
-GEGLU = define_op("geglu")
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 GPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _gate_up(device, dtype):
+    """gate and up [3, 40] of ``dtype`` (gate spread over the activations' curved part)."""
+    randn = random_tensors(device, dtype)
+    return randn(3, 40, scale=2.0), randn(3, 40)
+
+
+SWIGLU = define_op("swiglu", example=_gate_up)
+GEGLU = define_op("geglu", example=lambda device, dtype: (*_gate_up(device, dtype), "tanh"))
 
 
 def _check_args(gate, up):
@@ -95,11 +104,6 @@ def geglu(gate: torch.Tensor, up: torch.Tensor, approximate: str = "tanh") -> to
     return GEGLU(gate, up, approximate)
 
 
-# -- torch --------------------------------------------------------------------
-SWIGLU.register("torch")(swiglu_reference)
-GEGLU.register("torch")(geglu_reference)
-
-
 # -- shared by the fused backends: fake shapes and autograd -------------------------
 # Forward op (gate, up, activation) -> y; backward op (grad_y, gate, up, activation) -> (dgate, dup);
 # activation is "silu", "gelu" or "gelu_tanh".
@@ -126,45 +130,18 @@ def _make_backward(bwd):
     return backward
 
 
-def _register_both(backend, available, supports, fwd):
-    """Register the fused forward ``fwd(gate, up, activation)`` as ``backend`` of swiglu and geglu."""
-    SWIGLU.register(backend, available=available, supports=lambda gate, up, forced: supports(gate, forced))(
-        lambda gate, up: fwd(gate, up, "silu"))
-    GEGLU.register(backend, available=available,
-                   supports=lambda gate, up, approximate, forced: supports(gate, forced))(
-        lambda gate, up, approximate: fwd(gate, up, GELU_KERNEL_ACT[approximate]))
+# -- cpu: torch.ops.fastpeft.glu_fwd / _bwd (csrc/glu/) ------------------------------------------
+compiled_op("glu_bwd", fake=_bwd_fake)
+compiled_op("glu_fwd", fake=_fwd_fake, setup_context=_setup_context,
+            backward=_make_backward(lambda *a: torch.ops.fastpeft.glu_bwd(*a)))
 
 
-# -- cpu (C++: torch.ops.fastpeft.glu_fwd / _bwd) --------------------------------------
-if _ext.load() is not None and hasattr(torch.ops.fastpeft, "glu_fwd"):
-    torch.library.register_fake("fastpeft::glu_fwd")(_fwd_fake)
-    torch.library.register_fake("fastpeft::glu_bwd")(_bwd_fake)
-    torch.library.register_autograd("fastpeft::glu_fwd", _make_backward(lambda *a: torch.ops.fastpeft.glu_bwd(*a)),
-                                    setup_context=_setup_context)
+def _glu_cpu(gate, up, activation):
+    return torch.ops.fastpeft.glu_fwd(gate, up, activation)
 
 
-def _cpu_available():
-    reason = _ext.cpu_available()
-    if reason is None and not hasattr(torch.ops.fastpeft, "glu_fwd"):
-        reason = "fastpeft._C was built without glu (rebuild the extension)"
-    return reason
-
-
-_register_both("cpu", _cpu_available,
-               lambda gate, forced: device_reason(gate, "cpu", "cpu backend")
-               or dtype_reason(gate, CPU_DTYPES, "cpu backend"),
-               lambda gate, up, activation: torch.ops.fastpeft.glu_fwd(gate, up, activation))
-
-
-# -- triton (custom ops + fake + autograd, so opcheck and torch.compile work) ----------
-@torch.library.custom_op("fastpeft::glu_triton_fwd", mutates_args=())
-def _glu_triton_fwd(gate: torch.Tensor, up: torch.Tensor, activation: str) -> torch.Tensor:
-    from .triton_kernel import glu_fwd_triton
-
-    return glu_fwd_triton(gate, up, activation)
-
-
-@torch.library.custom_op("fastpeft::glu_triton_bwd", mutates_args=())
+# -- triton: torch.ops.fastpeft.glu_triton_fwd / _bwd ------------------------------------------------
+@triton_op("glu_triton_bwd", fake=_bwd_fake)
 def _glu_triton_bwd(grad_y: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
                     activation: str) -> tuple[torch.Tensor, torch.Tensor]:
     from .triton_kernel import glu_bwd_triton
@@ -172,13 +149,28 @@ def _glu_triton_bwd(grad_y: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
     return glu_bwd_triton(grad_y, gate, up, activation)
 
 
-_glu_triton_fwd.register_fake(_fwd_fake)
-_glu_triton_bwd.register_fake(_bwd_fake)
-_glu_triton_fwd.register_autograd(_make_backward(_glu_triton_bwd), setup_context=_setup_context)
+@triton_op("glu_triton_fwd", fake=_fwd_fake, setup_context=_setup_context, backward=_make_backward(_glu_triton_bwd))
+def _glu_triton_fwd(gate: torch.Tensor, up: torch.Tensor, activation: str) -> torch.Tensor:
+    from .triton_kernel import glu_fwd_triton
 
-_register_both("triton", _triton.available,
-               lambda gate, forced: _triton.supports_device(gate.device, forced)
-               or dtype_reason(gate, GPU_DTYPES, "triton backend"),
-               _glu_triton_fwd)
+    return glu_fwd_triton(gate, up, activation)
+
+
+# -- backends: one kernel family, the activation an argument -------------------------------------
+def _swiglu_on(fwd):
+    return lambda gate, up: fwd(gate, up, "silu")
+
+
+def _geglu_on(fwd):
+    return lambda gate, up, approximate: fwd(gate, up, GELU_KERNEL_ACT[approximate])
+
+
+_COMPILED = ["glu_fwd", "glu_bwd"]
+register_backend(SWIGLU, "torch")(swiglu_reference)
+register_backend(SWIGLU, "cpu", dtypes=CPU_DTYPES, needs=_COMPILED)(_swiglu_on(_glu_cpu))
+register_backend(SWIGLU, "triton", dtypes=GPU_DTYPES)(_swiglu_on(_glu_triton_fwd))
+register_backend(GEGLU, "torch")(geglu_reference)
+register_backend(GEGLU, "cpu", dtypes=CPU_DTYPES, needs=_COMPILED)(_geglu_on(_glu_cpu))
+register_backend(GEGLU, "triton", dtypes=GPU_DTYPES)(_geglu_on(_glu_triton_fwd))
 
 __all__ = ["swiglu", "geglu", "swiglu_reference", "geglu_reference", "SWIGLU", "GEGLU"]

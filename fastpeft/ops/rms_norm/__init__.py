@@ -39,24 +39,34 @@ and bfloat16 x with a float32 result), ``triton`` (GPU: float32/float16/bfloat16
 per program forward, row-blocked programs with per-program weight-gradient partial sums backward).
 
 Files of this op: ``reference.py``, ``triton_kernel.py``, ``csrc/rms_norm/``,
-``tests/ops/test_rms_norm.py``, ``benchmarks/bench_rms_norm.py``.
+``tests/ops/test_rms_norm.py``, ``fastpeft/bench/cases/ops/rms_norm.py`` (benchmark cases),
+``benchmarks/bench_rms_norm.py``; one line in ``fastpeft/ops/__init__.py``.
 """
 from __future__ import annotations
 
 import torch
 
-from ... import _ext, _triton
 from ...backends import define_op
-from .._checks import check_float, check_same_device, check_tensor, device_reason, dtype_pair_reason, dtype_reason
+from .._checks import check_float, check_same_device, check_tensor, dtype_pair_reason
+from .._register import compiled_op, random_tensors, register_backend, triton_op
 from .reference import acc_dtype, out_dtype, rms_norm_reference
 
-OP = define_op("rms_norm")
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 GPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # (x dtype, output dtype) pairs of the C++ kernels (csrc/common/torch_utils.h: dispatch_in_out_cpu).
 CPU_PAIRS = ((torch.float32, torch.float32), (torch.float64, torch.float64), (torch.bfloat16, torch.bfloat16),
              (torch.bfloat16, torch.float32))
 MAX_TRITON_H = 32768
+
+
+def _example(device, dtype):
+    """The arguments of ``OP``: 5 rows of 24 (x and weight of ``dtype``), Llama's order."""
+    randn = random_tensors(device, dtype)
+    return randn(5, 24, scale=2.0), randn(24, scale=0.3) + 1.0, 1e-6, 0.0, True
+
+
+OP = define_op("rms_norm", example=_example)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, offset: float = 0.0,
@@ -96,14 +106,11 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, offset: f
     return OP(x, weight, eps, offset, cast_before_weight)
 
 
-# -- torch --------------------------------------------------------------------
-OP.register("torch")(rms_norm_reference)
-
-
-# -- shared by the fused backends: fake shapes and autograd -----------------------
-# Each has a forward op (x, weight, eps, offset, cast_before_weight) -> (y, rstd [M]) and a backward op
-# (grad_y, x, weight, rstd, offset, cast_before_weight, need_dx, need_dweight) -> (dx, dweight), a
-# gradient not asked for being an empty [0] tensor.
+# -- shared by the compiled and Triton ops: fake shapes and autograd --------------------
+# Each is a pair of ops: a forward op (x, weight, eps, offset, cast_before_weight) -> (y, rstd [M]) and
+# a backward op (grad_y, x, weight, rstd, offset, cast_before_weight, need_dx, need_dweight) ->
+# (dx, dweight), a gradient not asked for being an empty [0] tensor; autograd on the forward op calls
+# the backward op.
 def _fwd_fake(x, weight, eps, offset, cast_before_weight):
     M = x.numel() // x.shape[-1]
     return (x.new_empty(x.shape, dtype=out_dtype(x.dtype, weight.dtype, cast_before_weight)),
@@ -131,42 +138,24 @@ def _make_backward(bwd):
     return backward
 
 
-# -- cpu (C++: torch.ops.fastpeft.rms_norm_fwd / _bwd) ------------------------------
-if _ext.load() is not None and hasattr(torch.ops.fastpeft, "rms_norm_fwd"):
-    torch.library.register_fake("fastpeft::rms_norm_fwd")(_fwd_fake)
-    torch.library.register_fake("fastpeft::rms_norm_bwd")(_bwd_fake)
-    torch.library.register_autograd("fastpeft::rms_norm_fwd",
-                                    _make_backward(lambda *a: torch.ops.fastpeft.rms_norm_bwd(*a)),
-                                    setup_context=_setup_context)
+# -- cpu: torch.ops.fastpeft.rms_norm_fwd / _bwd (csrc/rms_norm/) -------------------------------
+compiled_op("rms_norm_bwd", fake=_bwd_fake)
+compiled_op("rms_norm_fwd", fake=_fwd_fake, setup_context=_setup_context,
+            backward=_make_backward(lambda *a: torch.ops.fastpeft.rms_norm_bwd(*a)))
 
 
-def _cpu_available():
-    reason = _ext.cpu_available()
-    if reason is None and not hasattr(torch.ops.fastpeft, "rms_norm_fwd"):
-        reason = "fastpeft._C was built without rms_norm (rebuild the extension)"
-    return reason
-
-
-def _cpu_supports(x, weight, eps, offset, cast_before_weight, forced):
-    return device_reason(x, "cpu", "cpu backend") or dtype_pair_reason(
-        (x.dtype, out_dtype(x.dtype, weight.dtype, cast_before_weight)), CPU_PAIRS, "cpu backend", "x/output")
-
-
-@OP.register("cpu", available=_cpu_available, supports=_cpu_supports)
 def _rms_norm_cpu(x, weight, eps, offset, cast_before_weight):
     return torch.ops.fastpeft.rms_norm_fwd(x, weight, eps, offset, cast_before_weight)[0]
 
 
-# -- triton (custom ops + fake + autograd, so opcheck and torch.compile work) ----------
-@torch.library.custom_op("fastpeft::rms_norm_triton_fwd", mutates_args=())
-def _rms_norm_triton_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float,
-                         cast_before_weight: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    from .triton_kernel import rms_norm_fwd_triton
-
-    return rms_norm_fwd_triton(x, weight, eps, offset, cast_before_weight)
+def _cpu_pair(x, weight, eps, offset, cast_before_weight, forced):
+    """The C++ kernels' (x, output) dtype pairs (csrc/common/torch_utils.h: dispatch_in_out_cpu)."""
+    return dtype_pair_reason((x.dtype, out_dtype(x.dtype, weight.dtype, cast_before_weight)), CPU_PAIRS,
+                             "cpu backend", "x/output")
 
 
-@torch.library.custom_op("fastpeft::rms_norm_triton_bwd", mutates_args=())
+# -- triton: torch.ops.fastpeft.rms_norm_triton_fwd / _bwd --------------------------------------
+@triton_op("rms_norm_triton_bwd", fake=_bwd_fake)
 def _rms_norm_triton_bwd(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
                          offset: float, cast_before_weight: bool, need_dx: bool,
                          need_dweight: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -175,21 +164,27 @@ def _rms_norm_triton_bwd(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Te
     return rms_norm_bwd_triton(grad_y, x, weight, rstd, offset, cast_before_weight, need_dx, need_dweight)
 
 
-_rms_norm_triton_fwd.register_fake(_fwd_fake)
-_rms_norm_triton_bwd.register_fake(_bwd_fake)
-_rms_norm_triton_fwd.register_autograd(_make_backward(_rms_norm_triton_bwd), setup_context=_setup_context)
+@triton_op("rms_norm_triton_fwd", fake=_fwd_fake, setup_context=_setup_context,
+           backward=_make_backward(_rms_norm_triton_bwd))
+def _rms_norm_triton_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float,
+                         cast_before_weight: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    from .triton_kernel import rms_norm_fwd_triton
+
+    return rms_norm_fwd_triton(x, weight, eps, offset, cast_before_weight)
 
 
-def _triton_supports(x, weight, eps, offset, cast_before_weight, forced):
-    reason = _triton.supports_device(x.device, forced) or dtype_reason(x, GPU_DTYPES, "triton backend")
-    if reason is None and x.shape[-1] > MAX_TRITON_H:
-        reason = f"triton backend takes rows of up to {MAX_TRITON_H} elements, got H = {x.shape[-1]}"
-    return reason
-
-
-@OP.register("triton", available=_triton.available, supports=_triton_supports)
 def _rms_norm_triton(x, weight, eps, offset, cast_before_weight):
     return _rms_norm_triton_fwd(x, weight, eps, offset, cast_before_weight)[0]
 
+
+def _row_fits_triton(x, *args, forced):
+    H = x.shape[-1]
+    return None if H <= MAX_TRITON_H else f"triton backend takes rows of up to {MAX_TRITON_H} elements, got H = {H}"
+
+
+# -- backends ----------------------------------------------------------------------------------
+register_backend(OP, "torch")(rms_norm_reference)
+register_backend(OP, "cpu", dtypes=CPU_DTYPES, also=_cpu_pair, needs=["rms_norm_fwd", "rms_norm_bwd"])(_rms_norm_cpu)
+register_backend(OP, "triton", dtypes=GPU_DTYPES, also=_row_fits_triton)(_rms_norm_triton)
 
 __all__ = ["rms_norm", "rms_norm_reference", "OP"]

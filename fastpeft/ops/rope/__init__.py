@@ -35,25 +35,37 @@ bfloat16 q/k with float32 cos/sin), ``triton`` (GPU: float32/float16/bfloat16; o
 for all heads of q and k).
 
 Files of this op: ``reference.py``, ``triton_kernel.py``, ``csrc/rope/``, ``tests/ops/test_rope.py``,
-``benchmarks/bench_rope.py``.
+``fastpeft/bench/cases/ops/rope.py`` (benchmark cases), ``benchmarks/bench_rope.py``; one line in
+``fastpeft/ops/__init__.py``.
 """
 from __future__ import annotations
 
 import torch
 
-from ... import _ext, _triton
 from ...backends import define_op
-from .._checks import check_same_device, check_tensor, device_reason, dtype_pair_reason
+from .._checks import check_same_device, check_tensor, dtype_pair_reason
+from .._register import compiled_op, random_tensors, register_backend, triton_op
 from .reference import out_like, rope_reference
 
-OP = define_op("rope")
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 GPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # (q dtype, output dtype) pairs of the C++ kernel (csrc/common/torch_utils.h: dispatch_in_out_cpu).
 CPU_PAIRS = ((torch.float32, torch.float32), (torch.float64, torch.float64), (torch.bfloat16, torch.bfloat16),
              (torch.bfloat16, torch.float32))
 # The Triton kernel takes any q dtype of GPU_DTYPES whose promotion with cos's is one of GPU_DTYPES.
 GPU_PAIRS = tuple((a, b) for a in GPU_DTYPES for b in GPU_DTYPES if torch.promote_types(a, b) == b)
+
+
+def _example(device, dtype):
+    """The arguments of ``OP``: q [2, 4, 3, 8] and k [2, 2, 3, 8] (grouped-query heads), cos/sin
+    [1, 3, 6] (partial rotary: 6 of 8 dims), all of ``dtype``, unsqueeze_dim 1."""
+    randn = random_tensors(device, dtype)
+    angles = torch.randn(1, 3, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64).repeat(1, 1, 2)
+    return (randn(2, 4, 3, 8), randn(2, 2, 3, 8), angles.cos().to(device, dtype), angles.sin().to(device, dtype), 1)
+
+
+OP = define_op("rope", example=_example)
 
 
 def _check_args(q, k, cos, sin, unsqueeze_dim):
@@ -104,10 +116,6 @@ def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
     return OP(q, k, cos, sin, int(unsqueeze_dim))
 
 
-# -- torch --------------------------------------------------------------------
-OP.register("torch")(rope_reference)
-
-
 # -- shared by the fused backends ------------------------------------------------
 # One op per backend, (q, k, cos, sin, unsqueeze_dim, transpose) -> (q_out, k_out), linear in q and k;
 # its backward is the same op with transpose flipped (the adjoint; see the module doc), so it is
@@ -139,37 +147,30 @@ def _make_backward(op):
     return backward
 
 
-def _fused_reason(q, cos, sin, pairs, what):
-    """Why a fused backend cannot take these inputs (output dtype, gradients of the tables), or None."""
-    reason = dtype_pair_reason((q.dtype, torch.promote_types(q.dtype, cos.dtype)), pairs, what, "q/output")
-    if reason is None and torch.is_grad_enabled() and (cos.requires_grad or sin.requires_grad):
-        reason = f"{what} computes no gradient for cos/sin, which require grad (the torch backend does)"
-    return reason
+def _fused_rule(pairs, what):
+    """``also`` of a fused backend: why it cannot take these inputs (its (q, output) dtype ``pairs``; no
+    gradient of cos/sin), or None."""
+    def check(q, k, cos, sin, unsqueeze_dim, forced):
+        reason = dtype_pair_reason((q.dtype, torch.promote_types(q.dtype, cos.dtype)), pairs, what, "q/output")
+        if reason is None and torch.is_grad_enabled() and (cos.requires_grad or sin.requires_grad):
+            reason = f"{what} computes no gradient for cos/sin, which require grad (the torch backend does)"
+        return reason
+
+    return check
 
 
-# -- cpu (C++: torch.ops.fastpeft.rope) ------------------------------------------------
-if _ext.load() is not None and hasattr(torch.ops.fastpeft, "rope"):
-    torch.library.register_fake("fastpeft::rope")(_fake)
-    torch.library.register_autograd("fastpeft::rope", _make_backward(lambda *a: torch.ops.fastpeft.rope(*a)),
-                                    setup_context=_setup_context)
+# -- cpu: torch.ops.fastpeft.rope (csrc/rope/) ---------------------------------------------
+compiled_op("rope", fake=_fake, setup_context=_setup_context,
+            backward=_make_backward(lambda *a: torch.ops.fastpeft.rope(*a)))
 
 
-def _cpu_available():
-    reason = _ext.cpu_available()
-    if reason is None and not hasattr(torch.ops.fastpeft, "rope"):
-        reason = "fastpeft._C was built without rope (rebuild the extension)"
-    return reason
-
-
-@OP.register("cpu", available=_cpu_available,
-             supports=lambda q, k, cos, sin, unsqueeze_dim, forced: device_reason(q, "cpu", "cpu backend")
-             or _fused_reason(q, cos, sin, CPU_PAIRS, "cpu backend"))
 def _rope_cpu(q, k, cos, sin, unsqueeze_dim):
     return torch.ops.fastpeft.rope(q, k, cos, sin, unsqueeze_dim, False)
 
 
-# -- triton (custom op + fake + autograd, so opcheck and torch.compile work) ------------
-@torch.library.custom_op("fastpeft::rope_triton", mutates_args=())
+# -- triton: torch.ops.fastpeft.rope_triton (its backward is itself, transposed) ---------------------
+@triton_op("rope_triton", fake=_fake, setup_context=_setup_context,
+           backward=_make_backward(lambda *a: _rope_triton_op(*a)))
 def _rope_triton_op(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, unsqueeze_dim: int,
                     transpose: bool) -> tuple[torch.Tensor, torch.Tensor]:
     from .triton_kernel import rope_triton
@@ -177,15 +178,13 @@ def _rope_triton_op(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: to
     return rope_triton(q, k, cos, sin, unsqueeze_dim, transpose)
 
 
-_rope_triton_op.register_fake(_fake)
-_rope_triton_op.register_autograd(_make_backward(_rope_triton_op), setup_context=_setup_context)
-
-
-@OP.register("triton", available=_triton.available,
-             supports=lambda q, k, cos, sin, unsqueeze_dim, forced: _triton.supports_device(q.device, forced)
-             or _fused_reason(q, cos, sin, GPU_PAIRS, "triton backend"))
 def _rope_triton(q, k, cos, sin, unsqueeze_dim):
     return _rope_triton_op(q, k, cos, sin, unsqueeze_dim, False)
 
+
+# -- backends ----------------------------------------------------------------------------------
+register_backend(OP, "torch")(rope_reference)
+register_backend(OP, "cpu", dtypes=CPU_DTYPES, also=_fused_rule(CPU_PAIRS, "cpu backend"), needs=["rope"])(_rope_cpu)
+register_backend(OP, "triton", dtypes=GPU_DTYPES, also=_fused_rule(GPU_PAIRS, "triton backend"))(_rope_triton)
 
 __all__ = ["rope", "rope_reference", "OP"]
