@@ -19,25 +19,39 @@ if _triton.available() is None:
     import triton
     import triton.language as tl
 
-    from fastpeft.kernels.triton_philox import dropout_keep
+    from fastpeft.kernels.triton_philox import dropout_keep, join_seed, seed_halves
 
-    @triton.jit
-    def _mask_kernel(out, seed, M, K, stream, thr, BM: tl.constexpr, BK: tl.constexpr):
+    @triton.jit(do_not_specialize=["seed_lo", "seed_hi"])
+    def _mask_kernel(out, seed_lo, seed_hi, M, K, stream, thr, BM: tl.constexpr, BK: tl.constexpr):
         r = tl.program_id(0) * BM + tl.arange(0, BM)
         c = tl.program_id(1) * BK + tl.arange(0, BK)
-        keep = dropout_keep(seed, r, c, stream, thr)
+        keep = dropout_keep(join_seed(seed_lo, seed_hi), r, c, stream, thr)
         tl.store(out + r[:, None] * K + c[None, :], keep.to(tl.int8), mask=(r[:, None] < M) & (c[None, :] < K))
 
 
 @pytest.mark.skipif(_triton.available() is not None, reason=str(_triton.available()))
 @pytest.mark.parametrize("seed,rows,cols,p,stream", [(1, 13, 29, 0.1, 0), (2**50 + 3, 7, 66, 0.5, 3),
-                                                    (0, 1, 5, 0.9, 1)])
+                                                    (0, 1, 5, 0.9, 1), (2**62 - 1, 9, 17, 0.3, 0),
+                                                    (0x80000000, 5, 12, 0.5, 2), (0x9ABCDEF0FEDCBA98 >> 1, 4, 9, 0.2, 0)])
 def test_triton_mask_equals_reference(seed, rows, cols, p, stream):
+    """Seeds whose halves have the top bit set (negative as int32 kernel arguments) included."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     o = torch.zeros(rows, cols, dtype=torch.int8, device=device)
-    _mask_kernel[(triton.cdiv(rows, 8), triton.cdiv(cols, 16))](o, seed, rows, cols, stream,
+    _mask_kernel[(triton.cdiv(rows, 8), triton.cdiv(cols, 16))](o, *seed_halves(seed), rows, cols, stream,
                                                                 philox.dropout_threshold(p), BM=8, BK=16)
     assert torch.equal(o.bool().cpu(), philox.dropout_keep_mask(seed, rows, cols, p, stream))
+
+
+def test_seed_halves_fit_int32_and_join_back():
+    pytest.importorskip("triton")
+    from fastpeft.kernels.triton_philox import seed_halves
+    g = torch.Generator().manual_seed(0)
+    seeds = [0, 1, 2**31 - 1, 2**31, 2**32 - 1, 2**32, 2**62 - 1, 2**63 - 1]
+    seeds += [int(v) for v in torch.randint(0, 2**62, (200,), generator=g)]
+    for seed in seeds:
+        lo, hi = seed_halves(seed)
+        assert -2**31 <= lo < 2**31 and -2**31 <= hi < 2**31, seed
+        assert ((hi & 0xFFFFFFFF) << 32 | (lo & 0xFFFFFFFF)) == seed
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5])

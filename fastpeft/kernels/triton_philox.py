@@ -26,3 +26,19 @@ def dropout_keep(seed, rows, cols, stream, threshold):
     """Bool keep mask [BM, BK]: (bits >> 8) >= threshold, threshold = ceil(p * 2**24)."""
     bits = philox_bits(seed, rows, cols, stream)
     return (bits >> 8).to(tl.int32) >= threshold
+
+
+def seed_halves(seed: int) -> tuple[int, int]:
+    """A 64-bit Philox seed as two int32-range kernel arguments ``(lo, hi)``, joined in the kernel by
+    :func:`join_seed`.  Triton types and specialises an int argument by its value (i32 or i64; divisible
+    by 16; equal to 1), so a fresh seed per call passed as one int compiled up to four variants of every
+    dropout kernel during the first steps of a run; kernels take ``seed_lo, seed_hi`` in their
+    ``do_not_specialize`` list instead, and these always fit int32."""
+    lo, hi = seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF
+    return (lo - (1 << 32) if lo >= 1 << 31 else lo), (hi - (1 << 32) if hi >= 1 << 31 else hi)
+
+
+@triton.jit
+def join_seed(seed_lo, seed_hi):
+    """The int64 seed of :func:`seed_halves`' two halves."""
+    return (seed_hi.to(tl.int64) << 32) | (seed_lo.to(tl.int64) & 0xFFFFFFFF)

@@ -9,6 +9,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ...kernels.triton_philox import join_seed, seed_halves
+
 NORM_FLOOR = 1e-8
 LINF, L2_TOKEN, L2_EXAMPLE = 0, 1, 2
 MODES = {"linf": LINF, "l2_token": L2_TOKEN, "l2_example": L2_EXAMPLE}
@@ -91,8 +93,8 @@ def _update_kernel(d_ptr, g_ptr, m_ptr, coef_ptr, L, H, step, eps, MODE: tl.cons
             tl.store(d_row + offs, v.to(d_ptr.dtype.element_ty), mask=m)
 
 
-@triton.jit
-def _init_kernel(d_ptr, m_ptr, scale_ptr, seed, L, H, stream, NORMAL: tl.constexpr, HAS_MASK: tl.constexpr,
+@triton.jit(do_not_specialize=["seed_lo", "seed_hi"])
+def _init_kernel(d_ptr, m_ptr, scale_ptr, seed_lo, seed_hi, L, H, stream, NORMAL: tl.constexpr, HAS_MASK: tl.constexpr,
                  BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     b = row // L
@@ -104,7 +106,7 @@ def _init_kernel(d_ptr, m_ptr, scale_ptr, seed, L, H, stream, NORMAL: tl.constex
         c0 = (c >> 2).to(tl.uint32)
         c1 = (c * 0 + row).to(tl.uint32)
         zero = (c * 0).to(tl.uint32)
-        a0, a1, a2, a3 = tl.philox(seed, c0, c1, zero + stream, zero)
+        a0, a1, a2, a3 = tl.philox(join_seed(seed_lo, seed_hi), c0, c1, zero + stream, zero)
         lane = c & 3
         u0 = (a0 >> 8).to(tl.float32) * (1.0 / 16777216.0)
         u1 = (a1 >> 8).to(tl.float32) * (1.0 / 16777216.0)
@@ -167,7 +169,7 @@ def init_triton(delta: torch.Tensor, mask, kind: str, norm: str, scale: float, s
     d = delta if delta.is_contiguous() else torch.empty_like(delta, memory_format=torch.contiguous_format)
     m = _float_mask(mask, delta)
     sc = init_scale(mask, B, L, H, norm, scale, delta.device).reshape(B).to(torch.float32).contiguous()
-    _init_kernel[(B * L,)](d, m if m is not None else sc, sc, seed, L, H, stream, NORMAL=kind == "normal",
+    _init_kernel[(B * L,)](d, m if m is not None else sc, sc, *seed_halves(seed), L, H, stream, NORMAL=kind == "normal",
                            HAS_MASK=m is not None, BLOCK=_block(H))
     if d is not delta:
         delta.copy_(d)

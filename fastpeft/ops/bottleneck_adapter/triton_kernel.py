@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from ...kernels.philox import dropout_threshold
-from ...kernels.triton_philox import dropout_keep
+from ...kernels.triton_philox import dropout_keep, join_seed, seed_halves
 from .reference import DROPOUT_STREAM
 
 ACT_CODES = {"relu": 0, "gelu": 1, "gelu_tanh": 2, "silu": 3}
@@ -101,9 +101,9 @@ def _mm_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, r_ptr, M, N, K,
     tl.store(c_ptr + rm64[:, None] * scm + rn64[None, :] * scn, acc.to(c_ptr.dtype.element_ty), mask=cmask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed_lo", "seed_hi"])
 def _skinny_kernel(a_ptr, b_ptr, bias_ptr, h_ptr, gh_ptr, out_ptr, d_ptr, M, N, K,
-                   sam, sak, sbk, sbn, seed, threshold, scale,
+                   sam, sak, sbk, sbn, seed_lo, seed_hi, threshold, scale,
                    BACKWARD: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_GH: tl.constexpr,
                    WRITE_D: tl.constexpr, DROPOUT: tl.constexpr, ACT: tl.constexpr, STREAM: tl.constexpr,
                    PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
@@ -129,7 +129,7 @@ def _skinny_kernel(a_ptr, b_ptr, bias_ptr, h_ptr, gh_ptr, out_ptr, d_ptr, M, N, 
         hf = tl.load(h_ptr + offs, mask=cmask, other=0.0).to(tl.float32)
     a = _act(hf, ACT) * scale
     if DROPOUT:
-        keep = dropout_keep(seed, rm, rn, STREAM, threshold)
+        keep = dropout_keep(join_seed(seed_lo, seed_hi), rm, rn, STREAM, threshold)
         a = tl.where(keep, a, 0.0)
     if BACKWARD:
         g = acc * scale * _act_grad(hf, ACT)
@@ -165,6 +165,12 @@ def _mm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, bias=None, res=None
     N = b.shape[1]
     if M == 0 or N == 0:
         return out
+    if a.is_cuda:  # a plain GEMM: cuBLAS beats this kernel's tiles on a GPU (H200 run of 2026-12-04)
+        if res is None:
+            torch.matmul(a, b, out=out)
+        else:
+            torch.addmm(res, a, b, out=out)
+        return out if bias is None else out.add_(bias)
     BM, BN, BK = _blocks(M, N, K)
     r = res if res is not None else out
     _mm_kernel[(triton.cdiv(M, BM), triton.cdiv(N, BN))](
@@ -184,7 +190,7 @@ def _skinny(a, b, h, *, backward, act, p, seed, bias=None, gh=None, out=None, d=
     _skinny_kernel[(triton.cdiv(M, BM), triton.cdiv(N, BN))](
         a, b, bias if bias is not None else dummy, h, gh if gh is not None else dummy,
         out if out is not None else dummy, d if d is not None else dummy, M, N, K,
-        a.stride(0), a.stride(1), b.stride(0), b.stride(1), int(seed), dropout_threshold(p),
+        a.stride(0), a.stride(1), b.stride(0), b.stride(1), *seed_halves(int(seed)), dropout_threshold(p),
         1.0 / (1.0 - p),
         BACKWARD=backward, HAS_BIAS=bias is not None, HAS_GH=gh is not None, WRITE_D=d is not None,
         DROPOUT=p > 0.0, ACT=ACT_CODES[act], STREAM=DROPOUT_STREAM, PREC=_prec(a.dtype), BM=BM, BN=BN, BK=BK)

@@ -1,16 +1,26 @@
-"""lora_linear, Triton kernels (GPU; CPU only through the interpreter).
+"""lora_linear on a GPU: cuBLAS for the big GEMMs, Triton for the dropout-masked low-rank parts.
 
 Forward::
 
-    _shrink_kernel      U0 = drop(x) Aᵀ             [M, r]   mask generated in-kernel, never stored
-    _fwd_gemm_kernel    y  = x Wᵀ + b + s·U0 Bᵀ     [M, N]   low-rank update fused in the GEMM epilogue
+    y  = x Wᵀ + b                   cuBLAS (F.linear)
+    U0 = drop(x) Aᵀ                 _shrink_kernel   [M, r]  mask generated in-kernel, never stored
+    y += s · U0 Bᵀ                  cuBLAS (addmm_, in place)
 
-Backward (G = s·dY B and dB = s·dYᵀ U0 are [M, r] / [N, r] products done by torch)::
+Backward (G = s·dY B and dB = s·dYᵀ U0 are [M, r] / [N, r] cuBLAS products)::
 
-    _dx_gemm_kernel     dX = dY W + (G A) ∘ keep/(1-p)     mask regenerated in the epilogue
-    _da_kernel          dA = Gᵀ drop(x)                    mask regenerated, fp32 partial sums over row splits
+    dX  = dY W                      cuBLAS
+    dX += (G A) ∘ keep/(1-p)        _dx_lora_kernel  [M, K] tiles, mask regenerated (p = 0: addmm_)
+    dA  = Gᵀ drop(x)                _da_kernel       mask regenerated, fp32 partial sums over row splits
 
-The rank is padded internally to a power of two >= 16 (``R_PAD``) for ``tl.dot``.
+The first GPU run (H200, 2026-12-04) measured the earlier design, which did the x Wᵀ and dY W GEMMs in
+Triton with the low-rank terms in their epilogues, at 44% of the matmul ceiling (303 TFLOP/s against
+cuBLAS's 685 on 8192×4096×4096 bf16) and 1.7× HF PEFT's time: the frozen GEMMs are most of a LoRA layer's
+work, so they go to cuBLAS, and the fused kernels keep what HF PEFT cannot avoid materialising (drop(x)).
+
+The rank is padded internally to a power of two >= 16 (``R_PAD``) for ``tl.dot``.  Dropout seeds travel
+as two int32 halves that are never specialised (:func:`fastpeft.kernels.triton_philox.seed_halves`), and
+the autotune keys use the row count rounded up to a power of two, so neither a new seed per step nor a new
+sequence length per batch compiles or autotunes again.
 fp32 dots use IEEE precision unless ``torch.backends.cuda.matmul.allow_tf32`` is set.
 """
 from __future__ import annotations
@@ -21,48 +31,38 @@ import triton.language as tl
 
 from ..._triton import autotune_configs, interpreter_on
 from ...kernels.philox import dropout_threshold
-from ...kernels.triton_philox import dropout_keep
+from ...kernels.triton_philox import dropout_keep, join_seed, seed_halves
 
 STREAM = 0  # Philox stream of the LoRA dropout mask (same as the torch and cpu backends)
 
 
-# Tiles. Ranks up to 64 (R_PAD <= 64) use the common Hopper/Ampere tiles, the first of which fits the
-# shared memory of every supported GPU in every dtype (FASTPEFT_TRITON_AUTOTUNE=off keeps only it); wider ranks
-# (R_PAD 128 / 256) hold [BLOCK_M, R_PAD] epilogue tiles and an R_PAD-wide operand, so they get their own
-# small-footprint tiles (BLOCK_M * R_PAD <= 128 * 128, BLOCK_K 32) that also fit the 163 KiB of shared
-# memory of an A100 in fp32 (checked by tests/triton_aot.py for sm_80 and sm_90).
+# Tiles. Ranks up to 64 (R_PAD <= 64) use the common tiles, the first of which fits the shared memory of
+# every supported GPU in every dtype (FASTPEFT_TRITON_AUTOTUNE=off keeps only it); wider ranks (R_PAD
+# 128 / 256) hold an R_PAD-wide operand, so they get their own small-footprint tiles that also fit the
+# 163 KiB of shared memory of an A100 in fp32 (checked by tests/triton_aot.py for sm_80 and sm_90).
 WIDE_RANK = 64
-_GEMM_TILES = [(128, 128, 32, 4, 4), (128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3),
-               (64, 128, 64, 4, 4), (128, 64, 64, 4, 4), (64, 64, 64, 4, 4), (128, 128, 64, 4, 4)]
-_GEMM_TILES_WIDE = [(64, 64, 32, 4, 3), (64, 128, 32, 4, 3), (32, 128, 32, 4, 3)]
+_TILE_TILES = [(64, 128, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 64, 4, 3)]   # [M, K] tiles of dX
+_TILE_TILES_WIDE = [(32, 64, 4, 2), (64, 64, 4, 2), (32, 32, 4, 2)]
 _SKINNY_TILES = [(64, 64, 4, 3), (128, 64, 4, 3), (64, 128, 4, 3), (128, 128, 8, 3), (32, 128, 4, 4),
                  (256, 64, 8, 3)]
 _SKINNY_TILES_WIDE = [(32, 32, 4, 3), (64, 32, 4, 2), (32, 64, 4, 2)]
 
 
-def _gemm_configs():
-    """Tiles for the (M, N)-tiled GEMMs (one small tile in the interpreter); :func:`_prune_configs`
-    picks the list for the rank and cuts it to ``FASTPEFT_TRITON_AUTOTUNE``."""
-    if interpreter_on():
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 2}, num_warps=1)]
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
-            for bm, bn, bk, w, s in _GEMM_TILES + _GEMM_TILES_WIDE]
-
-
-def _skinny_configs():
-    """Tiles for the kernels with an r-wide side (shrink, dA); see :func:`_gemm_configs`."""
+def _configs(tiles, tiles_wide):
+    """``triton.Config`` list of ``(BLOCK_M, BLOCK_K, num_warps, num_stages)`` tiles (one small tile in the
+    interpreter); :func:`_prune_configs` picks the list for the rank and cuts it to
+    ``FASTPEFT_TRITON_AUTOTUNE``."""
     if interpreter_on():
         return [triton.Config({"BLOCK_M": 16, "BLOCK_K": 16}, num_warps=1)]
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-            for bm, bk, w, s in _SKINNY_TILES + _SKINNY_TILES_WIDE]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=st)
+            for bm, bk, w, st in tiles + tiles_wide]
 
 
-_WIDE = {(bm, bn, bk, w, s) for bm, bn, bk, w, s in _GEMM_TILES_WIDE} | \
-    {(bm, None, bk, w, s) for bm, bk, w, s in _SKINNY_TILES_WIDE}
+_WIDE = {(bm, bk, w, st) for bm, bk, w, st in _TILE_TILES_WIDE + _SKINNY_TILES_WIDE}
 
 
 def _is_wide(c) -> bool:
-    return (c.kwargs["BLOCK_M"], c.kwargs.get("BLOCK_N"), c.kwargs["BLOCK_K"], c.num_warps, c.num_stages) in _WIDE
+    return (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages) in _WIDE
 
 
 def _prune_configs(configs, named_args, **kwargs):
@@ -72,19 +72,16 @@ def _prune_configs(configs, named_args, **kwargs):
     return autotune_configs(keep)
 
 
-@triton.jit
-def _grouped_pid(pid, num_m, num_n, GROUP_M: tl.constexpr):
-    group = GROUP_M * num_n
-    first_m = (pid // group) * GROUP_M
-    size_m = min(num_m - first_m, GROUP_M)
-    return first_m + (pid % group) % size_m, (pid % group) // size_m
+def _m_key(M: int) -> int:
+    """The autotune key of a row count: M rounded up to a power of two (at least 64)."""
+    return max(64, triton.next_power_of_2(M))
 
 
-@triton.autotune(configs=_skinny_configs(), key=["M", "K", "R_PAD", "HAS_DROPOUT"],
+@triton.autotune(configs=_configs(_SKINNY_TILES, _SKINNY_TILES_WIDE), key=["M_KEY", "K", "R_PAD", "HAS_DROPOUT"],
                  prune_configs_by={"early_config_prune": _prune_configs})
-@triton.jit
+@triton.jit(do_not_specialize=["seed_lo", "seed_hi", "M_KEY"])
 def _shrink_kernel(x_ptr, a_ptr, u_ptr, M, K, R, stride_xm, stride_xk, stride_ar, stride_ak,
-                   seed, threshold, inv_keep,
+                   seed_lo, seed_hi, threshold, inv_keep, M_KEY,
                    HAS_DROPOUT: tl.constexpr, R_PAD: tl.constexpr, PRECISION: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     """U0[m, j] = Σ_k drop(x)[m, k] · A[j, k]   (drop(x) in x's dtype, fp32 accumulation)."""
@@ -96,7 +93,7 @@ def _shrink_kernel(x_ptr, a_ptr, u_ptr, M, K, R, stride_xm, stride_xk, stride_ar
         x = tl.load(x_ptr + rm[:, None].to(tl.int64) * stride_xm + rk[None, :] * stride_xk,
                     mask=(rm[:, None] < M) & (rk[None, :] < K), other=0.0)
         if HAS_DROPOUT:
-            keep = dropout_keep(seed, rm, rk, 0, threshold)
+            keep = dropout_keep(join_seed(seed_lo, seed_hi), rm, rk, 0, threshold)
             x = tl.where(keep, x.to(tl.float32) * inv_keep, 0.0).to(x_ptr.dtype.element_ty)
         a_t = tl.load(a_ptr + rr[None, :] * stride_ar + rk[:, None] * stride_ak,
                       mask=(rr[None, :] < R) & (rk[:, None] < K), other=0.0)
@@ -105,56 +102,15 @@ def _shrink_kernel(x_ptr, a_ptr, u_ptr, M, K, R, stride_xm, stride_xk, stride_ar
              mask=(rm[:, None] < M) & (rr[None, :] < R))
 
 
-@triton.autotune(configs=_gemm_configs(), key=["M", "N", "K", "R_PAD"],
+@triton.autotune(configs=_configs(_TILE_TILES, _TILE_TILES_WIDE), key=["M_KEY", "K", "R_PAD", "HAS_DROPOUT"],
                  prune_configs_by={"early_config_prune": _prune_configs})
-@triton.jit
-def _fwd_gemm_kernel(x_ptr, w_ptr, b_ptr, u_ptr, lb_ptr, y_ptr, M, N, K, R, scale,
-                     stride_xm, stride_xk, stride_wn, stride_wk, stride_bn, stride_br, stride_bias,
-                     HAS_BIAS: tl.constexpr, R_PAD: tl.constexpr, PRECISION: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-    """y = x Wᵀ + b + scale · U0 Bᵀ, the rank-r update added to the accumulator in the epilogue."""
-    pid_m, pid_n = _grouped_pid(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        rk = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_ptr + rm[:, None].to(tl.int64) * stride_xm + rk[None, :] * stride_xk,
-                    mask=(rm[:, None] < M) & (rk[None, :] < K), other=0.0)
-        w_t = tl.load(w_ptr + rn[None, :].to(tl.int64) * stride_wn + rk[:, None] * stride_wk,
-                      mask=(rn[None, :] < N) & (rk[:, None] < K), other=0.0)
-        acc += tl.dot(x, w_t, input_precision=PRECISION)
-    rr = tl.arange(0, R_PAD)
-    u = tl.load(u_ptr + rm[:, None].to(tl.int64) * R + rr[None, :], mask=(rm[:, None] < M) & (rr[None, :] < R),
-                other=0.0)
-    lb_t = tl.load(lb_ptr + rn[None, :] * stride_bn + rr[:, None] * stride_br,
-                   mask=(rn[None, :] < N) & (rr[:, None] < R), other=0.0)
-    acc += tl.dot(u, lb_t.to(u.dtype), input_precision=PRECISION) * scale
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + rn * stride_bias, mask=rn < N, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_ptr + rm[:, None].to(tl.int64) * N + rn[None, :], acc.to(y_ptr.dtype.element_ty),
-             mask=(rm[:, None] < M) & (rn[None, :] < N))
-
-
-@triton.autotune(configs=_gemm_configs(), key=["M", "N", "K", "R_PAD", "HAS_DROPOUT"],
-                 prune_configs_by={"early_config_prune": _prune_configs})
-@triton.jit
-def _dx_gemm_kernel(dy_ptr, w_ptr, g_ptr, a_ptr, dx_ptr, M, N, K, R, stride_dm, stride_dn, stride_wn, stride_wk,
-                    stride_ar, stride_ak, seed, threshold, inv_keep,
-                    HAS_DROPOUT: tl.constexpr, R_PAD: tl.constexpr, PRECISION: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-    """dX = dY W + (G A) ∘ keep / (1 - p)  (tiles over [M, K], loop over N; BLOCK_N tiles K here)."""
-    pid_m, pid_k = _grouped_pid(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_N), GROUP_M)
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rk = pid_k * BLOCK_N + tl.arange(0, BLOCK_N)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for n0 in range(0, N, BLOCK_K):
-        rn = n0 + tl.arange(0, BLOCK_K)
-        dy = tl.load(dy_ptr + rm[:, None].to(tl.int64) * stride_dm + rn[None, :] * stride_dn,
-                     mask=(rm[:, None] < M) & (rn[None, :] < N), other=0.0)
-        w = tl.load(w_ptr + rn[:, None].to(tl.int64) * stride_wn + rk[None, :] * stride_wk,
-                    mask=(rn[:, None] < N) & (rk[None, :] < K), other=0.0)
-        acc += tl.dot(dy, w, input_precision=PRECISION)
+@triton.jit(do_not_specialize=["seed_lo", "seed_hi", "M_KEY"])
+def _dx_lora_kernel(g_ptr, a_ptr, dx_ptr, M, K, R, stride_ar, stride_ak, seed_lo, seed_hi, threshold, inv_keep,
+                    M_KEY, HAS_DROPOUT: tl.constexpr, R_PAD: tl.constexpr, PRECISION: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """dX[m, k] += Σ_j G[m, j] · A[j, k] · keep[m, k] / (1 - p)   (dX: contiguous [M, K], already dY W)."""
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rk = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     rr = tl.arange(0, R_PAD)
     g = tl.load(g_ptr + rm[:, None].to(tl.int64) * R + rr[None, :], mask=(rm[:, None] < M) & (rr[None, :] < R),
                 other=0.0)
@@ -162,17 +118,18 @@ def _dx_gemm_kernel(dy_ptr, w_ptr, g_ptr, a_ptr, dx_ptr, M, N, K, R, stride_dm, 
                 mask=(rr[:, None] < R) & (rk[None, :] < K), other=0.0)
     ga = tl.dot(g, a.to(g.dtype), input_precision=PRECISION)
     if HAS_DROPOUT:
-        keep = dropout_keep(seed, rm, rk, 0, threshold)
+        keep = dropout_keep(join_seed(seed_lo, seed_hi), rm, rk, 0, threshold)
         ga = tl.where(keep, ga * inv_keep, 0.0)
-    acc += ga
-    tl.store(dx_ptr + rm[:, None].to(tl.int64) * K + rk[None, :], acc.to(dx_ptr.dtype.element_ty),
-             mask=(rm[:, None] < M) & (rk[None, :] < K))
+    ptrs = dx_ptr + rm[:, None].to(tl.int64) * K + rk[None, :]
+    mask = (rm[:, None] < M) & (rk[None, :] < K)
+    dx = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(ptrs, (dx + ga).to(dx_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.autotune(configs=_skinny_configs(), key=["M", "K", "R_PAD", "HAS_DROPOUT", "SPLIT"],
+@triton.autotune(configs=_configs(_SKINNY_TILES, _SKINNY_TILES_WIDE), key=["M_KEY", "K", "R_PAD", "HAS_DROPOUT", "SPLIT"],
                  prune_configs_by={"early_config_prune": _prune_configs})
-@triton.jit
-def _da_kernel(g_ptr, x_ptr, ws_ptr, M, K, R, stride_xm, stride_xk, seed, threshold, inv_keep,
+@triton.jit(do_not_specialize=["seed_lo", "seed_hi", "M_KEY"])
+def _da_kernel(g_ptr, x_ptr, ws_ptr, M, K, R, stride_xm, stride_xk, seed_lo, seed_hi, threshold, inv_keep, M_KEY,
                HAS_DROPOUT: tl.constexpr, R_PAD: tl.constexpr, PRECISION: tl.constexpr, SPLIT: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     """Partial dA of split s: ws[s, j, k] = Σ_{m in split s} G[m, j] · drop(x)[m, k]   (fp32).
@@ -189,7 +146,7 @@ def _da_kernel(g_ptr, x_ptr, ws_ptr, M, K, R, stride_xm, stride_xk, seed, thresh
         x = tl.load(x_ptr + rm[:, None].to(tl.int64) * stride_xm + rk[None, :] * stride_xk,
                     mask=(rm[:, None] < M) & (rk[None, :] < K), other=0.0)
         if HAS_DROPOUT:
-            keep = dropout_keep(seed, rm, rk, 0, threshold)
+            keep = dropout_keep(join_seed(seed_lo, seed_hi), rm, rk, 0, threshold)
             x = tl.where(keep, x.to(tl.float32) * inv_keep, 0.0).to(x_ptr.dtype.element_ty)
         acc += tl.dot(g_t, x, input_precision=PRECISION)
     tl.store(ws_ptr + (split * R + rr[:, None]).to(tl.int64) * K + rk[None, :], acc,
@@ -212,7 +169,18 @@ def _precision(dtype: torch.dtype) -> str:
 
 
 def _dropout_args(p: float, seed: int):
-    return (seed if p > 0 else 0), dropout_threshold(p), (1.0 / (1.0 - p))
+    """(seed_lo, seed_hi, threshold, 1 / (1 - p)) kernel arguments."""
+    return (*seed_halves(seed if p > 0 else 0), dropout_threshold(p), (1.0 / (1.0 - p)))
+
+
+def _shrink(x2, lora_A, M, K, r, p, seed):
+    """U0 = drop(x) Aᵀ [M, r] in x's dtype (fp32 accumulation)."""
+    u0 = torch.empty(M, r, dtype=x2.dtype, device=x2.device)
+    if M > 0:
+        _shrink_kernel[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),)](
+            x2, lora_A, u0, M, K, r, x2.stride(0), x2.stride(1), lora_A.stride(0), lora_A.stride(1),
+            *_dropout_args(p, seed), _m_key(M), HAS_DROPOUT=p > 0, R_PAD=_r_pad(r), PRECISION=_precision(x2.dtype))
+    return u0
 
 
 def lora_linear_fwd_triton(x, weight, bias, lora_A, lora_B, scale: float, p: float, seed: int):
@@ -220,19 +188,11 @@ def lora_linear_fwd_triton(x, weight, bias, lora_A, lora_B, scale: float, p: flo
     K, N, r = x.shape[-1], weight.shape[0], lora_A.shape[0]
     x2 = x.reshape(-1, K)
     M = x2.shape[0]
-    y = torch.empty(M, N, dtype=x.dtype, device=x.device)
-    u0 = torch.empty(M, r, dtype=x.dtype, device=x.device)
+    y = torch.nn.functional.linear(x2, weight, bias)
+    u0 = _shrink(x2, lora_A, M, K, r, p, seed)
     if M > 0:
-        r_pad, prec = _r_pad(r), _precision(x.dtype)
-        s, thr, inv = _dropout_args(p, seed)
-        _shrink_kernel[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),)](
-            x2, lora_A, u0, M, K, r, x2.stride(0), x2.stride(1), lora_A.stride(0), lora_A.stride(1), s, thr, inv,
-            HAS_DROPOUT=p > 0, R_PAD=r_pad, PRECISION=prec)
-        _fwd_gemm_kernel[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)](
-            x2, weight, bias if bias is not None else y, u0, lora_B, y, M, N, K, r, float(scale),
-            x2.stride(0), x2.stride(1), weight.stride(0), weight.stride(1), lora_B.stride(0), lora_B.stride(1),
-            bias.stride(0) if bias is not None else 0, HAS_BIAS=bias is not None, R_PAD=r_pad, PRECISION=prec)
-    return y.view(*x.shape[:-1], N), u0
+        y.addmm_(u0, lora_B.to(x.dtype).t(), alpha=float(scale))
+    return y.reshape(*x.shape[:-1], N), u0
 
 
 def lora_linear_bwd_triton(dy, x, weight, lora_A, lora_B, u0, scale: float, p: float, seed: int, needs):
@@ -252,21 +212,22 @@ def lora_linear_bwd_triton(dy, x, weight, lora_A, lora_B, u0, scale: float, p: f
     if need_bb:
         dbb = (dy2.t() @ u0).mul_(scale).to(lora_B.dtype)
     r_pad, prec = _r_pad(r), _precision(act)
-    s, thr, inv = _dropout_args(p, seed)
+    args = _dropout_args(p, seed)
     if need_x:
-        dx = torch.empty(M, K, dtype=act, device=x.device)
-        if M > 0:
-            _dx_gemm_kernel[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_N"]),)](
-                dy2, weight, g, lora_A, dx, M, N, K, r, dy2.stride(0), dy2.stride(1), weight.stride(0),
-                weight.stride(1), lora_A.stride(0), lora_A.stride(1), s, thr, inv,
-                HAS_DROPOUT=p > 0, R_PAD=r_pad, PRECISION=prec)
-        dx = dx.view(x.shape)
+        dx = dy2 @ weight  # [M, K], contiguous
+        if M > 0 and p == 0:
+            dx.addmm_(g, lora_A.to(act))
+        elif M > 0:
+            _dx_lora_kernel[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(K, meta["BLOCK_K"]))](
+                g, lora_A, dx, M, K, r, lora_A.stride(0), lora_A.stride(1), *args, _m_key(M),
+                HAS_DROPOUT=True, R_PAD=r_pad, PRECISION=prec)
+        dx = dx.reshape(x.shape)
     if need_a:
         if M > 0:
             split = _da_split(M)
             ws = torch.empty(split, r, K, dtype=torch.float32, device=x.device)
             _da_kernel[lambda meta: (triton.cdiv(K, meta["BLOCK_K"]), split)](
-                g, x2, ws, M, K, r, x2.stride(0), x2.stride(1), s, thr, inv,
+                g, x2, ws, M, K, r, x2.stride(0), x2.stride(1), *args, _m_key(M),
                 HAS_DROPOUT=p > 0, R_PAD=r_pad, PRECISION=prec, SPLIT=split)
             da = ws.sum(0).to(lora_A.dtype)
         else:
