@@ -45,13 +45,14 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
                                msg=lambda m: f"{what}: {m}")
 
 
-def check_scaled(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str) -> None:
-    """|actual - expected| <= atol * max(1, max|expected|) + rtol * |expected| with TOL[dtype]: the
-    absolute part scales with the output's magnitude (sums of many products)."""
+def check_scaled(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str,
+                 scale: float = 1.0) -> None:
+    """|actual - expected| <= scale * atol * max(1, max|expected|) + rtol * |expected| with TOL[dtype]:
+    the absolute part scales with the output's magnitude (sums of many products)."""
     atol, rtol = TOL[dtype]
     expected = expected.double()
     big = max(1.0, float(expected.abs().max())) if expected.numel() else 1.0
-    torch.testing.assert_close(actual.detach().cpu().double(), expected, atol=atol * big, rtol=rtol,
+    torch.testing.assert_close(actual.detach().cpu().double(), expected, atol=atol * scale * big, rtol=rtol,
                                msg=lambda m: f"{what} ({dtype}): {m}")
 
 

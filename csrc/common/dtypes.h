@@ -22,12 +22,13 @@ inline float to_float(bf16_t v) {
 
 template <typename T> inline T from_float(float v);
 template <> inline float from_float<float>(float v) { return v; }
+// Branch-free (a select, no early return) so that loops calling it vectorise.
 template <> inline bf16_t from_float<bf16_t>(float v) {
   uint32_t u;
   std::memcpy(&u, &v, sizeof u);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return bf16_t{static_cast<uint16_t>((u >> 16) | 0x40u)};
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return bf16_t{static_cast<uint16_t>(u >> 16)};
+  const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  const uint32_t quiet_nan = (u >> 16) | 0x40u;
+  return bf16_t{static_cast<uint16_t>((u & 0x7fffffffu) > 0x7f800000u ? quiet_nan : rounded)};
 }
 template <typename T> inline T from_double(double v) { return from_float<T>(static_cast<float>(v)); }
 template <> inline double from_double<double>(double v) { return v; }

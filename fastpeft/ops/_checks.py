@@ -57,3 +57,13 @@ def dtype_reason(t: torch.Tensor, allowed: Iterable[torch.dtype], what: str) -> 
 
 def device_reason(t: torch.Tensor, device_type: str, what: str) -> Optional[str]:
     return None if t.device.type == device_type else f"{what} needs {device_type} tensors, got {t.device.type}"
+
+
+def dtype_pair_reason(pair: tuple, allowed: Iterable[tuple], what: str, names: str) -> Optional[str]:
+    """None if the (input, output) dtype ``pair`` is one of ``allowed``, else the reason (``names`` says
+    what the pair is, e.g. "x/output")."""
+    allowed = tuple(allowed)
+    if pair in allowed:
+        return None
+    fmt = lambda p: "/".join(str(d).replace("torch.", "") for d in p)  # noqa: E731
+    return f"{what} takes {names} dtypes {[fmt(p) for p in allowed]}, got {fmt(pair)}"
