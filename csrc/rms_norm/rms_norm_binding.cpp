@@ -48,7 +48,8 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_fwd_cpu_impl(const at::Tensor& x, co
   const auto out = out_dtype(x, weight, cast_before_weight);
   const at::Tensor x2 = rows_2d(x, M, H);
   const at::Tensor w = effective_weight(weight, acc, offset);
-  at::Tensor y = at::empty({M, H}, x.options().dtype(out));
+  // allocated in x's shape (contiguous), so the op returns a tensor, not a view: in-place ops on it work
+  at::Tensor y = at::empty(x.sizes(), x.options().dtype(out));
   at::Tensor rstd = at::empty({M}, x.options().dtype(acc));
   dispatch_in_out_cpu(x.scalar_type(), out, "rms_norm", [&](auto t, auto o) {
     using T = decltype(t);
@@ -57,7 +58,7 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_fwd_cpu_impl(const at::Tensor& x, co
     rms_norm_fwd_cpu<T, O>(cpu_ptr<T>(x2), x2.stride(0), cpu_ptr<A>(w), M, H, eps, cast_before_weight,
                            cpu_ptr<O>(y), cpu_ptr<A>(rstd));
   });
-  return {y.view(x.sizes()), rstd};
+  return {y, rstd};
 }
 
 std::tuple<at::Tensor, at::Tensor> rms_norm_bwd_cpu_impl(const at::Tensor& grad_y, const at::Tensor& x,
@@ -77,7 +78,7 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_bwd_cpu_impl(const at::Tensor& grad_
   const at::Tensor x2 = rows_2d(x, M, H), g2 = rows_2d(grad_y, M, H), r = rstd.contiguous();
   const at::Tensor w = effective_weight(weight, acc, offset);
   // Outputs of an op must not alias each other: distinct empty tensors for gradients not asked for.
-  at::Tensor dx = need_dx ? at::empty({M, H}, x.options()) : at::empty({0}, x.options());
+  at::Tensor dx = need_dx ? at::empty(x.sizes(), x.options()) : at::empty({0}, x.options());
   at::Tensor dw = need_dweight ? at::empty({H}, x.options().dtype(acc)) : at::Tensor();
   dispatch_in_out_cpu(x.scalar_type(), out, "rms_norm", [&](auto t, auto o) {
     using T = decltype(t);
@@ -87,7 +88,7 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_bwd_cpu_impl(const at::Tensor& grad_
                            cpu_ptr<A>(r), M, H, cast_before_weight, need_dx ? cpu_ptr<T>(dx) : nullptr,
                            need_dweight ? cpu_ptr<A>(dw) : nullptr);
   });
-  return {need_dx ? dx.view(x.sizes()) : dx,
+  return {dx,
           need_dweight ? dw.to(weight.scalar_type()) : at::empty({0}, weight.options())};
 }
 

@@ -85,13 +85,14 @@ def rms_norm_fwd_triton(x: torch.Tensor, weight: torch.Tensor, eps: float, offse
     H = x.shape[-1]
     M = x.numel() // H
     x2 = _rows(x, M, H)
-    y = torch.empty((M, H), dtype=out_dtype(x.dtype, weight.dtype, cast_before_weight), device=x.device)
+    # in x's shape (contiguous): the op returns a tensor, not a view (in-place ops on it must work)
+    y = torch.empty(x.shape, dtype=out_dtype(x.dtype, weight.dtype, cast_before_weight), device=x.device)
     rstd = torch.empty((M,), dtype=torch.float32, device=x.device)
     if M:
         block, warps = _launch_config(H)
         _rms_norm_fwd_kernel[(M,)](x2, x2.stride(0), weight, y, rstd, H, float(eps), float(offset),
                                    CAST_BEFORE_WEIGHT=cast_before_weight, BLOCK=block, num_warps=warps)
-    return y.view(x.shape), rstd
+    return y, rstd
 
 
 def rms_norm_bwd_triton(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
@@ -100,7 +101,7 @@ def rms_norm_bwd_triton(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Ten
     H = x.shape[-1]
     M = x.numel() // H
     x2, g2 = _rows(x, M, H), _rows(grad_y, M, H)
-    dx = torch.empty((M, H) if need_dx else (0,), dtype=x.dtype, device=x.device)
+    dx = torch.empty(x.shape if need_dx else (0,), dtype=x.dtype, device=x.device)
     G = _programs(x.device, M)
     partial = torch.zeros((G, H) if need_dweight else (1,), dtype=torch.float32, device=x.device)
     if M and (need_dx or need_dweight):
@@ -109,7 +110,7 @@ def rms_norm_bwd_triton(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Ten
                                    float(offset), triton.cdiv(M, G), CAST_BEFORE_WEIGHT=cast_before_weight,
                                    NEED_DX=need_dx, NEED_DW=need_dweight, BLOCK=block, num_warps=warps)
     dw = partial.sum(0).to(weight.dtype) if need_dweight else weight.new_empty((0,))
-    return (dx.view(x.shape) if need_dx else dx), dw
+    return dx, dw
 
 
 def aot_launches() -> None:
