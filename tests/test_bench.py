@@ -141,6 +141,22 @@ def test_registry_lists_unique_cases_without_building(suite, device):
     assert len({c.name for c in cases}) == len(cases)
 
 
+def test_full_suite_runs_target_cases_first_so_a_time_cap_cuts_the_rest():
+    cases = all_cases("full", torch.device("cuda"))
+    tiers = [0 if c.group == "ceiling" else 1 if c.targets else 2 for c in cases]
+    assert tiers == sorted(tiers), "ceilings, then cases with targets, then the others"
+    names = [c.name for c in cases]
+    assert names.index(next(n for n in names if n.startswith("e2e/llama_1b"))) < tiers.index(2)
+
+
+def test_recorded_commit_can_be_overridden_for_a_copied_working_tree(monkeypatch):
+    monkeypatch.setenv("FASTPEFT_GIT_COMMIT", "0123abc")
+    assert runner.git_commit() == ("0123abc", None)
+    monkeypatch.delenv("FASTPEFT_GIT_COMMIT")
+    commit, _ = runner.git_commit()
+    assert commit != "0123abc"
+
+
 def test_targets_of_the_issues_are_attached():
     cpu = {c.name: c for c in all_cases("quick", torch.device("cpu"))}
     lora = [c for n, c in cpu.items() if n.startswith("lora_linear/M2048_K1024_N1024_r16_p0.1")]

@@ -69,7 +69,13 @@ def _version(pkg: str) -> Optional[str]:
 
 
 def git_commit() -> tuple[Optional[str], Optional[bool]]:
-    """(commit, dirty) of the checkout fastpeft is imported from, or (None, None)."""
+    """(commit, dirty) of the checkout fastpeft is imported from, or (None, None).
+
+    ``FASTPEFT_GIT_COMMIT`` overrides it (dirty then None): a working tree copied to a remote machine without
+    its current ``.git`` (as the GPU lease tool does) would otherwise record a stale commit."""
+    override = os.environ.get("FASTPEFT_GIT_COMMIT", "").strip()
+    if override:
+        return override, None
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     try:
         commit = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True, text=True,
