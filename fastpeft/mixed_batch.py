@@ -72,7 +72,10 @@ def mixed_adapters(adapter_names: Sequence[str]) -> Iterator[None]:
 
 
 def current_adapter_names() -> Optional[tuple]:
-    """The per-sequence adapter names of the :func:`mixed_adapters` block we are in, or None."""
+    """The per-sequence adapter names of the :func:`mixed_adapters` block we are in, or None (always None
+    while ``torch.compile`` traces: mixed-adapter batches run eagerly)."""
+    if torch.compiler.is_compiling():
+        return None
     return _NAMES.get()
 
 

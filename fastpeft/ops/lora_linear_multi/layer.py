@@ -165,12 +165,15 @@ def expand_names(names: Sequence[str], rows: int) -> list:
     return [a for a in names for _ in range(k)]
 
 
-def _check_rows_stackable(layer, names) -> None:
+def _rows_stackable(layer, names, strict: bool) -> bool:
     for a in set(names):
         why = unsupported_adapter(layer, a) if a in getattr(layer, "lora_A", {}) else None
         if why is not None:
+            if not strict:
+                return False
             raise ValueError(f"adapter_names: adapter {a!r} uses {why}; mixed-adapter batches support plain LoRA "
                              "adapters only (as in HF PEFT)")
+    return True
 
 
 def base_reason(layer) -> Optional[str]:
@@ -190,11 +193,11 @@ def base_reason(layer) -> Optional[str]:
     return f"base layer of class {type(base).__name__} (not nn.Linear / Conv1D)"
 
 
-def mixed_forward(layer, x: torch.Tensor, names: Sequence[str]) -> Optional[torch.Tensor]:
+def mixed_forward(layer, x: torch.Tensor, names: Sequence[str], strict: bool = True) -> Optional[torch.Tensor]:
     """The output of LoRA ``layer`` (Linear, GPT-2 Conv1D or Embedding) on the mixed batch ``x`` whose
     sequences use ``names`` (one per sequence; ``"__base__"`` = none), through the multi-adapter op, or
-    None when the op cannot take this layer (the caller runs its own per-adapter loop).  Raises for rows
-    on a DoRA / lora_bias / variant adapter."""
+    None when the op cannot take this layer (the caller runs its own per-adapter loop).  A row on a DoRA /
+    lora_bias / variant adapter raises (``strict``) or gives None (HF PEFT's layers, whose loop runs them)."""
     from . import lora_embedding_multi, lora_linear_multi
     from ..lora_linear.layer import autocast_copy, autocast_dtype
 
@@ -202,7 +205,8 @@ def mixed_forward(layer, x: torch.Tensor, names: Sequence[str]) -> Optional[torc
         return None
     if base_reason(layer) is not None or x.dim() < 1 or (x.dim() < 2 and not _is_embedding_layer(layer)):
         return None
-    _check_rows_stackable(layer, names)
+    if not _rows_stackable(layer, names, strict):
+        return None
     base = layer.get_base_layer()
     with torch.no_grad():
         if _is_embedding_layer(layer):
