@@ -128,3 +128,18 @@ def test_sequence_classification_heads_stay_peft():
         with no_peft_loop():
             got = fast(input_ids=ids, adapter_names=names).logits
     torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10)
+
+
+def test_bench_case_variants_agree():
+    """The mixed-batch bench case (smoke size) times variants that compute the same logits."""
+    from fastpeft.bench import mixed
+    from fastpeft.bench.cases import all_cases
+
+    case, = [c for c in all_cases("smoke", "cpu") if c.group == "mixed"]
+    built = case.build(torch.device("cpu"))
+    out = {k: fn() for k, fn in built.variants.items()}
+    assert set(out) == set(mixed.VARIANTS)
+    for k in ("hf_peft_mixed", "fastpeft_accelerate_mixed"):
+        torch.testing.assert_close(out[k], out["fastpeft_mixed"], atol=1e-5, rtol=1e-4)
+    names = built.extra["adapter_names"]
+    assert len(set(names)) == 4 and (out["fastpeft_mixed"] - out["fastpeft_one_adapter"]).abs().max() > 1e-4
