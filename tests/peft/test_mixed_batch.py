@@ -279,3 +279,49 @@ def test_mixed_batch_on_gpu_matches_float64_cpu(kind):
     kw = dict(max_new_tokens=4, pad_token_id=0, do_sample=False)
     got = model.generate(input_ids=ids.cuda(), attention_mask=torch.ones_like(ids).cuda(), adapter_names=names, **kw)
     assert got.shape == (6, 13)
+
+
+def test_encoder_decoder_beam_generate():
+    """T5: the encoder sees B rows, the decoder B·num_beams; each name covers its sequence's rows in both."""
+    from transformers import T5Config, T5ForConditionalGeneration
+    torch.manual_seed(0)
+    cfg = T5Config(vocab_size=VOCAB, d_model=16, d_kv=8, d_ff=24, num_layers=2, num_decoder_layers=2, num_heads=2,
+                   decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+    base = T5ForConditionalGeneration(cfg).double().eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        m = fastpeft.get_peft_model(base, fastpeft.LoraConfig(r=4, target_modules=["q", "v"]), adapter_name="x")
+        m.add_adapter("y", fastpeft.LoraConfig(r=2, target_modules=["k", "o", "wi"]))
+    _randomise(m, seed=3)
+    m.eval()
+    ids = torch.randint(2, VOCAB, (3, 6), generator=torch.Generator().manual_seed(11))
+    names = ["y", BASE_ADAPTER, "x"]
+    kw = dict(max_new_tokens=5, num_beams=2, do_sample=False)
+    with no_adapter_loop():
+        got = m.generate(input_ids=ids, attention_mask=torch.ones_like(ids), adapter_names=names, **kw)
+    for i, a in enumerate(names):
+        row = dict(input_ids=ids[i:i + 1], attention_mask=torch.ones_like(ids[i:i + 1]))
+        if a == BASE_ADAPTER:
+            with m.disable_adapter():
+                want = m.generate(**row, **kw)
+        else:
+            m.set_adapter(a)
+            want = m.generate(**row, **kw)
+        assert torch.equal(got[i, :want.shape[1]], want[0]), (i, a)
+
+
+def test_stacks_are_built_once_and_index_rows_per_layer():
+    model = _model("llama")
+    ids = torch.randint(0, VOCAB, (3, 4), generator=torch.Generator().manual_seed(12))
+    model(input_ids=ids, adapter_names=["a", "b", "c"])
+    q = model.base_model.model.model.layers[1].self_attn.q_proj
+    up = model.base_model.model.model.layers[1].mlp.up_proj
+    s_q = adapter_stack(q, torch.float64, torch.device("cpu"))
+    model(input_ids=ids, adapter_names=["c", "c", "a"])
+    assert adapter_stack(q, torch.float64, torch.device("cpu")) is s_q  # not rebuilt
+    assert s_q.names == ("a", "b") and s_q.ranks == [4, 8] and s_q.lora_A.shape == (2, 8, 16)
+    assert s_q.lora_A[0, 4:].abs().sum() == 0  # the padding of the smaller rank is zero
+    from fastpeft.ops.lora_linear_multi.layer import adapter_index
+    assert adapter_index(["a", "c", BASE_ADAPTER, "b"], s_q, 8, torch.device("cpu")).tolist() == \
+        [0, 0, -1, -1, -1, -1, 1, 1]  # c does not target q_proj: its rows are base-only there
+    assert adapter_stack(up, torch.float64, torch.device("cpu")).names == ("c",)
