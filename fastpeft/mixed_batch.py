@@ -13,6 +13,10 @@
   the adapters present (the LoRA layers of the body are not: they run
   :func:`fastpeft.ops.lora_linear_multi`, see :mod:`fastpeft.ops.lora_linear_multi.layer`).
 
+Adapters can be loaded (``load_adapter``) and deleted (``delete_adapter``) between batches without touching
+the base weights; each layer's stacked adapters follow on the next batch.  Loading or deleting while a
+forward runs in another thread is not safe: a server serialises them with its forwards (one lock).
+
 Example::
 
     model = fastpeft.PeftModel.from_pretrained(base, "adapters/sentiment", adapter_name="sentiment")
