@@ -325,3 +325,21 @@ def test_stacks_are_built_once_and_index_rows_per_layer():
     assert adapter_index(["a", "c", BASE_ADAPTER, "b"], s_q, 8, torch.device("cpu")).tolist() == \
         [0, 0, -1, -1, -1, -1, 1, 1]  # c does not target q_proj: its rows are base-only there
     assert adapter_stack(up, torch.float64, torch.device("cpu")).names == ("c",)
+
+
+def test_mixed_batch_under_bf16_autocast():
+    """fp32 weights under CPU bf16 autocast (what HF Trainer bf16=True evaluation does): the op runs in bf16,
+    as each row alone does under the same autocast, within bf16 rounding of the fp32 result."""
+    model = _model("llama", torch.float32)
+    ids = torch.randint(0, VOCAB, (4, 5), generator=torch.Generator().manual_seed(13))
+    names = ["a", "b", BASE_ADAPTER, "c"]
+    with torch.no_grad():
+        fp32 = _each_alone(model, names, input_ids=ids)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            alone = _each_alone(model, names, input_ids=ids)
+            with no_adapter_loop():
+                got = model(input_ids=ids, adapter_names=names).logits
+    assert got.dtype == torch.bfloat16
+    scale = fp32.abs().max()
+    assert (got.float() - fp32).abs().max() / scale < 4e-2
+    assert (got.float() - alone.float()).abs().max() / scale < 6e-2
