@@ -58,6 +58,7 @@ _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?|xpu(:\d+)?)$")
 #: exit status of ``fastpeft finetune`` for a run stopped (or finished) with non-finite losses
 EXIT_DIVERGED = 3
 
+
 @dataclass
 class TrainerConfig:
     """Trainer options (the ``trainer:`` section of a YAML config)."""

@@ -6,7 +6,6 @@ regexes are one-line errors."""
 import json
 import math
 import os
-import shutil
 
 import pytest
 import torch
