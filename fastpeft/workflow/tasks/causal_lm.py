@@ -16,6 +16,7 @@ class CausalLM(Task):
     name = "causal_lm"
     aliases = ("lm", "clm")
     default_metric = "loss"
+    metric_names = ("loss", "perplexity")
     default_mode = "min"
     head_modules: list[str] = []
     peft_task_type = "CAUSAL_LM"
