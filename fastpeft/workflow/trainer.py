@@ -92,6 +92,7 @@ class TrainerConfig:
     device: str = "auto"                   # auto | cpu | cuda | cuda:N
     distributed: str = "auto"              # auto (DDP when WORLD_SIZE>1) | none | ddp | fsdp
     deterministic: bool = False            # torch.use_deterministic_algorithms(True)
+    fuse_base: bool = True                 # tasks with a fused base (causal_lm): fastpeft.patch_model the model
 
     def __post_init__(self):
         self.validate()
@@ -124,6 +125,8 @@ class TrainerConfig:
             bad("warmup_steps", "an integer >= 0")
         if self.weight_decay < 0:
             bad("weight_decay", ">= 0")
+        if not isinstance(self.fuse_base, bool):
+            bad("fuse_base", "true or false")
         self.betas = tuple(self.betas)
         return self
 
@@ -471,6 +474,8 @@ class Trainer:
             os.makedirs(cfg.output_dir, exist_ok=True)
         self.metric = cfg.metric or self.task.default_metric
         self.mode = cfg.mode or (self.task.default_mode if cfg.metric is None else self.task.metric_mode(self.metric))
+        if cfg.fuse_base and hasattr(self.task, "fuse_base"):  # causal_lm: fastpeft.patch_model
+            self.fuse_summary = self.task.fuse_base(self.model, loss=self.loss_fn is None and self.adversarial is None)
         self.model.to(self.device)
         if self.info.enabled:
             kind = "ddp" if cfg.distributed == "auto" else cfg.distributed

@@ -51,6 +51,7 @@ def batch(seed: int = 1, B: int = 2, S: int = 13):
     labels = ids.clone()
     labels[0, :4] = -100
     mask = torch.ones_like(ids)
-    mask[1, -2:] = 0  # right padding in the second row
-    labels[1, -2:] = -100
+    if B > 1:
+        mask[1, -2:] = 0  # right padding in the second row
+        labels[1, -2:] = -100
     return ids, mask, labels
