@@ -283,3 +283,19 @@ def test_label_out_of_range_is_a_clear_error():
     with pytest.raises(ValueError, match=r"labels: 500 at position .* outside \[0, 97\)"):
         model(input_ids=ids, labels=labels)
     fastpeft.unpatch_model(model)
+
+
+# -- GPU (-m gpu): the Triton kernels inside a patched bf16 model ------------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", ["llama", "gemma2", "phi3"])
+def test_gpu_bfloat16_patched_matches_unpatched(family):
+    model = lora(tiny_model(family, torch.bfloat16).cuda(), "fastpeft")
+    ids, mask, labels = (t.cuda() for t in batch())
+    out0, g0 = step(model, ids, mask, labels)
+    fastpeft.patch_model(model)
+    out1, g1 = step(model, ids, mask, labels)
+    fastpeft.unpatch_model(model)
+    assert out1.logits is None
+    assert_close(out1.loss, out0.loss, torch.bfloat16, "loss")
+    for n in g0:
+        assert_close(g1[n], g0[n], torch.bfloat16, f"grad {n}")
