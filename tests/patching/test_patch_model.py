@@ -56,7 +56,7 @@ def assert_close(got, want, dtype, what):
                                msg=lambda m: f"{what}: {m}")
 
 
-def compare(model, dtype=torch.float32, checkpointing=False, **kw):
+def compare(model, dtype=torch.float32, checkpointing=False, reentrant=False, **kw):
     """Unpatched step vs patched step (optionally with gradient checkpointing on the patched one)."""
     ids, mask, labels = batch()
     out0, g0 = step(model, ids, mask, labels, **kw)
@@ -64,7 +64,9 @@ def compare(model, dtype=torch.float32, checkpointing=False, **kw):
     calls = []
     if checkpointing:
         tm = fastpeft.patching.transformers_model(model)
-        tm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        tm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        if reentrant:  # the reentrant checkpoint needs an input that requires grad (frozen embeddings)
+            tm.enable_input_require_grads()
         mlp = next(m for m in tm.modules() if type(m).__name__.endswith("MLP"))  # inside the checkpointed layer
         mlp.register_forward_pre_hook(lambda *a: calls.append(1))
     try:
@@ -94,12 +96,13 @@ def test_same_loss_and_gradients(family, kind):
 
 
 @pytest.mark.parametrize("family", FAMS)
-def test_gradient_checkpointing_gives_the_unpatched_gradients(family):
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non_reentrant", "reentrant"])
+def test_gradient_checkpointing_gives_the_unpatched_gradients(family, reentrant):
     """Patched + checkpointed (LoRA dropout 0.1: the recomputed forward must draw the same masks) against
     the unpatched, non-checkpointed step; the LoRA layers run fastpeft's fused op."""
     model = lora(tiny_model(family), "fastpeft")
     fastpeft.reset_fusion_report(model)
-    compare(model, checkpointing=True)
+    compare(model, checkpointing=True, reentrant=reentrant)
     report = fastpeft.fusion_report(model)
     counts = list(report.layers.values())
     assert counts and all(c.get("fused", 0) >= 3 and set(c) == {"fused"} for c in counts), report
