@@ -2,7 +2,7 @@
 
 Equivalent PyTorch (A = float32, float64 for float64 hidden; see :mod:`.reference`)::
 
-    logits = F.linear(hidden.to(A), weight.to(A), bias)                  # [N, V]
+    logits = F.linear(hidden, weight, bias).to(A)                        # [N, V], hidden's dtype, then A
     if logit_softcap is not None:                                        # Gemma-2
         logits = logit_softcap * torch.tanh(logits / logit_softcap)
     loss = F.cross_entropy(logits, labels, ignore_index=ignore_index,

@@ -1,8 +1,9 @@
 """linear_cross_entropy, pure-PyTorch reference (the ``torch`` backend and the test oracle).
 
-The composition it fuses, computed in the accumulation dtype A (float32; float64 for float64 hidden)::
+The composition it fuses (transformers' ``ForCausalLMLoss(lm_head(hidden), ...)``): the logits in hidden's
+dtype, then everything in the accumulation dtype A (float32; float64 for float64 hidden)::
 
-    logits = F.linear(hidden.to(A), weight.to(A), None if bias is None else bias.to(A))   # [N, V]
+    logits = F.linear(hidden, weight, bias).to(A)                  # [N, V]
     if softcap:                                   # Gemma-2's final_logit_softcapping
         logits = softcap * torch.tanh(logits / softcap)
     loss = F.cross_entropy(logits, labels, ignore_index=ignore_index,
@@ -33,7 +34,7 @@ def linear_cross_entropy_reference(hidden: torch.Tensor, weight: torch.Tensor, l
     a scalar, or [N] for ``reduction="none"``.
     """
     acc = acc_dtype(hidden.dtype)
-    logits = F.linear(hidden.to(acc), weight.to(acc), None if bias is None else bias.to(acc))
+    logits = F.linear(hidden, weight, bias).to(acc)
     if softcap > 0:
         logits = softcap * torch.tanh(logits / softcap)
     return F.cross_entropy(logits, labels, ignore_index=ignore_index, label_smoothing=label_smoothing,

@@ -44,7 +44,8 @@ def lce_build(N: int, H: int, V: int, dtype: torch.dtype):
             op_args=(h, w, y, None, -100, 0.0, 0.0, "mean", 1),
             liger=(*LIGER, lambda fn, h: _liger_call(fn, h, w, y)),
             nbytes=(2 * N * H + V * H) * torch.finfo(dtype).bits // 8,
-            eager_note="F.cross_entropy(F.linear(h, W) in float32, labels): the full [N, V] logits, eager")
+            eager_note="F.cross_entropy(F.linear(h, W).float(), labels) (transformers' ForCausalLMLoss): "
+                       "the full [N, V] logits, eager")
 
     return build
 
