@@ -25,7 +25,7 @@ from __future__ import annotations
 import weakref
 from dataclasses import dataclass, field
 
-import torch.nn as nn
+from torch import nn
 
 from . import loss as _loss
 from . import modules as _modules
@@ -54,7 +54,7 @@ class PatchSummary:
 
 
 # transformers model -> [(kind, module, extra)] of what was installed
-_PATCHED: "weakref.WeakKeyDictionary[nn.Module, list]" = weakref.WeakKeyDictionary()
+_PATCHED: weakref.WeakKeyDictionary[nn.Module, list] = weakref.WeakKeyDictionary()
 
 
 def transformers_model(model: nn.Module) -> nn.Module:
@@ -178,4 +178,4 @@ def is_patched(model: nn.Module) -> bool:
     return transformers_model(model) in _PATCHED
 
 
-__all__ = ["patch_model", "unpatch_model", "is_patched", "PatchSummary", "SUPPORTED"]
+__all__ = ["SUPPORTED", "PatchSummary", "is_patched", "patch_model", "unpatch_model"]

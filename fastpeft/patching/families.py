@@ -6,15 +6,14 @@ A family is found by ``config.model_type``; its modules by class name (``<Prefix
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 
 @dataclass(frozen=True)
 class Family:
     prefix: str                          # class-name prefix: LlamaRMSNorm, LlamaMLP, LlamaAttention
-    norm: Optional[str]                  # "llama" (weight * n.to(dtype)), "gemma" ((1 + weight) in float32) or None
+    norm: str | None                     # "llama" (weight * n.to(dtype)), "gemma" ((1 + weight) in float32) or None
     rope: bool                           # attention applies transformers' apply_rotary_pos_emb
-    mlp: Optional[str]                   # "gate_up": gate_proj / up_proj / down_proj; "fused_gate_up": Phi-3's
+    mlp: str | None                      # "gate_up": gate_proj / up_proj / down_proj; "fused_gate_up": Phi-3's
                                          # gate_up_proj chunked; None: no gated MLP
     why_not: tuple = ()                  # (op, reason) pairs for the ops this family cannot take
 
@@ -38,7 +37,7 @@ FAMILIES: dict[str, Family] = {
 SUPPORTED = sorted(FAMILIES)
 
 
-def family_of(model_type: Optional[str]) -> Family:
+def family_of(model_type: str | None) -> Family:
     """The family of ``config.model_type``; ValueError listing the supported ones otherwise."""
     fam = FAMILIES.get(model_type or "")
     if fam is None:
@@ -51,7 +50,7 @@ def family_of(model_type: Optional[str]) -> Family:
 ACTIVATIONS = {"SiLUActivation": "silu", "SiLU": "silu", "GELUTanh": "tanh", "PytorchGELUTanh": "tanh"}
 
 
-def activation_kind(act) -> Optional[str]:
+def activation_kind(act) -> str | None:
     """"silu", "tanh" (gelu tanh approximation), "none" (exact gelu) or None (not fusable)."""
     name = type(act).__name__
     if name in ACTIVATIONS:

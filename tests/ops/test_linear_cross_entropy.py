@@ -14,14 +14,17 @@ from torch.library import opcheck
 import fastpeft
 from fastpeft.backends import BackendError, get_op
 from fastpeft.ops import linear_cross_entropy
-from fastpeft.ops.linear_cross_entropy import default_chunk_size, linear_cross_entropy_reference
+from fastpeft.ops.linear_cross_entropy import (
+    default_chunk_size,
+    linear_cross_entropy_reference,
+)
 
 from ..helpers import check_scaled, run_cpp_unit_test, runnable_backends
 from .decoder_op_checks import compiled_ops, dtype_skip
 
 f32, bf16, f16, f64 = torch.float32, torch.bfloat16, torch.float16, torch.float64
 BACKENDS = runnable_backends("linear_cross_entropy")
-IDS = lambda d: str(d).replace("torch.", "")  # noqa: E731
+IDS = lambda d: str(d).replace("torch.", "")
 OP = "linear_cross_entropy"
 
 
