@@ -1,6 +1,7 @@
 // linear_cross_entropy, C++ CPU row kernel (torch-free); see linear_cross_entropy_cpu.h for the math.
 #include "linear_cross_entropy_cpu.h"
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 
@@ -20,27 +21,30 @@ FASTPEFT_SIMD_CLONES A row(A* __restrict x, int64_t V, int64_t y, A eps, A cap, 
 #pragma omp simd
     for (int64_t j = 0; j < V; ++j) x[j] = cap * vm::tanh(x[j] * inv);
   }
+  // float partial sums in the vector lanes (omp simd reductions): exp(z - m) <= 1, so Σ <= V; the double
+  // kernel sums in double
   A m = -std::numeric_limits<A>::infinity();
-  double sum_z = 0.0;
+  A sum_z = A(0);
 #pragma omp simd reduction(max : m) reduction(+ : sum_z)
   for (int64_t j = 0; j < V; ++j) {
-    m = x[j] > m ? x[j] : m;
-    sum_z += static_cast<double>(x[j]);
+    m = std::max(m, x[j]);
+    sum_z += x[j];
   }
   const A zy = x[y];
-  double s = 0.0;
+  A s = A(0);
   if (capped) {
 #pragma omp simd reduction(+ : s)
-    for (int64_t j = 0; j < V; ++j) s += static_cast<double>(vm::exp(x[j] - m));
+    for (int64_t j = 0; j < V; ++j) s += vm::exp(x[j] - m);
   } else {
 #pragma omp simd reduction(+ : s)
     for (int64_t j = 0; j < V; ++j) {
       x[j] = vm::exp(x[j] - m);
-      s += static_cast<double>(x[j]);
+      s += x[j];
     }
   }
-  const double lse = static_cast<double>(m) + std::log(s);
-  const double loss = (1.0 - eps) * (lse - static_cast<double>(zy)) + eps * (lse - sum_z / static_cast<double>(V));
+  const double lse = static_cast<double>(m) + std::log(static_cast<double>(s));
+  const double loss = (1.0 - eps) * (lse - static_cast<double>(zy)) +
+                      eps * (lse - static_cast<double>(sum_z) / static_cast<double>(V));
   if (write_grad) {
     const A off = scale * eps / static_cast<A>(V);
     if (capped) {
@@ -52,7 +56,7 @@ FASTPEFT_SIMD_CLONES A row(A* __restrict x, int64_t V, int64_t y, A eps, A cap, 
       }
       x[y] -= scale * (A(1) - eps) * (A(1) - (zy * inv) * (zy * inv));
     } else {
-      const A p_scale = static_cast<A>(scale / s);
+      const A p_scale = static_cast<A>(static_cast<double>(scale) / static_cast<double>(s));
 #pragma omp simd
       for (int64_t j = 0; j < V; ++j) x[j] = p_scale * x[j] - off;
       x[y] -= scale * (A(1) - eps);
