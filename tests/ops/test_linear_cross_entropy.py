@@ -143,6 +143,15 @@ def test_all_ignored_behaves_as_torch(backend, reduction):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_strided_labels(backend):
+    """Labels that are a strided view (every other element of a longer tensor)."""
+    h, w, _, b = make(9, 8, 13)
+    y = torch.randint(0, 13, (18,))[::2]
+    y[4] = -100
+    check(backend, h, w, y, b, chunk_size=4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_ignore_index_other_than_default(backend):
     h, w, y, b = make(10, 8, 13, ignore_every=0)
     y[2] = 5

@@ -144,7 +144,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
         chunk_size = default_chunk_size(N, V, hidden.device)
     elif isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size: expected None or an int >= 1, got {chunk_size!r}")
-    labels1 = labels.reshape(N).to(torch.int64)
+    labels1 = labels.reshape(N).to(torch.int64).contiguous()  # the kernels index labels by row
     check_labels(labels1, V, ignore_index)
     loss = OP(hidden.reshape(N, H), weight, labels1, bias, ignore_index, label_smoothing, softcap, reduction,
               int(chunk_size))
