@@ -112,6 +112,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--distributed", choices=["auto", "none", "ddp", "fsdp"],
                    help="under torchrun: auto = DDP (default)")
     g.add_argument("--no-progress", action="store_true", help="disable the tqdm progress bar")
+    g.add_argument("--no-fuse-base", action="store_true",
+                   help="causal_lm: keep the model's own RMSNorm / rope / MLP / loss forwards (default: "
+                        "fastpeft.patch_model fuses them; YAML trainer.fuse_base)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config key, e.g. --set trainer.min_delta=0.001 (repeatable)")
     p.add_argument("--print-config", action="store_true", help="print the merged config and exit")
@@ -128,6 +131,8 @@ def overrides_from_args(args) -> dict:
             over[key] = v
     if getattr(args, "no_progress", False):
         over["trainer.progress"] = False
+    if getattr(args, "no_fuse_base", False):
+        over["trainer.fuse_base"] = False
     for s in args.set:
         k, v = parse_override(s)
         over[k] = v

@@ -102,6 +102,7 @@ class TrainerConfig:
     deterministic: bool = False            # torch.use_deterministic_algorithms(True)
     on_nonfinite: str = "stop"             # a non-finite loss / gradient: stop the run | skip the step and go on
     overwrite: bool = False                # start in an output_dir that holds another run (deleting that run)
+    fuse_base: bool = True                 # tasks with a fused base (causal_lm): fastpeft.patch_model the model
 
     def __post_init__(self):
         self.validate()
@@ -156,6 +157,8 @@ class TrainerConfig:
             bad("warmup_steps", "an integer >= 0")
         if self.weight_decay < 0:
             bad("weight_decay", ">= 0")
+        if not isinstance(self.fuse_base, bool):
+            bad("fuse_base", "true or false")
         self.betas = tuple(self.betas)
         return self
 
@@ -635,6 +638,8 @@ class Trainer:
             self._prepare_output_dir()
         self.metric = cfg.metric or self.task.default_metric
         self.mode = cfg.mode or (self.task.default_mode if cfg.metric is None else self.task.metric_mode(self.metric))
+        if cfg.fuse_base and hasattr(self.task, "fuse_base"):  # causal_lm: fastpeft.patch_model
+            self.fuse_summary = self.task.fuse_base(self.model, loss=self.loss_fn is None and self.adversarial is None)
         self.model.to(self.device)
         if self.info.enabled:
             kind = "ddp" if cfg.distributed == "auto" else cfg.distributed
