@@ -13,8 +13,10 @@
 Errors are OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``: 400 bad field (named),
 401 missing / wrong API key, 403 adapter path outside the allowed directories, 404 unknown adapter (the
 message lists the loaded ones), 409 name taken, 503 queue full, 504 timeout.
+
+(No ``from __future__ import annotations`` here: FastAPI reads the handlers' annotations, and the
+classes they name are imported inside ``create_app``.)
 """
-from __future__ import annotations
 
 import asyncio
 import contextlib
@@ -75,17 +77,19 @@ def create_app(registry, *, api_key: str | None = None, max_batch: int = 32, win
 
     metrics = Metrics()
     metrics.adapters.set(len(registry.adapters))
-    sched = Scheduler(run_batch(registry), max_batch=max_batch, window_s=window_ms / 1000, max_queue=max_queue,
-                      timeout_s=timeout_s,
-                      on_batch=lambda key, n: metrics.batch_size.labels(key[0]).observe(n))
+
+    def new_scheduler():
+        return Scheduler(run_batch(registry), max_batch=max_batch, window_s=window_ms / 1000, max_queue=max_queue,
+                         timeout_s=timeout_s, on_batch=lambda key, n: metrics.batch_size.labels(key[0]).observe(n))
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
+        app.state.scheduler = new_scheduler()  # its queues belong to this event loop
         yield
-        await sched.close()  # uvicorn has let in-flight requests finish; the queue is empty or finishing
+        await app.state.scheduler.close()  # uvicorn has let in-flight requests finish first
 
     app = fastapi.FastAPI(title="fastpeft serve", lifespan=lifespan, docs_url=None, redoc_url=None)
-    app.state.registry, app.state.scheduler, app.state.metrics = registry, sched, metrics
+    app.state.registry, app.state.metrics = registry, metrics
 
     # ---- errors
     @app.exception_handler(HTTPError)
@@ -128,6 +132,7 @@ def create_app(registry, *, api_key: str | None = None, max_batch: int = 32, win
             raise HTTPError(e.status, str(e), "model") from None
 
     async def _submit(group, item):
+        sched = app.state.scheduler
         metrics.queue.set(sched.pending + 1)
         try:
             return await sched.submit(group.key, item)
@@ -149,6 +154,7 @@ def create_app(registry, *, api_key: str | None = None, max_batch: int = 32, win
 
     @app.get("/health")
     async def health():
+        sched = app.state.scheduler
         return {"status": "shutting_down" if sched.closed else "ok", "adapters": registry.names(),
                 "queue": sched.pending}
 

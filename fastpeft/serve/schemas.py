@@ -18,7 +18,7 @@ class _Sampling(BaseModel):
     max_tokens: int = Field(16, ge=1, le=4096)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    stop: Optional[Union[str, list[str]]] = None
+    stop: Optional[Union[str, list[str]]] = Field(None, validate_default=True)
     stream: bool = False
     n: int = Field(1, ge=1, le=1)
 
