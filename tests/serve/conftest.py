@@ -131,3 +131,80 @@ def offline(serve_files):
                 res.append(tok.decode(g[0, ids.shape[1]:], skip_special_tokens=True))
         out[name or "base"] = res
     return out
+
+
+# --------------------------------------------------------------------------- the real server
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+class LiveServer:
+    """``python -m fastpeft serve ... --port 0`` in a subprocess; ``url`` once it answers /health."""
+
+    def __init__(self, argv, start_timeout=120.0):
+        import queue
+        import subprocess
+        import sys
+        import threading
+        import time
+        env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        self.proc = subprocess.Popen([sys.executable, "-m", "fastpeft", "serve", "--host", "127.0.0.1", "--port", "0",
+                                      *argv], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                                     cwd=ROOT)
+        self.lines: "queue.Queue[str]" = queue.Queue()
+        self.output: list[str] = []
+        threading.Thread(target=self._pump, daemon=True).start()
+        deadline = time.monotonic() + start_timeout
+        self.url = None
+        while self.url is None:
+            left = deadline - time.monotonic()
+            if left <= 0 or self.proc.poll() is not None:
+                self.stop()
+                raise RuntimeError("server did not start:\n" + "".join(self.output))
+            try:
+                line = self.lines.get(timeout=min(left, 1.0))
+            except queue.Empty:
+                continue
+            if "listening on http://" in line:
+                self.url = line.split("listening on ")[1].strip()
+        import httpx
+        while True:  # the socket is bound before the app starts: wait for /health
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                self.stop()
+                raise RuntimeError("server did not answer /health:\n" + "".join(self.output))
+            time.sleep(0.1)
+
+    def _pump(self):
+        for line in self.proc.stdout:
+            self.output.append(line)
+            self.lines.put(line)
+
+    def stop(self, timeout=30.0) -> int:
+        import signal
+        import subprocess
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+CLS_KEY = "e2e-key"
+
+
+@pytest.fixture(scope="session")
+def cls_server(serve_files):
+    f = serve_files
+    s = LiveServer(["--model", str(minilm.MODEL_DIR), "--adapter-dir", f["root"], "--api-key", CLS_KEY,
+                    "--adapter", f"sst_a={f['sst_a']}", "--adapter", f"sst_b={f['sst_b']}",
+                    "--adapter", f"ner={f['ner']}", "--batch-window-ms", "10"])
+    yield s
+    s.stop()
