@@ -276,3 +276,82 @@ def test_generation_bad_input(lm_client):
     assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
     r = lm_client.post("/v1/completions", json={"model": "gen_a"})
     assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+
+
+# --------------------------------------------------------------------------- one call per mixed batch, or the fallback
+
+class _NoMixedBatches:
+    """A model that refuses ``adapter_names`` (as fastpeft did before mixed batches, and as other models do)."""
+
+    def __init__(self, model):
+        self.__dict__["_m"] = model
+
+    def __getattr__(self, name):
+        return getattr(self._m, name)
+
+    def __call__(self, *args, adapter_names=None, **kwargs):
+        if adapter_names is not None:
+            raise NotImplementedError("adapter_names: no mixed-adapter batches here")
+        return self._m(*args, **kwargs)
+
+    def generate(self, *args, adapter_names=None, **kwargs):
+        if adapter_names is not None:
+            raise TypeError("generate() got an unexpected keyword argument 'adapter_names'")
+        return self._m.generate(*args, **kwargs)
+
+
+def _burst(client, group, fn, jobs):
+    """Run ``jobs`` concurrently while ``group``'s model is held busy until all of them are queued, so that
+    they meet in one batch (mixed adapters) whatever the machine's timing."""
+    import time
+    out = {}
+    with group.lock:
+        t = threading.Thread(target=lambda: out.update(r=_concurrently(fn, jobs)))
+        t.start()
+        for _ in range(500):
+            if client.get("/health").json()["queue"] >= len(jobs):
+                break
+            time.sleep(0.01)
+    t.join()
+    return out["r"]
+
+
+def test_mixed_batches_go_through_the_model_in_one_call(cls_client, cls_registry, lm_client, offline):
+    jobs = [(n, i) for i in range(len(TEXTS)) for n in ("sst_a", "sst_b")]
+    group = cls_registry.groups[("sequence_classification", 2)]
+    res = _burst(cls_client, group, lambda n, i: cls_client.post("/v1/classify", json={"model": n, "input": TEXTS[i]}),
+                 jobs)
+    assert [r.json()["data"][0]["label"] for r in res] == [offline[n][i]["label"] for n, i in jobs]
+    assert group.multi_forward is True
+    group = lm_client.app.state.registry.groups[("causal_lm", 0)]
+    jobs = [(n, i) for n in ("gen_a", "gen_b", "base") for i in range(len(PROMPTS))]
+    res = _burst(lm_client, group, lambda n, i: lm_client.post("/v1/completions", json={
+        "model": n, "prompt": PROMPTS[i], "max_tokens": 8, "temperature": 0}), jobs)
+    assert [r.json()["choices"][0]["text"] for r in res] == [offline[n][i] for n, i in jobs]
+    assert group.multi_generate is True
+
+
+def test_fallback_per_adapter_when_the_model_refuses_mixed_batches(cls_client, cls_registry, lm_client, offline):
+    groups = [cls_registry.groups[("sequence_classification", 2)], lm_client.app.state.registry.groups[("causal_lm", 0)]]
+    saved = [(g.model, g.multi_forward, g.multi_generate) for g in groups]
+    for g in groups:
+        with g.lock:
+            g.model, g.multi_forward, g.multi_generate = _NoMixedBatches(g.model), None, None
+    try:
+        jobs = [(n, i) for i in range(len(TEXTS)) for n in ("sst_a", "sst_b")]
+        res = _burst(cls_client, groups[0], lambda n, i: cls_client.post("/v1/classify", json={
+            "model": n, "input": TEXTS[i]}), jobs)
+        for (n, i), r in zip(jobs, res):
+            d = r.json()["data"][0]
+            assert d["label"] == offline[n][i]["label"]
+            assert [d["scores"]["negative"], d["scores"]["positive"]] == pytest.approx(offline[n][i]["probs"], abs=1e-4)
+        jobs = [(n, i) for n in ("gen_a", "gen_b", "base") for i in range(len(PROMPTS))]
+        res = _burst(lm_client, groups[1], lambda n, i: lm_client.post("/v1/completions", json={
+            "model": n, "prompt": PROMPTS[i], "max_tokens": 8, "temperature": 0}), jobs)
+        assert [r.json()["choices"][0]["text"] for r in res] == [offline[n][i] for n, i in jobs]
+        assert groups[0].multi_forward is False
+        assert groups[1].multi_generate is False
+    finally:
+        for g, (m, f, gen) in zip(groups, saved):
+            with g.lock:
+                g.model, g.multi_forward, g.multi_generate = m, f, gen
