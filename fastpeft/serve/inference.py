@@ -17,7 +17,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-BASE_ROW = "__base__"
+try:  # the name of a base-model row in a mixed batch
+    from ..mixed_batch import BASE_ADAPTER as BASE_ROW
+except ImportError:  # a fastpeft without mixed-adapter batches: the fallback runs
+    BASE_ROW = "__base__"
 
 
 @dataclass

@@ -220,7 +220,8 @@ class Registry:
             check_adapter_name(name, "name")
         except ValueError as e:
             raise AdapterError(str(e), 400) from None
-        if name in self.base_names or name == "__base__":
+        from .inference import BASE_ROW
+        if name in self.base_names or name == BASE_ROW:
             raise AdapterError(f"name: {name!r} is reserved for the base model", 400)
         real = path if checked else self.resolve_path(path)
         with self._lock:
