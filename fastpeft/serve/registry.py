@@ -229,10 +229,14 @@ class Registry:
                 raise AdapterError(f"name: an adapter named {name!r} is already loaded (from "
                                    f"{self.adapters[name].path}); DELETE it first", 409)
         kind, labels, max_length, cfg = self.read_adapter_info(real)
-        g = self._group(kind, labels)
+        try:
+            g = self._group(kind, labels)
+        except Exception as e:  # noqa: BLE001 -- e.g. a base without the head this task needs
+            raise AdapterError(f"path: cannot load the base model {self.model_name!r} for {kind} adapter {name!r}: "
+                               f"{type(e).__name__}: {e}", 400) from None
         with g.lock:
             try:
-                if hasattr(g.model, "load_adapter") and hasattr(g.model, "peft_config"):
+                if isinstance(g.model, PeftModel):
                     g.model.load_adapter(real, adapter_name=name)
                 else:
                     g.model = PeftModel.from_pretrained(g.model, real, adapter_name=name)

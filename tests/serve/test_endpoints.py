@@ -144,6 +144,23 @@ def test_adapters_list_load_unload(cls_client, serve_files, offline):
     # the others are untouched
     d = cls_client.post("/v1/classify", json={"model": "sst_b", "input": TEXTS[1]}).json()["data"][0]
     assert d["label"] == offline["sst_b"][1]["label"]
+    # the last adapter of a base: unloaded (LoRA layers removed), loaded again from its start path
+    assert cls_client.delete("/v1/adapters/ner").status_code == 200
+    assert cls_client.post("/v1/classify", json={"model": "ner", "input": "x"}).status_code == 404
+    r = cls_client.post("/v1/adapters", json={"name": "ner", "path": serve_files["ner"]})
+    assert r.status_code == 201, r.text
+    r = cls_client.post("/v1/classify", json={"model": "ner", "input": TEXTS})
+    assert [d["tags"] for d in r.json()["data"]] == offline["ner"]
+
+
+def test_cli_errors(capsys, serve_files):
+    from fastpeft.cli import main
+    assert main(["serve", "--model", "/no/such/model"]) == 2
+    assert "neither a bundled name" in capsys.readouterr().err
+    assert main(["serve", "--model", str(minilm.MODEL_DIR), "--adapter", "no-equals-sign"]) == 2
+    assert "NAME=PATH" in capsys.readouterr().err
+    assert main(["serve", "--model", str(minilm.MODEL_DIR), "--adapter-dir", "/no/such/dir"]) == 2
+    assert "--adapter-dir" in capsys.readouterr().err
 
 
 def test_adapter_paths_stay_under_start_dirs(cls_client, serve_files):
