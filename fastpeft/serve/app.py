@@ -106,6 +106,14 @@ def create_app(registry, *, api_key: str | None = None, max_batch: int = 32, win
         parts = [f"{_field(e['loc'])}: {e['msg']}" for e in errs[:5]]
         return JSONResponse(_error_body(400, "; ".join(parts), _field(first["loc"])), status_code=400)
 
+    def _endpoint(request) -> str:
+        """The route's path template (metric labels stay few whatever paths clients send)."""
+        from starlette.routing import Match
+        for r in app.router.routes:
+            if r.matches(request.scope)[0] != Match.NONE:
+                return getattr(r, "path", "other")
+        return "other"
+
     @app.middleware("http")
     async def _observe(request: Request, call_next):
         t0 = time.perf_counter()
@@ -116,20 +124,23 @@ def create_app(registry, *, api_key: str | None = None, max_batch: int = 32, win
             if not secrets.compare_digest(given.encode(), api_key.encode()):
                 resp = JSONResponse(_error_body(401, "missing or wrong API key: send 'Authorization: Bearer "
                                                      "<key>'"), status_code=401)
-                metrics.requests.labels(path, "", "401").inc()
+                metrics.requests.labels(_endpoint(request), "", "401").inc()
                 return resp
         resp = await call_next(request)
         if path.startswith("/v1/"):
-            metrics.requests.labels(path, getattr(request.state, "adapter", ""), str(resp.status_code)).inc()
-            metrics.latency.labels(path).observe(time.perf_counter() - t0)
+            endpoint = _endpoint(request)
+            # the adapter label is set only for loaded adapters (request.state.adapter), never a client's string
+            metrics.requests.labels(endpoint, getattr(request.state, "adapter", ""), str(resp.status_code)).inc()
+            metrics.latency.labels(endpoint).observe(time.perf_counter() - t0)
         return resp
 
     def _lookup(name, kinds, request):
-        request.state.adapter = name
         try:
-            return registry.lookup(name, kinds)
+            found = registry.lookup(name, kinds)
         except AdapterError as e:
             raise HTTPError(e.status, str(e), "model") from None
+        request.state.adapter = found[1] or "base"
+        return found
 
     async def _submit(group, item):
         sched = app.state.scheduler
@@ -178,21 +189,21 @@ def create_app(registry, *, api_key: str | None = None, max_batch: int = 32, win
 
     @app.post("/v1/adapters", status_code=201)
     async def load_adapter(body: LoadRequest, request: Request):
-        request.state.adapter = body.name
         try:
             a = await asyncio.to_thread(registry.load, body.name, body.path)
         except AdapterError as e:
             raise HTTPError(e.status, str(e), "path" if str(e).startswith("path") else "name") from None
+        request.state.adapter = body.name
         metrics.adapters.set(len(registry.adapters))
         return a.describe()
 
     @app.delete("/v1/adapters/{name}")
     async def unload_adapter(name: str, request: Request):
-        request.state.adapter = name
         try:
             await asyncio.to_thread(registry.unload, name)
         except AdapterError as e:
             raise HTTPError(e.status, str(e), "name") from None
+        request.state.adapter = name
         metrics.adapters.set(len(registry.adapters))
         return {"id": name, "object": "model", "deleted": True}
 

@@ -246,6 +246,7 @@ class Registry:
                                    400) from None
             a = Adapter(name, real, kind, labels, max_length, cfg.get("r"), cfg.get("target_modules"))
             g.adapters[name] = a
+            g.multi_forward = g.multi_generate = None  # what this set of adapters can mix: try again
         with self._lock:
             self.adapters[name] = a
         return a
@@ -264,6 +265,7 @@ class Registry:
             else:  # its last adapter: keep the base, drop the LoRA layers
                 g.model = g.model.unload().eval()
             del g.adapters[name]
+            g.multi_forward = g.multi_generate = None
         with self._lock:
             del self.adapters[name]
         return a

@@ -191,6 +191,11 @@ def test_health_metrics_page(cls_client):
     for name in ("fastpeft_requests_total", "fastpeft_request_latency_seconds_bucket", "fastpeft_batch_size_bucket",
                  "fastpeft_loaded_adapters 3.0", 'adapter="sst_a"'):
         assert name in m.text, name
+    cls_client.post("/v1/classify", json={"model": "made-up-name", "input": "x"})
+    cls_client.get("/v1/no/such/path")
+    m = cls_client.get("/metrics").text
+    assert "made-up-name" not in m and "/v1/no/such/path" not in m   # labels: loaded adapters and routes only
+    assert 'endpoint="other"' in m and 'adapter="",endpoint="/v1/classify",status="404"' in m
     page = cls_client.get("/")
     assert page.status_code == 200 and "<textarea" in page.text and "/v1/classify" in page.text
 
