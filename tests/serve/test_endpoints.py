@@ -270,6 +270,12 @@ def test_stop_max_tokens_and_streaming(lm_client, offline):
     chunks = [json.loads(e) for e in events[:-1]]
     assert "".join(c["choices"][0]["text"] for c in chunks) == offline["gen_b"][1]
     assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    # streamed with a stop string: the text before it, never a piece of the stop string itself
+    with lm_client.stream("POST", "/v1/completions", json={"model": "gen_a", "prompt": PROMPTS[0], "max_tokens": 8,
+                                                           "temperature": 0, "stop": stop, "stream": True}) as s:
+        chunks = [json.loads(l[6:]) for l in s.iter_lines() if l.startswith("data: {")]
+    assert "".join(c["choices"][0]["text"] for c in chunks) == full[:full.index(stop)]
+    assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
 
 
 def test_chat_completions(lm_client):
