@@ -1,7 +1,7 @@
 """The page at ``/``: one prompt or sentence against several adapters, answers side by side.
 
 Plain HTML + fetch (no build step, no external assets).  Query parameters fill it in and run it
-(``/?text=...&adapters=a,b&run=1``; ``key=`` the API key), which is how the browser test drives it; when
+(``/?text=...&adapters=a,b&run=1``; ``key=`` the API key, ``max_tokens=`` for generation), which is how the browser test drives it; when
 every answer is in, ``<body data-done="1">``.
 """
 
@@ -31,6 +31,7 @@ const params = new URLSearchParams(location.search);
 const $ = id => document.getElementById(id);
 if (params.get("key")) $("key").value = params.get("key");
 if (params.get("text")) $("text").value = params.get("text");
+if (params.get("max_tokens")) $("max_tokens").value = params.get("max_tokens");
 function headers() {
   const h = {"Content-Type": "application/json"};
   if ($("key").value) h["Authorization"] = "Bearer " + $("key").value;

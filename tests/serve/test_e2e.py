@@ -43,7 +43,7 @@ def test_concurrent_mixed_classification_equals_offline(cls_server, offline):
     assert "fastpeft_loaded_adapters 3.0" in m
 
 
-def test_generation_equals_offline_and_sigterm_finishes_in_flight(serve_files, offline):
+def test_generation_equals_offline_and_sigterm_finishes_in_flight(serve_files, offline, tmp_path):
     f = serve_files
     s = LiveServer(["--model", f["llama"], "--adapter", f"gen_a={f['gen_a']}", "--adapter", f"gen_b={f['gen_b']}",
                     "--batch-window-ms", "400"])
@@ -60,6 +60,11 @@ def test_generation_equals_offline_and_sigterm_finishes_in_flight(serve_files, o
         with concurrent.futures.ThreadPoolExecutor(9) as ex:
             answers = list(ex.map(ask, jobs))
         assert answers == [offline[n][i] for n, i in jobs]
+        from .test_browser import CHROMIUM, page_columns
+        if CHROMIUM is not None:  # the page, generation side: one prompt, two adapters and the base
+            cols = page_columns(s.url, {"text": PROMPTS[1], "adapters": "gen_a,gen_b,base", "max_tokens": "8"},
+                                tmp_path / "profile")
+            assert cols == {n: offline[n][1] for n in ("gen_a", "gen_b", "base")}
         # a request in flight (waiting out the 400 ms batch window) when SIGTERM arrives is answered
         result = {}
         t = threading.Thread(target=lambda: result.update(r=ask(("gen_b", 0))))
