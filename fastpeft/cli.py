@@ -20,6 +20,7 @@ SUBCOMMANDS = {
     "finetune": ("fastpeft.workflow.cli_finetune", "fine-tune a base model with a PEFT method"),
     "evaluate": ("fastpeft.workflow.cli_evaluate", "evaluate base model + adapter on a data file"),
     "predict": ("fastpeft.workflow.cli_predict", "run base model + adapter on a data file"),
+    "serve": ("fastpeft.serve.cli", "serve a base model and its adapters over HTTP (batched, mixed adapters)"),
 }
 
 
