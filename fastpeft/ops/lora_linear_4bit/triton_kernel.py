@@ -25,8 +25,7 @@ import triton
 import triton.language as tl
 
 from ..._triton import autotune_configs, interpreter_on
-from ..lora_linear.triton_kernel import (_da_kernel, _da_split, _dropout_args, _dx_lora_kernel, _m_key, _precision,
-                                         _r_pad, _shrink)
+from ..lora_linear import triton_kernel as _ll  # the low-rank kernels (compiled by lora_linear's aot_launches)
 
 _MM_TILES = [(64, 64, 64, 4, 3), (128, 64, 64, 4, 3), (64, 128, 64, 4, 3), (128, 128, 32, 8, 3), (32, 64, 64, 4, 4)]
 
@@ -80,8 +79,8 @@ def _dequant_mm(a2, qweight, absmax, code, c, N, K, blocksize, nt: bool):
     if M == 0:
         return c
     _dequant_mm_kernel[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(P, meta["BLOCK_P"]))](
-        a2, qweight, absmax, code, c, M, P, Q, K, blocksize, a2.stride(0), a2.stride(1), _m_key(M),
-        NT=nt, PRECISION=_precision(a2.dtype))
+        a2, qweight, absmax, code, c, M, P, Q, K, blocksize, a2.stride(0), a2.stride(1), _ll._m_key(M),
+        NT=nt, PRECISION=_ll._precision(a2.dtype))
     return c
 
 
@@ -93,7 +92,7 @@ def lora_linear_4bit_fwd_triton(x, qweight, absmax, code, N: int, blocksize: int
     M = x2.shape[0]
     out = torch.empty(*x.shape[:-1], N, dtype=x.dtype, device=x.device)
     y = out.view(M, N)
-    u0 = _shrink(x2, lora_A, M, K, r, p, seed)
+    u0 = _ll._shrink(x2, lora_A, M, K, r, p, seed)
     B = lora_B.to(x.dtype)
     if bias is None:
         torch.mm(u0, B.t(), out=y).mul_(float(scale))
@@ -116,24 +115,24 @@ def lora_linear_4bit_bwd_triton(dy, x, qweight, absmax, code, N: int, blocksize:
     g = (dy2 @ lora_B.to(act)).mul_(scale).contiguous() if (need_x or need_a) else None
     if need_bb:
         dbb = (dy2.t() @ u0).mul_(scale).to(lora_B.dtype)
-    r_pad, prec = _r_pad(r), _precision(act)
-    args = _dropout_args(p, seed)
+    r_pad, prec = _ll._r_pad(r), _ll._precision(act)
+    args = _ll._dropout_args(p, seed)
     if need_x:
         dx = torch.zeros(M, K, dtype=act, device=x.device)
         _dequant_mm(dy2, qweight, absmax, code, dx, N, K, blocksize, nt=False)
         if M > 0 and p == 0:
             dx.addmm_(g, lora_A.to(act))
         elif M > 0:
-            _dx_lora_kernel[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(K, meta["BLOCK_K"]))](
-                g, lora_A, dx, M, K, r, lora_A.stride(0), lora_A.stride(1), *args, _m_key(M),
+            _ll._dx_lora_kernel[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(K, meta["BLOCK_K"]))](
+                g, lora_A, dx, M, K, r, lora_A.stride(0), lora_A.stride(1), *args, _ll._m_key(M),
                 HAS_DROPOUT=True, R_PAD=r_pad, PRECISION=prec)
         dx = dx.reshape(x.shape)
     if need_a:
         if M > 0:
-            split = _da_split(M)
+            split = _ll._da_split(M)
             ws = torch.empty(split, r, K, dtype=torch.float32, device=x.device)
-            _da_kernel[lambda meta: (triton.cdiv(K, meta["BLOCK_K"]), split)](
-                g, x2, ws, M, K, r, x2.stride(0), x2.stride(1), *args, _m_key(M),
+            _ll._da_kernel[lambda meta: (triton.cdiv(K, meta["BLOCK_K"]), split)](
+                g, x2, ws, M, K, r, x2.stride(0), x2.stride(1), *args, _ll._m_key(M),
                 HAS_DROPOUT=p > 0, R_PAD=r_pad, PRECISION=prec, SPLIT=split)
             da = ws.sum(0).to(lora_A.dtype)
         else:
