@@ -8,8 +8,10 @@ the layer's state allows it and PEFT's own ``forward`` otherwise.  No parameter,
 buffer or attribute is added or renamed, so ``state_dict`` keys and
 ``save_pretrained`` output are unchanged; ``restore`` swaps the original class back.
 
-The fused path is taken at a call only when the layer's base layer is a plain ``nn.Linear`` or
-transformers ``Conv1D`` (not quantised) and the call and the layer's state allow it (one active,
+HF PEFT's ``lora.bnb.Linear4bit`` layers (QLoRA) are switched the same way to
+:func:`fastpeft.ops.lora_linear_4bit` (:mod:`fastpeft.tuners.lora_quant`); ``Linear8bitLt`` keeps PEFT's forward.
+Otherwise the fused path is taken at a call only when the layer's base layer is a plain ``nn.Linear`` or
+transformers ``Conv1D`` and the call and the layer's state allow it (one active,
 unmerged, enabled vanilla adapter; dtypes the op pairs, or ``torch.autocast`` in fp16 / bf16): the
 rule is :mod:`fastpeft.ops.lora_linear.layer`, shared with fastpeft's own LoRA layers.  Otherwise
 PEFT's forward runs.  Every call is counted per layer with its reason (eager mode);
@@ -35,6 +37,7 @@ from typing import Optional
 import torch.nn as nn
 
 from ._optional import peft_lora_linear_cls
+from .tuners.lora_quant import quant_call_reason, switch_peft_quant_layer
 from .ops.lora_linear.layer import (base_layer_reason, call_counts, call_reason, forget_autocast_copies,
                                     lora_forward, reset_call_counts)
 from .ops.lora_linear_multi.layer import mixed_forward
@@ -185,6 +188,19 @@ def accelerate(peft_model: nn.Module) -> AccelerateSummary:
     found = False
     emb = _peft_lora_embedding_cls()
     for _, m in peft_model.named_modules():
+        quant = switch_peft_quant_layer(m)  # HF PEFT's bnb (QLoRA) layers: fastpeft.tuners.lora_quant
+        if quant is not None:
+            found = True
+            if quant:
+                skipped[quant] += 1
+                continue
+            summary.patched += 1
+            reason = quant_call_reason(m)
+            if reason is None:
+                summary.accelerated += 1
+            else:
+                skipped[f"{reason} (re-checked at every call)"] += 1
+            continue
         orig = getattr(type(m), _ORIG_ATTR, None)
         if orig is not None and getattr(type(m), "_fastpeft_mixed_only", False):
             found = True

@@ -11,6 +11,8 @@ Models (bundled defaults only, nothing downloaded):
   classification (2 labels), batch 32 × 64 tokens; LoRA r=8, alpha 16 on every
   linear layer (query/key/value and the ``dense`` layers), classifier trained.
 
+Each model also runs over an nf4 4-bit base (``..._nf4`` cases, QLoRA: bitsandbytes ``Linear4bit``, double
+quantisation, the head unquantised; :func:`quantize_nf4`).
 Each model also runs under CPU (or GPU) bf16 autocast (``..._bf16autocast`` cases): the same step with
 the forward inside ``torch.autocast(device, torch.bfloat16)`` for every variant (HF Trainer / TRL
 ``bf16=True``), fp32 weights.
@@ -49,6 +51,7 @@ from .cases.ops import require
 ISSUE7 = "issue 7"
 ISSUE21 = "issue 21"
 ISSUE17 = "issue 17"
+ISSUE18 = "issue 18"
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 BERT_TARGETS = ["query", "key", "value", "dense"]
 
@@ -224,7 +227,8 @@ def _raiser(msg: str):
     return fn
 
 
-def llama_build(size: str, batch_size: int, seq: int, r: int, p: float, dtype: torch.dtype, autocast=None):
+def llama_build(size: str, batch_size: int, seq: int, r: int, p: float, dtype: torch.dtype, autocast=None,
+                nf4: bool = False):
     def build(device: torch.device) -> Built:
         require("transformers")
         from transformers import LlamaForCausalLM
@@ -233,6 +237,8 @@ def llama_build(size: str, batch_size: int, seq: int, r: int, p: float, dtype: t
         cfg = llama_config(size)
         with torch.device(device):
             base = LlamaForCausalLM(cfg).to(dtype)
+        if nf4:
+            base = quantize_nf4(base, device, dtype, skip=("lm_head",))
         g = torch.Generator().manual_seed(1)
         ids = torch.randint(0, cfg.vocab_size, (batch_size, seq), generator=g).to(device)
         batch = {"input_ids": ids, "labels": ids}
@@ -244,6 +250,28 @@ def llama_build(size: str, batch_size: int, seq: int, r: int, p: float, dtype: t
     return build
 
 
+def quantize_nf4(model: torch.nn.Module, device, compute_dtype: torch.dtype, skip=()) -> torch.nn.Module:
+    """QLoRA base for the ``_nf4`` cases (issue 18): every ``nn.Linear`` outside ``skip`` (module-name parts)
+    replaced by a bitsandbytes ``Linear4bit`` (nf4, double quantisation, blocksize 64, compute in
+    ``compute_dtype``) holding the same weights -- what ``BitsAndBytesConfig(load_in_4bit=True,
+    bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True)`` loads; ``is_loaded_in_4bit`` is set as
+    transformers sets it (HF PEFT picks its bnb LoRA layers from it)."""
+    bnb = require("bitsandbytes")
+    for name, m in list(model.named_modules()):
+        if type(m) is not torch.nn.Linear or any(part in skip for part in name.split(".")):
+            continue
+        q = bnb.nn.Linear4bit(m.in_features, m.out_features, bias=m.bias is not None, compute_dtype=compute_dtype,
+                              quant_type="nf4", compress_statistics=True)
+        q.load_state_dict({k: v.detach().float().cpu() for k, v in m.state_dict().items()})
+        q = q.to(device)
+        if q.bias is not None:
+            q.bias.data = q.bias.data.to(compute_dtype)
+        parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
+        setattr(parent, name.rpartition(".")[2], q)
+    model.is_loaded_in_4bit = True
+    return model
+
+
 def _llama_param_shapes(cfg):
     h, i, v, n = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.num_hidden_layers
     kvh = h // cfg.num_attention_heads * cfg.num_key_value_heads
@@ -251,9 +279,12 @@ def _llama_param_shapes(cfg):
     return [(v, h), (v, h), (h,)] + layer * n
 
 
-def minilm_build(batch_size: int, seq: int, r: int, p: float, dtype: torch.dtype, autocast=None):
+def minilm_build(batch_size: int, seq: int, r: int, p: float, dtype: torch.dtype, autocast=None,
+                 nf4: bool = False):
     def build(device: torch.device) -> Built:
         base, weights = _load_minilm(device, dtype)
+        if nf4:
+            base = quantize_nf4(base, device, dtype, skip=("classifier", "pooler"))
         g = torch.Generator().manual_seed(1)
         vocab = base.config.vocab_size
         ids = torch.randint(1000, vocab, (batch_size, seq), generator=g).to(device)
@@ -378,6 +409,14 @@ def cases(suite: str, device: torch.device) -> list[Case]:
                      "autocast": "bfloat16"},
                     _autocast_targets(gpu, suite), ours=("fastpeft", "fastpeft_accelerate"), warmup=2 if gpu else 1,
                     budget_s=None if gpu else 15.0))
+    # QLoRA: the same MiniLM step over an nf4 base (issue 18)
+    p = mps[-1]
+    out.append(Case(f"e2e/minilm_seqcls_b{mb}x{ms}_r8_p{p:g}_nf4", "e2e",
+                    minilm_build(mb, ms, 8, p, torch.float32, nf4=True),
+                    {"model": "all-MiniLM-L6-v2", "batch": mb, "seq": ms, "r": 8, "dropout": p, "dtype": "float32",
+                     "quant": "nf4 (bitsandbytes, double quant)"},
+                    _nf4_targets(gpu, suite, "steps/s"), ours=("fastpeft", "fastpeft_accelerate"),
+                    warmup=2 if gpu else 1, budget_s=None if gpu else 15.0))
     # FreeLB-3 step vs plain step (issue 5); on CPU only in full/smoke (keeps quick < 3 min)
     k = 3
     fb, fs = (2, 16) if suite == "smoke" else (32, 64)
@@ -407,6 +446,15 @@ def cases(suite: str, device: torch.device) -> list[Case]:
                              "dtype": _dt(dtype)},
                             targets, ours=ours, warmup=2 if gpu else 1,
                             budget_s=None if gpu else (40.0 if size == "110m" else 15.0)))
+        if size != "110m":
+            p = ps[-1]   # QLoRA: nf4 base, compute in the case's dtype (issue 18)
+            out.append(Case(f"e2e/llama_{size}_b{b}x{s}_r16_p{p:g}_nf4", "e2e",
+                            llama_build(size, b, s, 16, p, dtype, nf4=True),
+                            {"model": f"llama-{size} (random init)", "batch": b, "seq": s, "r": 16, "dropout": p,
+                             "dtype": _dt(dtype), "quant": "nf4 (bitsandbytes, double quant)"},
+                            _nf4_targets(gpu, suite, "tokens/s" if gpu else "steps/s"),
+                            ours=("fastpeft", "fastpeft_accelerate"), warmup=2 if gpu else 1,
+                            budget_s=None if gpu else 15.0))
         if not gpu and size != "110m":   # fp32 weights under CPU bf16 autocast (on the GPU the 1B case is bf16)
             p = ps[-1]
             out.append(Case(f"e2e/llama_{size}_b{b}x{s}_r16_p{p:g}_bf16autocast", "e2e",
@@ -446,3 +494,14 @@ def _autocast_targets(gpu: bool, suite: str) -> list:
     if gpu or suite == "smoke":
         return []
     return [Target("≥1.4× HF steps/s (same bf16 autocast)", "fastpeft", "hf_peft", 1 / 1.4, source=ISSUE21)]
+
+
+def _nf4_targets(gpu: bool, suite: str, unit: str) -> list:
+    """Issue 18: over an nf4 base, >= 1.5x HF PEFT + bitsandbytes (and, on the GPU, no more memory)."""
+    if suite == "smoke":
+        return []
+    t = [Target(f"≥1.5× HF {unit} (QLoRA)", "fastpeft", "hf_peft", 1 / 1.5, source=ISSUE18)]
+    if gpu:
+        t.append(Target("mem ≤ HF QLoRA", "fastpeft", "hf_peft", 1.0, metric="memory", mem_key="peak_total_bytes",
+                        source=ISSUE18))
+    return t

@@ -580,6 +580,10 @@ def lora_layers(model: nn.Module, adapter_name: Optional[str] = None):
 
 
 def _new_layer(name: str, target: nn.Module, adapter_name: str, r: int, alpha: float, config: LoraConfig):
+    from .lora_quant import new_quant_layer  # bitsandbytes 4-bit / 8-bit bases (QLoRA)
+    quant = new_quant_layer(name, target, adapter_name, r, alpha, config)
+    if quant is not None:
+        return quant
     conv1d = conv1d_cls()
     if conv1d is not None and isinstance(target, conv1d):
         if not config.fan_in_fan_out:

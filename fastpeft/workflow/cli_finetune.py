@@ -45,6 +45,8 @@ FLAG_KEYS = {
     "distributed": "trainer.distributed", "overwrite": "trainer.overwrite", "on_nonfinite": "trainer.on_nonfinite",
     "validation_text_column": "data.validation.text_column",
     "validation_label_column": "data.validation.label_column",
+    "load_in_4bit": "quantization.load_in_4bit",
+    "load_in_8bit": "quantization.load_in_8bit",
 }
 
 
@@ -73,6 +75,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-length", type=int, help="truncate sequences to this many tokens (default 128)")
     g.add_argument("--train-limit", type=int, help="use only this many training examples")
     g.add_argument("--validation-limit", type=int, help="use only this many validation examples")
+    g.add_argument("--load-in-4bit", action="store_true", default=None,
+                   help="load the base model in 4-bit (bitsandbytes nf4, double quant; QLoRA), the task head "
+                        "unquantised; needs pip install 'fastpeft[bnb]'")
+    g.add_argument("--load-in-8bit", action="store_true", default=None,
+                   help="load the base model in 8-bit (bitsandbytes LLM.int8), the task head unquantised")
     g = p.add_argument_group("PEFT method")
     g.add_argument("--method", help="PEFT method: lora (default) | ia3 | adapter | bitfit | prefix | prompt; "
                    "options other than LoRA's through --set method.KEY=VALUE")

@@ -27,6 +27,7 @@ Layout (every section optional except ``model``, ``task`` and ``data.train``)::
       modules_to_save: [classifier]  # default: the task head
     trainer: {lr: 1e-3, epochs: 1, batch_size: 32, ...}   # fastpeft.workflow.trainer.TrainerConfig
     adversarial: {method: freelb, ...}                    # optional, fastpeft.adversarial
+    quantization: {load_in_4bit: true, bnb_4bit_quant_type: nf4}  # optional QLoRA base (fastpeft.workflow.quantize)
     augment:                                              # optional, fastpeft.augment (on-the-fly)
       - {name: embedding_substitution, p: 0.1}
       - {name: neftune, alpha: 5}
@@ -80,7 +81,8 @@ STUDY_SECTIONS = {"fewshot": _fewshot, "continual": _continual}
 # (callbacks, loss_fn or None)`; only the shape of the section is checked here (_validate_augment).
 CALLBACK_SECTIONS = {"augment": _augment}
 
-TOP_KEYS = {"model", "task", "output_dir", "data", "method", "trainer", "adversarial", "seed", *STUDY_SECTIONS,
+TOP_KEYS = {"model", "task", "output_dir", "data", "method", "trainer", "adversarial", "seed", "quantization",
+            *STUDY_SECTIONS,
             *CALLBACK_SECTIONS}
 
 # method.name -> fastpeft's config class (the keys of method: other than name / backend are its arguments)
@@ -256,6 +258,8 @@ def validate(cfg: dict) -> dict:
     for name in studies:
         section_cls, _ = STUDY_SECTIONS[name]()
         cfg[name] = section_cls.from_section(cfg[name]).to_dict()
+    from .quantize import check_quantization  # quantization: (QLoRA, bitsandbytes)
+    cfg["quantization"] = check_quantization(cfg.get("quantization"))
     cfg["data"] = data
     cfg["method"] = method
     return cfg

@@ -21,6 +21,7 @@ from .._optional import import_extra
 from ..adversarial import build as build_adversarial_method
 from .checkpointing import TASK_FILE, check_output_dir
 from .config import CALLBACK_SECTIONS, METHOD_CLASSES, STUDY_SECTIONS, to_yaml
+from .quantize import prepare as prepare_quantized, quantized_loading
 from .data import make_loader, take
 from .models import load_tokenizer, resolve_model_path
 from .tasks import get_task
@@ -123,7 +124,11 @@ def finetune(cfg: dict, *, callbacks=None, loss_fn=None, adversarial=None) -> di
     val_ds = task.encode(val_recs, tok, max_len) if val_recs else None
 
     torch.manual_seed(trcfg.seed)  # head / adapter initialisation
-    base = task.build_model(model_path)
+    quant = cfg.get("quantization")
+    with quantized_loading(quant, task.head_modules, trcfg.device):  # QLoRA: the head stays unquantised
+        base = task.build_model(model_path)
+    if quant is not None:
+        base = prepare_quantized(base)
     check_max_length(base, max_len, "data.max_length")
     model = apply_method(base, cfg["method"], task)
     if adversarial is None and cfg.get("adversarial"):
