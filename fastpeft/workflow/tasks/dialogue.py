@@ -154,6 +154,11 @@ class Dialogue(Task):
         ensure_chat_template(tok)
         return tok
 
+    def build_model(self, model_path: str):
+        from transformers import AutoModelForCausalLM
+        from ..models import load_base_model
+        return load_base_model(model_path, AutoModelForCausalLM)
+
     def read(self, path, cfg: dict, limit: int | None = None, with_labels: bool = True) -> list[dict]:
         packing = cfg.get("packing", False)
         if not isinstance(packing, bool):
