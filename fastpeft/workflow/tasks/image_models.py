@@ -235,12 +235,17 @@ def read_image_config(name_or_path: str) -> dict:
 
 
 def load_image_model(name_or_path: str, labels: Sequence[str]) -> ImageClassifier:
-    """An :class:`ImageClassifier` for ``labels``: random init for an architecture name; the saved weights
-    for a directory (the saved head only when ``labels`` equal the saved ones)."""
+    """An :class:`ImageClassifier` for ``labels``: for an architecture name a random init that is the same
+    every time (seed 0, so an adapter trained on it reloads onto the same base); for a directory the saved
+    weights (the saved head only when ``labels`` equal the saved ones). A new head is drawn from the global
+    RNG."""
     cfg = read_image_config(name_or_path)
-    model = ImageClassifier(cfg["arch"], len(labels), in_channels=cfg.get("in_channels", 1 if cfg["arch"] in
-                                                                             LENET_ARCHS else 3),
-                            image_size=cfg.get("image_size"), **(cfg.get("arch_kwargs") or {}))
+    with torch.random.fork_rng(devices=[]):  # the base's random init is fixed (seed 0): adapters reload onto it
+        torch.manual_seed(0)
+        model = ImageClassifier(cfg["arch"], len(labels), in_channels=cfg.get("in_channels", 1 if cfg["arch"] in
+                                                                                 LENET_ARCHS else 3),
+                                image_size=cfg.get("image_size"), **(cfg.get("arch_kwargs") or {}))
+    model.classifier.reset_parameters()  # the new head: from the caller's RNG (the trainer's seed)
     if os.path.isdir(name_or_path):
         from safetensors.torch import load_file
         state = load_file(os.path.join(name_or_path, MODEL_FILE))
