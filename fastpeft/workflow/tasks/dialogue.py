@@ -21,8 +21,9 @@ conversation left without an assistant token is skipped with a warning.
 Multi-turn: every assistant turn of a conversation is learnt in one sequence (one example per conversation,
 not per turn).  ``data.packing: true`` also packs several conversations into one row of at most
 ``max_length`` tokens, with ``position_ids`` restarting at 0 for each and no ``attention_mask``: transformers
-(5.x) then builds a block-diagonal causal mask from the position resets (``find_packed_sequence_indices``),
-so no token attends to another conversation -- the test compares packed and unpacked logits.  The first token
+(5.x) then builds a block-diagonal causal mask from the position resets (``find_packed_sequence_indices``;
+only without a KV cache, so the task's forward passes ``use_cache=False``), and no token attends to another
+conversation -- the test compares packed and unpacked logits, so a transformers that stops doing this fails it.  The first token
 of each conversation is never a label, so no loss crosses a boundary.  Without packing (default) each row is
 one conversation, right-padded with an attention mask.
 
@@ -40,7 +41,7 @@ import torch
 
 from .. import metrics as M
 from ..data import DataError, EncodedDataset, PaddingCollator, from_hf_dataset
-from .base import Task, device_of, register_task, source_name
+from .base import Task, device_of, model_inputs, register_task, source_name, to_device
 
 ROLES = ("system", "user", "assistant")
 FALLBACK_CHAT_TEMPLATE = (
@@ -218,11 +219,20 @@ class Dialogue(Task):
         pad = getattr(tokenizer, "pad_token_id", None)
         return PaddingCollator(pad if pad is not None else 0)
 
+    def forward(self, model, batch, loss_fn=None):
+        # use_cache=False: transformers derives the packed rows' block-diagonal mask from position_ids only
+        # without a cache (with one it would let packed conversations attend to each other)
+        out = model(**model_inputs(batch), use_cache=False)
+        return (out.loss if loss_fn is None else loss_fn(out, batch)), out.logits
+
     # ---- metrics
     @torch.no_grad()
     def evaluate(self, model, loader, dataset) -> dict:
         loss_sum, n, correct = 0.0, 0, 0
-        for batch, out in self.outputs(model, loader):
+        dev = device_of(model)
+        for batch in loader:
+            batch = to_device(batch, dev)
+            out = model(**model_inputs(batch), use_cache=False)
             gold = batch["labels"][:, 1:]
             mask = gold != -100
             k = int(mask.sum())
