@@ -1,7 +1,9 @@
 """Run base model + adapter (from ``fastpeft finetune``) on a file; writes one JSON line per example.
 
 Labels in the file are not needed. Sequence classification: {"text", "prediction"}; token
-classification: {"tokens", "tags"}; causal LM: {"text", "continuation"}.
+classification: {"tokens", "tags"}; causal LM: {"text", "continuation"}; dialogue: {"line", "user",
+"reply"} (the reply generated after the last non-assistant message); image classification: {"image",
+"prediction", "probability"}.
 
 examples:
   fastpeft predict --adapter runs/sst2/adapter --data dev.tsv --text-column content --output preds.jsonl
