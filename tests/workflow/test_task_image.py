@@ -239,14 +239,16 @@ def test_cli_finetune_evaluate_predict(tmp_path, toy_npz, capsys):
 
 
 @pytest.mark.slow
-def test_real_digits_transfer_with_lora(tmp_path):
-    """sklearn's 8x8 digits: LeNet pretrained on 0-4, LoRA on 5-9 reaches high held-out accuracy."""
+def test_real_digits_transfer(tmp_path):
+    """sklearn's 8x8 digits (real data, offline): LeNet-5 pretrained on 0-4; LoRA and the linear probe adapt it
+    to 5-9 (benchmarks/real_digits.py, a shorter schedule); accuracy on the held-out test split."""
     pytest.importorskip("sklearn")
     import sys
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks"))
     from real_digits import run
-    res = run(str(tmp_path), methods=["lora", "linear_probe"], epochs=10)
-    assert res["pretrain"]["accuracy"] > 0.9
-    assert res["methods"]["lora"]["accuracy"] > 0.85, res
-    assert res["methods"]["lora"]["trainable_params"] < res["methods"]["full"]["trainable_params"] \
-        if "full" in res["methods"] else True
+    res = run(str(tmp_path), methods=["lora", "linear_probe"], epochs=6, lrs=(1e-2,), pretrain_epochs=10,
+              log=lambda *a: None)
+    assert res["pretrain"]["accuracy"] > 0.9, res
+    lora, probe = res["methods"]["lora"], res["methods"]["linear_probe"]
+    assert lora["accuracy"] > 0.85 and probe["accuracy"] > 0.5, res
+    assert probe["trainable_params"] == 84 * 5 + 5 and lora["trainable_params"] < 0.1 * res["pretrain"]["params"]
