@@ -131,14 +131,14 @@ def main(argv=None) -> int:
     from fastpeft.fileio import atomic_write_text
 
     def conditions(res):
-        res["conditions"] = {"epochs": args.epochs, "pretrain_epochs": args.pretrain_epochs, "lrs": args.lrs,
-                         "batch_size": 32, "optimizer": "adamw, linear decay, no warm-up, clip 1.0",
-                         "selection": "lr and best epoch on the validation split; accuracy on the test split",
-                         "model": "LeNet-5 (relu, max-pool) on 8x8 digits resized to 32x32",
-                         "torch": torch.__version__, "threads": torch.get_num_threads(),
-                         "machine": platform.machine(), "cpu_count": os.cpu_count(),
-                         "total_seconds": round(time.perf_counter() - t0, 1),
-                         "note": "times on a shared, loaded CPU machine: indicative only"}
+        res["conditions"] = {
+            "epochs": args.epochs, "pretrain_epochs": args.pretrain_epochs, "lrs": args.lrs, "batch_size": 32,
+            "optimizer": "adamw, linear decay, no warm-up, clip 1.0",
+            "selection": "lr and best epoch on the validation split; accuracy on the test split",
+            "model": "LeNet-5 (relu, max-pool) on 8x8 digits resized to 32x32",
+            "torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(),
+            "cpu_count": os.cpu_count(), "total_seconds": round(time.perf_counter() - t0, 1),
+            "note": "times on a shared, loaded CPU machine: indicative only"}
         atomic_write_text(args.out, json.dumps(res, indent=1) + "\n")  # after every method: partial results
 
     res = run(work, args.methods, args.epochs, tuple(args.lrs), args.pretrain_epochs, on_method=conditions)

@@ -185,6 +185,16 @@ def test_every_method_trains_saves_and_reloads(tmp_path, toy_npz, method):
     assert again["loss"] == pytest.approx(res["final_metrics"]["loss"], rel=1e-5)
 
 
+def test_reference_methods_refuse_options_and_a_missing_head():
+    from fastpeft.workflow.pipeline import apply_method
+    task = get_task("image_classification", labels=["a", "b"])
+    with pytest.raises(ValueError, match="full takes no options"):
+        apply_method(task.build_model("lenet5"), {"name": "full", "r": 4}, task)
+    task.head_modules = ["score"]
+    with pytest.raises(ValueError, match="linear_probe trains the task head \\['score'\\]"):
+        apply_method(task.build_model("lenet5"), {"name": "linear_probe"}, task)
+
+
 def test_transfer_from_a_saved_base_keeps_backbone_replaces_head(tmp_path):
     torch.manual_seed(0)
     m = ImageClassifier("lenet5", 5)
