@@ -63,7 +63,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--task", help=" | ".join(task_names()))
     g.add_argument("--output-dir", help="where adapter, metrics, curves and checkpoints go")
     g = p.add_argument_group("data")
-    g.add_argument("--train", help="training file (TSV/CSV/JSONL with a header; CoNLL for token classification)")
+    g.add_argument("--train", help="training file (TSV/CSV/JSONL with a header; CoNLL for token classification; "
+                   "chat JSONL for dialogue; .npz or a folder of class folders for image_classification)")
     g.add_argument("--validation", help="validation file (early stopping, best adapter)")
     g.add_argument("--format", help="tsv | csv | jsonl | conll (default: from the extension / task)")
     g.add_argument("--text-column", help="text column (default: sentence; text for causal_lm)")
@@ -81,8 +82,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--load-in-8bit", action="store_true", default=None,
                    help="load the base model in 8-bit (bitsandbytes LLM.int8), the task head unquantised")
     g = p.add_argument_group("PEFT method")
-    g.add_argument("--method", help="PEFT method: lora (default) | ia3 | adapter | bitfit | prefix | prompt; "
-                   "options other than LoRA's through --set method.KEY=VALUE")
+    g.add_argument("--method", help="PEFT method: lora (default) | ia3 | adapter | bitfit | prefix | prompt, or the "
+                   "references full | linear_probe; options other than LoRA's through --set method.KEY=VALUE")
     g.add_argument("--backend", choices=["auto", "fastpeft", "peft"],
                    help="auto: fastpeft's patching when available, else HF peft")
     g.add_argument("--r", type=int, help="LoRA rank (default 8)")

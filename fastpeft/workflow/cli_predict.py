@@ -2,8 +2,10 @@
 
 Labels in the file are not needed. Sequence classification: {"text", "prediction"} (with --scores also
 {"scores": {label: probability}}); token classification: {"tokens", "tags"}; causal LM: {"text",
-"continuation"}. Columns default to those the adapter was trained with (the training file's, then the
-validation file's when the file lacks them). Piping into `head` is fine: the output stops quietly.
+"continuation"}; dialogue: {"line", "user", "reply"} (the reply generated after the last non-assistant
+message); image classification: {"image", "prediction", "probability"}. Columns default to those the
+adapter was trained with (the training file's, then the validation file's when the file lacks them).
+Piping into `head` is fine: the output stops quietly.
 
 examples:
   fastpeft predict --adapter runs/sst2/adapter --data dev.tsv --text-column content --output preds.jsonl

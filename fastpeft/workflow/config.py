@@ -18,7 +18,7 @@ Layout (every section optional except ``model``, ``task`` and ``data.train``)::
       train_subset_seed: null        # ... a fixed random subset when set, else the first N
       validation_limit: null
     method:                          # the PEFT method; other keys go to its config class
-      name: lora                     # lora | ia3 | adapter | bitfit | prefix | prompt
+      name: lora                     # lora | ia3 | adapter | bitfit | prefix | prompt | full | linear_probe
       backend: auto                  # auto (= fastpeft) | fastpeft | peft (Hugging Face PEFT)
       r: 8
       lora_alpha: 16
@@ -88,6 +88,8 @@ TOP_KEYS = {"model", "task", "output_dir", "data", "method", "trainer", "adversa
 # method.name -> fastpeft's config class (the keys of method: other than name / backend are its arguments)
 METHOD_CLASSES = {"lora": LoraConfig, "ia3": IA3Config, "adapter": BottleneckAdapterConfig,
                   "bitfit": BitFitConfig, "prefix": PrefixTuningConfig, "prompt": PromptTuningConfig}
+# methods without a PEFT wrapper (workflow.pipeline.plain_method): the references PEFT is compared with
+PLAIN_METHODS = {"full": "every parameter trains", "linear_probe": "only the task head trains"}
 
 DEFAULTS = {
     "data": {"max_length": 128},
@@ -205,8 +207,9 @@ def validate(cfg: dict) -> dict:
     method = cfg.get("method") or {}
     if not isinstance(method, dict) or not method.get("name"):
         raise ConfigError("method.name: required (e.g. lora)")
-    if method["name"] not in METHOD_CLASSES:
-        raise ConfigError(f"method.name: unknown method {method['name']!r}; expected one of {sorted(METHOD_CLASSES)}")
+    if method["name"] not in METHOD_CLASSES and method["name"] not in PLAIN_METHODS:
+        raise ConfigError(f"method.name: unknown method {method['name']!r}; expected one of "
+                          f"{sorted(METHOD_CLASSES) + sorted(PLAIN_METHODS)}")
     if method.get("backend", "auto") not in ("auto", "fastpeft", "peft"):
         raise ConfigError(f"method.backend: expected 'auto', 'fastpeft' or 'peft', got {method['backend']!r}")
     for k in ("r", "lora_alpha"):

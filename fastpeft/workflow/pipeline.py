@@ -20,10 +20,9 @@ from .. import LoraConfig, PeftModel, get_peft_model
 from .._optional import import_extra
 from ..adversarial import build as build_adversarial_method
 from .checkpointing import TASK_FILE, check_output_dir
-from .config import CALLBACK_SECTIONS, METHOD_CLASSES, STUDY_SECTIONS, to_yaml
+from .config import CALLBACK_SECTIONS, METHOD_CLASSES, PLAIN_METHODS, STUDY_SECTIONS, to_yaml
 from .quantize import prepare as prepare_quantized, quantized_loading
 from .data import make_loader, take
-from .models import load_tokenizer, resolve_model_path
 from .tasks import get_task
 
 
@@ -51,6 +50,10 @@ def apply_method(model, method: dict, task):
     method = dict(method)
     name = method.pop("name", "lora")
     backend = method.pop("backend", "auto")
+    if name in PLAIN_METHODS:
+        return plain_method(model, name, task, method)
+    for k, v in task.method_defaults(name).items():
+        method.setdefault(k, v)
     if name not in METHOD_CLASSES:
         raise ValueError(f"method.name: expected one of {sorted(METHOD_CLASSES)}, got {name!r}")
     get_peft, _, _, used = peft_api(backend)
@@ -77,6 +80,41 @@ def apply_method(model, method: dict, task):
     peft_model = get_peft(model, pcfg)
     peft_model._fastpeft_backend = used
     return peft_model
+
+
+PLAIN_FILE = "trainable.safetensors"  # what the Trainer saves for a model without a PEFT config
+
+
+def plain_method(model, name: str, task, options: dict | None = None):
+    """``full`` (every parameter trains) or ``linear_probe`` (only the task head, :attr:`Task.head_modules`),
+    without a PEFT wrapper: the Trainer saves the trained parameters as ``trainable.safetensors`` and
+    :func:`load_for_inference` puts them back on the base."""
+    if options:
+        raise ValueError(f"method: {name} takes no options, got {sorted(options)}")
+    heads = [n for n, _ in model.named_modules() if n and any(n == h or n.endswith("." + h) for h in task.head_modules)]
+    if name == "linear_probe" and not heads:
+        raise ValueError(f"method.name: linear_probe trains the task head {task.head_modules}, which "
+                         f"{type(model).__name__} does not have")
+    for n, p in model.named_parameters():
+        p.requires_grad_(name == "full" or any(n.startswith(h + ".") for h in heads))
+    model._fastpeft_backend = "fastpeft"
+    return model
+
+
+def load_plain(base, adapter_dir: str):
+    """``base`` with the parameters a ``full`` / ``linear_probe`` run saved (names and shapes checked)."""
+    from safetensors.torch import load_file
+    path = os.path.join(adapter_dir, PLAIN_FILE)
+    state = load_file(path)
+    own = base.state_dict()
+    bad = [k for k in state if k not in own]
+    shapes = [f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}" for k, v in state.items()
+              if k in own and tuple(v.shape) != tuple(own[k].shape)]
+    if bad or shapes:
+        raise ValueError(f"{path}: does not match the base model: unknown parameters {bad[:5]}, "
+                         f"shape mismatches {shapes[:5]}")
+    base.load_state_dict(state, strict=False)
+    return base
 
 
 def _file_cfg(data: dict, split: str) -> tuple[str | None, dict]:
@@ -114,8 +152,8 @@ def finetune(cfg: dict, *, callbacks=None, loss_fn=None, adversarial=None) -> di
     if trcfg.output_dir:  # before anything is written there (config.yaml)
         check_output_dir(trcfg.output_dir, resume=bool(trcfg.resume_from), overwrite=trcfg.overwrite)
     task = get_task(cfg["task"])
-    model_path = resolve_model_path(cfg["model"])
-    tok = load_tokenizer(model_path)
+    model_path = task.resolve_model(cfg["model"])
+    tok = task.load_tokenizer(model_path)
     train_recs = load_split(task, data, "train", data.get("train_limit"), data.get("train_subset_seed"))
     task.fit_labels(train_recs)
     val_recs = load_split(task, data, "validation", data.get("validation_limit"))
@@ -207,9 +245,14 @@ def load_for_inference(adapter_dir: str, model: str | None = None, backend: str 
     task = get_task(info["task"], labels=info.get("labels"))
     if not (model or info.get("model")):
         raise ValueError(f"--model: {os.path.join(adapter_dir, TASK_FILE)} names no base model; pass --model")
-    model_path = resolve_model_path(model or info["model"])
-    tok = load_tokenizer(model_path)
+    model_path = task.resolve_model(model or info["model"])
+    tok = task.load_tokenizer(model_path)
     base = task.build_model(model_path)
+    if not os.path.isfile(os.path.join(adapter_dir, "adapter_config.json")) and \
+            os.path.isfile(os.path.join(adapter_dir, PLAIN_FILE)):  # a full / linear_probe run
+        m = load_plain(base, adapter_dir)
+        m.eval()
+        return m, tok, task, info
     _, _, PeftModel, _ = peft_api(backend)
     m = PeftModel.from_pretrained(base, adapter_dir)
     m.eval()
