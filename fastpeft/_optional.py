@@ -12,7 +12,9 @@ import importlib
 
 # top-level import name -> (distribution to install, the extra of fastpeft that installs it)
 EXTRAS = {"yaml": ("PyYAML", "train"), "matplotlib": ("matplotlib", "train"), "tqdm": ("tqdm", "train"),
-          "transformers": ("transformers", "train"), "peft": ("peft", "peft")}
+          "transformers": ("transformers", "train"), "peft": ("peft", "peft"),
+          "sacrebleu": ("sacrebleu", "train"), "rouge_score": ("rouge-score", "train"),
+          "tokenizers": ("tokenizers", "train")}
 
 
 class MissingExtra(ImportError):

@@ -53,6 +53,7 @@ from .base import TASKS, Task, get_task, model_inputs, register_task, task_names
 from .sequence_classification import SequenceClassification
 from .token_classification import TokenClassification
 from .causal_lm import CausalLM
+from .seq2seq import Seq2Seq
 
 __all__ = ["TASKS", "Task", "get_task", "register_task", "task_names", "model_inputs", "SequenceClassification",
-           "TokenClassification", "CausalLM"]
+           "TokenClassification", "CausalLM", "Seq2Seq"]
