@@ -156,10 +156,13 @@ class Seq2Seq(Task):
     def _settings(self, cfg: dict) -> None:
         """Generation / prefix settings from the ``data:`` section (also read back at evaluate / predict)."""
         self.source_prefix = cfg.get("source_prefix") or ""
-        if cfg.get("num_beams") is not None:
-            self.num_beams = int(cfg["num_beams"])
-        if cfg.get("max_target_length") is not None:
-            self.max_target_length = int(cfg["max_target_length"])
+        for key in ("num_beams", "max_target_length"):
+            v = cfg.get(key)
+            if v is None:
+                continue
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise DataError(f"data.{key}: expected a positive integer, got {v!r}")
+            setattr(self, key, v)
 
     def read(self, path, cfg: dict, limit: int | None = None, with_labels: bool = True) -> list[dict]:
         self._settings(cfg)

@@ -11,6 +11,10 @@ Marian model of the given size into one directory, which ``AutoTokenizer`` / ``A
     from fastpeft.workflow.tasks.seq2seq_base import make_seq2seq_base
     make_seq2seq_base("bases/t5-tiny", texts=open("train.en").read().splitlines()
                       + open("train.de").read().splitlines(), arch="t5", vocab_size=8000)
+
+or from the shell (one text per line in each file)::
+
+    python -m fastpeft.workflow.tasks.seq2seq_base bases/t5-tiny train.en train.de --arch t5 --vocab 8000
 """
 from __future__ import annotations
 
@@ -87,4 +91,35 @@ def make_seq2seq_base(directory: str, texts: Iterable[str] | None = None, *, tok
     return str(directory)
 
 
-__all__ = ["SPECIALS", "ARCHS", "train_tokenizer", "base_config", "make_seq2seq_base"]
+def main(argv=None) -> int:
+    import argparse
+    p = argparse.ArgumentParser(prog="python -m fastpeft.workflow.tasks.seq2seq_base",
+                                description="Save a random-init seq2seq base and a BPE tokenizer trained on text "
+                                            "files (one text per line) into a directory.")
+    p.add_argument("directory")
+    p.add_argument("texts", nargs="+", help="text files the tokenizer is trained on")
+    p.add_argument("--arch", choices=ARCHS, default="t5")
+    p.add_argument("--vocab", type=int, default=8000)
+    p.add_argument("--d-model", type=int, default=256)
+    p.add_argument("--layers", type=int, default=3)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--ffn", type=int, default=1024)
+    p.add_argument("--dropout", type=float, default=0.1)
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    texts = []
+    for path in a.texts:
+        with open(path, encoding="utf-8") as f:
+            texts += f.read().splitlines()
+    out = make_seq2seq_base(a.directory, texts, arch=a.arch, vocab_size=a.vocab, seed=a.seed, d_model=a.d_model,
+                            layers=a.layers, heads=a.heads, ffn=a.ffn, dropout=a.dropout)
+    print(out)
+    return 0
+
+
+__all__ = ["SPECIALS", "ARCHS", "train_tokenizer", "base_config", "make_seq2seq_base", "main"]
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
+
