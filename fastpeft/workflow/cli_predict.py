@@ -1,11 +1,13 @@
 """Run base model + adapter (from ``fastpeft finetune``) on a file; writes one JSON line per example.
 
 Labels in the file are not needed. Sequence classification: {"text", "prediction"}; token
-classification: {"tokens", "tags"}; causal LM: {"text", "continuation"}.
+classification: {"tokens", "tags"}; causal LM: {"text", "continuation"}; seq2seq (translation,
+summarisation): {"source", "generated"}, by beam search (data.num_beams of training, default 4).
 
 examples:
   fastpeft predict --adapter runs/sst2/adapter --data dev.tsv --text-column content --output preds.jsonl
   fastpeft predict --adapter runs/conll/adapter --data valid.txt --limit 5
+  fastpeft predict --adapter runs/multi30k_en_de_lora/adapter --data test.en   # one sentence a line
 """
 from __future__ import annotations
 
