@@ -13,6 +13,8 @@ import importlib
 # top-level import name -> (distribution to install, the extra of fastpeft that installs it)
 EXTRAS = {"yaml": ("PyYAML", "train"), "matplotlib": ("matplotlib", "train"), "tqdm": ("tqdm", "train"),
           "transformers": ("transformers", "train"), "peft": ("peft", "peft"),
+          "fastapi": ("fastapi", "serve"), "uvicorn": ("uvicorn", "serve"),
+          "prometheus_client": ("prometheus-client", "serve"),
           "sacrebleu": ("sacrebleu", "train"), "rouge_score": ("rouge-score", "train"),
           "tokenizers": ("tokenizers", "train")}
 

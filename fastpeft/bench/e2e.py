@@ -20,6 +20,8 @@ Variants (each on its own deep copy of the same base model):
 * ``fastpeft``: ``fastpeft.get_peft_model(model, fastpeft.LoraConfig(...))``;
 * ``hf_peft``: ``peft.get_peft_model(model, peft.LoraConfig(...))``, the same kwargs;
 * ``fastpeft_accelerate``: ``fastpeft.accelerate(<the HF PEFT model>)``;
+* ``fastpeft_patched`` (Llama cases): the ``fastpeft`` model after ``fastpeft.patch_model`` (fused
+  RMSNorm, rope, SwiGLU and the loss through ``linear_cross_entropy``, no logits; issue 17);
 * ``floor``: the same model with every weight frozen, gradients flowing back to the
   input embeddings (``inputs_embeds.requires_grad_()``): forward + backward only,
   as there is nothing to update.
@@ -39,13 +41,14 @@ import warnings
 
 import torch
 
-from .. import LoraConfig, accelerate, fusion_report, get_peft_model, reset_fusion_report
+from .. import LoraConfig, accelerate, fusion_report, get_peft_model, patch_model, reset_fusion_report
 from ..adversarial import FreeLB
 from .cases import Built, Case, Skip, Target
 from .cases.ops import require
 
 ISSUE7 = "issue 7"
 ISSUE21 = "issue 21"
+ISSUE17 = "issue 17"
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 BERT_TARGETS = ["query", "key", "value", "dense"]
 
@@ -53,6 +56,7 @@ BERT_TARGETS = ["query", "key", "value", "dense"]
 LLAMA_SIZES = {
     "tiny": (64, 2, 4, 2, 128, 512),
     "20m": (256, 4, 4, 4, 688, 32000),
+    "110m": (768, 12, 12, 12, 2048, 32000),
     "1b": (2048, 22, 32, 4, 5632, 32000),
 }
 
@@ -125,21 +129,23 @@ def _fusion(model, batch: dict, autocast) -> dict:
 
 
 def training_step_variants(base: torch.nn.Module, batch: dict, lora_kwargs: dict, seed: int = 0,
-                           lr: float = 1e-4, autocast=None) -> Built:
-    """The four variants of an end-to-end case on ``base`` (left untouched); the forward of each step
-    under ``torch.autocast`` in dtype ``autocast`` (None: no autocast)."""
+                           lr: float = 1e-4, autocast=None, patched: bool = False) -> Built:
+    """The four variants of an end-to-end case on ``base`` (left untouched), five with ``patched``
+    (``fastpeft_patched``); the forward of each step under ``torch.autocast`` in dtype ``autocast``
+    (None: no autocast)."""
     variants, skipped, notes, resident, models = {}, {}, {}, {}, {}
     with warnings.catch_warnings():  # deprecation chatter of transformers/peft internals
         warnings.simplefilter("ignore", FutureWarning)
         warnings.simplefilter("ignore", DeprecationWarning)
-        _add_variants(base, batch, lora_kwargs, seed, lr, variants, skipped, notes, resident, models, autocast)
+        _add_variants(base, batch, lora_kwargs, seed, lr, variants, skipped, notes, resident, models, autocast,
+                      patched)
     floor = copy.deepcopy(base).requires_grad_(False)
     floor.train()
     variants["floor"] = _floor_fn(floor, batch, autocast)
     resident["floor"] = lambda: _resident(floor, None)
     notes["floor"] = "every weight frozen, gradient to inputs_embeds only (forward + backward)"
     fusion = {}
-    for name in ("fastpeft", "fastpeft_accelerate"):
+    for name in ("fastpeft", "fastpeft_patched", "fastpeft_accelerate"):
         if name not in models:
             continue
         try:
@@ -157,7 +163,8 @@ def training_step_variants(base: torch.nn.Module, batch: dict, lora_kwargs: dict
                  resident_bytes=resident, extra={"fusion": fusion, "autocast": _dt(autocast) if autocast else None})
 
 
-def _add_variants(base, batch, lora_kwargs, seed, lr, variants, skipped, notes, resident, models, autocast):
+def _add_variants(base, batch, lora_kwargs, seed, lr, variants, skipped, notes, resident, models, autocast,
+                  patched=False):
     def add(name, model, note):
         model.train()
         trainable = [p for p in model.parameters() if p.requires_grad]
@@ -174,6 +181,15 @@ def _add_variants(base, batch, lora_kwargs, seed, lr, variants, skipped, notes, 
         add("fastpeft", get_peft_model(copy.deepcopy(base), LoraConfig(**lora_kwargs)), "fastpeft.get_peft_model")
     except Exception as e:  # noqa: BLE001 - reported as this variant's failure
         variants["fastpeft"] = _raiser(f"fastpeft.get_peft_model failed: {type(e).__name__}: {e}")
+    if patched:
+        try:
+            torch.manual_seed(seed)
+            m = get_peft_model(copy.deepcopy(base), LoraConfig(**lora_kwargs))
+            summary = patch_model(m)
+            add("fastpeft_patched", m, f"fastpeft.get_peft_model + fastpeft.patch_model: "
+                                       f"{', '.join(f'{k} x{n}' for k, n in summary.patched.items())}")
+        except Exception as e:  # noqa: BLE001
+            variants["fastpeft_patched"] = _raiser(f"fastpeft.patch_model failed: {type(e).__name__}: {e}")
     hf_model = None
     try:
         import peft
@@ -221,7 +237,7 @@ def llama_build(size: str, batch_size: int, seq: int, r: int, p: float, dtype: t
         ids = torch.randint(0, cfg.vocab_size, (batch_size, seq), generator=g).to(device)
         batch = {"input_ids": ids, "labels": ids}
         kw = dict(r=r, lora_alpha=2 * r, lora_dropout=p, target_modules=list(LLAMA_TARGETS), task_type="CAUSAL_LM")
-        built = training_step_variants(base, batch, kw, autocast=autocast)
+        built = training_step_variants(base, batch, kw, autocast=autocast, patched=True)
         del base
         built.extra.update(model_parameters=sum(math.prod(s) for s in _llama_param_shapes(cfg)), config=size)
         return built
@@ -379,27 +395,49 @@ def cases(suite: str, device: torch.device) -> list[Case]:
         grid = [("1b", 4, 2048, (0.1,) if suite == "quick" else (0.0, 0.1), torch.bfloat16)]
     else:
         grid = [("20m", 2, 256, (0.1,) if suite == "quick" else (0.0, 0.1), torch.float32)]
+        if suite == "full":
+            grid.append(("110m", 2, 512, (0.1,), torch.float32))
+    ours = ("fastpeft", "fastpeft_patched", "fastpeft_accelerate")
     for size, b, s, ps, dtype in grid:
         for p in ps:
-            targets = []
-            if gpu and size == "1b" and p > 0:
-                targets = [Target("≥1.2× HF tokens/s", "fastpeft", "hf_peft", 1 / 1.2, source=ISSUE7),
-                           Target("mem ≤0.8× HF", "fastpeft", "hf_peft", 0.8, metric="memory",
-                                  mem_key="peak_total_bytes", source=ISSUE7)]
+            targets = _llama_targets(gpu, suite, size, p)
             out.append(Case(f"e2e/llama_{size}_b{b}x{s}_r16_p{p:g}_{_dt(dtype)}", "e2e",
                             llama_build(size, b, s, 16, p, dtype),
                             {"model": f"llama-{size} (random init)", "batch": b, "seq": s, "r": 16, "dropout": p,
                              "dtype": _dt(dtype)},
-                            targets, ours=("fastpeft", "fastpeft_accelerate"), warmup=2 if gpu else 1,
-                            budget_s=None if gpu else 15.0))
-        if not gpu:   # fp32 weights under CPU bf16 autocast (on the GPU the 1B case is in bf16 already)
+                            targets, ours=ours, warmup=2 if gpu else 1,
+                            budget_s=None if gpu else (40.0 if size == "110m" else 15.0)))
+        if not gpu and size != "110m":   # fp32 weights under CPU bf16 autocast (on the GPU the 1B case is bf16)
             p = ps[-1]
             out.append(Case(f"e2e/llama_{size}_b{b}x{s}_r16_p{p:g}_bf16autocast", "e2e",
                             llama_build(size, b, s, 16, p, torch.float32, autocast=torch.bfloat16),
                             {"model": f"llama-{size} (random init)", "batch": b, "seq": s, "r": 16, "dropout": p,
                              "dtype": "float32", "autocast": "bfloat16"},
-                            _autocast_targets(gpu, suite), ours=("fastpeft", "fastpeft_accelerate"), warmup=1,
+                            _autocast_targets(gpu, suite), ours=ours, warmup=1,
                             budget_s=15.0))
+    return out
+
+
+def _llama_targets(gpu: bool, suite: str, size: str, p: float) -> list:
+    """Issue 7 (fastpeft vs HF PEFT on the GPU 1B case) and issue 17 (the patched model, with dropout):
+    CPU 20M and 110M: >= 1.35x HF PEFT's tokens/s and no slower than the frozen eager model (the floor),
+    110M also peak memory <= 0.6x HF PEFT's; GPU 1B: >= 2x HF PEFT's tokens/s, <= 0.5x its peak memory."""
+    if suite == "smoke" or p == 0:
+        return []
+    out = []
+    if gpu and size == "1b":
+        out += [Target("≥1.2× HF tokens/s", "fastpeft", "hf_peft", 1 / 1.2, source=ISSUE7),
+                Target("mem ≤0.8× HF", "fastpeft", "hf_peft", 0.8, metric="memory", mem_key="peak_total_bytes",
+                       source=ISSUE7),
+                Target("patched ≥2× HF tokens/s", "fastpeft_patched", "hf_peft", 1 / 2, source=ISSUE17),
+                Target("patched mem ≤0.5× HF", "fastpeft_patched", "hf_peft", 0.5, metric="memory",
+                       mem_key="peak_total_bytes", source=ISSUE17)]
+    elif not gpu and size in ("20m", "110m"):
+        out += [Target("patched ≥1.35× HF tokens/s", "fastpeft_patched", "hf_peft", 1 / 1.35, source=ISSUE17),
+                Target("patched ≤1.0× frozen eager", "fastpeft_patched", "floor", 1.0, source=ISSUE17)]
+        if size == "110m":
+            out.append(Target("patched mem ≤0.6× HF", "fastpeft_patched", "hf_peft", 0.6, metric="memory",
+                              mem_key="peak_total_bytes", source=ISSUE17))
     return out
 
 

@@ -22,6 +22,7 @@ from .grad_tail import grad_tail, grad_tail_, grad_tail_apply_
 from .rms_norm import rms_norm
 from .rope import rope
 from .glu import geglu, swiglu
+from .linear_cross_entropy import linear_cross_entropy
 
 # The public functions are the ones imported above from the op packages.
 __all__ = sorted(n for n, v in dict(globals()).items() if getattr(v, "__module__", "").startswith(__name__ + ".")) \

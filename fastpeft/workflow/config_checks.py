@@ -8,6 +8,7 @@ built on it (``fewshot:``, ``continual:``) -- uses it without importing the conf
 from __future__ import annotations
 
 import dataclasses
+import math
 
 
 class ConfigError(ValueError):
@@ -19,11 +20,13 @@ def parse_number(value, where: str):
     anything else (booleans included) is a :class:`ConfigError` naming ``where``."""
     if isinstance(value, str):
         try:
-            return float(value) if any(c in value for c in ".eE") else int(value)
+            value = float(value) if any(c in value.lower() for c in ".enaif") else int(value)
         except ValueError:
             raise ConfigError(f"{where}: expected a number, got {value!r}") from None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{where}: expected a finite number, got {value!r}")
     return value
 
 

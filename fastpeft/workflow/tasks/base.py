@@ -49,6 +49,9 @@ class Task:
     #: HF PEFT task type written into the adapter's config (``AutoPeftModelFor*`` picks the model class
     #: from it); None for a task without one (the adapter then records ``auto_mapping``)
     peft_task_type: str | None = None
+    #: the keys :meth:`evaluate` returns, so a config's ``trainer.metric`` is checked before training;
+    #: None: not declared (checked at the first evaluation)
+    metric_names: tuple | None = None
 
     def __init__(self, labels: Sequence[str] | None = None):
         self.labels = list(labels) if labels is not None else None
