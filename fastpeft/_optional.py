@@ -18,7 +18,9 @@ EXTRAS = {"yaml": ("PyYAML", "train"), "matplotlib": ("matplotlib", "train"), "t
           "transformers": ("transformers", "train"), "peft": ("peft", "peft"),
           "fastapi": ("fastapi", "serve"), "uvicorn": ("uvicorn", "serve"),
           "prometheus_client": ("prometheus-client", "serve"),
-          "bitsandbytes": ("bitsandbytes", "bnb")}
+          "bitsandbytes": ("bitsandbytes", "bnb"),
+          "sacrebleu": ("sacrebleu", "train"), "rouge_score": ("rouge-score", "train"),
+          "tokenizers": ("tokenizers", "train")}
 
 
 class MissingExtra(ImportError):

@@ -192,6 +192,16 @@ class LoraLayer:
     def get_base_layer(self) -> nn.Module:
         return self.base_layer
 
+    # the base layer's weight / bias, as HF PEFT's BaseTunerLayer gives them: model code reads them off
+    # the layer it calls (T5's feed-forward casts to ``self.wo.weight.dtype``)
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self):
+        return self.base_layer.bias
+
     def adapters(self) -> list[str]:
         return list(self.r)
 

@@ -64,7 +64,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--output-dir", help="where adapter, metrics, curves and checkpoints go")
     g = p.add_argument_group("data")
     g.add_argument("--train", help="training file (TSV/CSV/JSONL with a header; CoNLL for token classification; "
-                   "chat JSONL for dialogue; .npz or a folder of class folders for image_classification)")
+                   "chat JSONL for dialogue; .npz or a folder of class folders for image_classification; "
+                   "for seq2seq also a prefix of two aligned files with --set data.source_lang=en "
+                   "--set data.target_lang=de)")
     g.add_argument("--validation", help="validation file (early stopping, best adapter)")
     g.add_argument("--format", help="tsv | csv | jsonl | conll (default: from the extension / task)")
     g.add_argument("--text-column", help="text column (default: sentence; text for causal_lm)")

@@ -3,14 +3,16 @@
 Labels in the file are not needed. Sequence classification: {"text", "prediction"} (with --scores also
 {"scores": {label: probability}}); token classification: {"tokens", "tags"}; causal LM: {"text",
 "continuation"}; dialogue: {"line", "user", "reply"} (the reply generated after the last non-assistant
-message); image classification: {"image", "prediction", "probability"}. Columns default to those the
-adapter was trained with (the training file's, then the validation file's when the file lacks them).
-Piping into `head` is fine: the output stops quietly.
+message); image classification: {"image", "prediction", "probability"}; seq2seq (translation,
+summarisation): {"source", "generated"}, by beam search (data.num_beams of training, default 4). Columns
+default to those the adapter was trained with (the training file's, then the validation file's when the
+file lacks them). Piping into `head` is fine: the output stops quietly.
 
 examples:
   fastpeft predict --adapter runs/sst2/adapter --data dev.tsv --text-column content --output preds.jsonl
   fastpeft predict --adapter runs/conll/adapter --data valid.txt --limit 5
   fastpeft predict --adapter runs/sst2/adapter --data dev.tsv --scores | head -3
+  fastpeft predict --adapter runs/multi30k_en_de_lora/adapter --data test.en   # one sentence a line
 """
 from __future__ import annotations
 

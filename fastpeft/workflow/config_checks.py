@@ -33,6 +33,8 @@ def parse_number(value, where: str):
 DATA_KEYS = {"train", "validation", "test", "format", "text_column", "text_pair_column", "label_column",
              "quoting", "max_length", "train_limit", "train_subset_seed", "validation_limit", "token_column",
              "tag_column", "tokens_column", "tags_column"}
+DATA_KEYS |= {"source_column", "target_column", "source_lang", "target_lang", "source_prefix",  # seq2seq
+              "max_target_length", "num_beams"}
 FILE_KEYS = {"path"} | (DATA_KEYS - {"train", "validation", "test", "max_length", "train_limit",
                                      "train_subset_seed", "validation_limit"})
 

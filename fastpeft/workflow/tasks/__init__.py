@@ -60,6 +60,7 @@ from .token_classification import TokenClassification
 from .causal_lm import CausalLM
 from .image_classification import ImageClassification
 from .dialogue import Dialogue
+from .seq2seq import Seq2Seq
 
 __all__ = ["TASKS", "Task", "get_task", "register_task", "task_names", "model_inputs", "SequenceClassification",
-           "TokenClassification", "CausalLM", "ImageClassification", "Dialogue"]
+           "TokenClassification", "CausalLM", "ImageClassification", "Dialogue", "Seq2Seq"]
