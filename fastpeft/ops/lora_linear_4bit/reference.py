@@ -73,6 +73,9 @@ def quantize_4bit_torch(weight: torch.Tensor, blocksize: int = 64, quant_type: s
 def lora_linear_4bit_reference(x, qweight, absmax, code, out_features: int, blocksize: int, bias, lora_A, lora_B,
                                scale: float, dropout_p: float = 0.0, seed: int = 0) -> torch.Tensor:
     """The ``torch`` backend of :func:`fastpeft.ops.lora_linear_4bit` (arguments already checked):
-    ``lora_linear(x, dequant(W).to(x.dtype), bias, lora_A, lora_B, scale, dropout_p, seed)``."""
-    w = dequantize_4bit_torch(qweight, absmax, code, out_features, x.shape[-1], blocksize, x.dtype)
+    ``lora_linear(x, dequant(W).to(x.dtype), bias, lora_A, lora_B, scale, dropout_p, seed)``.
+    The quantisation state (``absmax``, ``code``) is a constant of the frozen weight, as in bitsandbytes: no
+    gradient flows to it, on this backend as on the fused ones."""
+    w = dequantize_4bit_torch(qweight, absmax.detach(), code.detach(), out_features, x.shape[-1], blocksize,
+                              x.dtype)
     return lora_linear_reference(x, w, bias, lora_A, lora_B, scale, dropout_p, seed)
