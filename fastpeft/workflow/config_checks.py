@@ -30,6 +30,7 @@ def parse_number(value, where: str):
 DATA_KEYS = {"train", "validation", "test", "format", "text_column", "text_pair_column", "label_column",
              "quoting", "max_length", "train_limit", "train_subset_seed", "validation_limit", "token_column",
              "tag_column", "tokens_column", "tags_column"}
+DATA_KEYS |= {"doc_stride", "max_answer_length", "n_best", "null_threshold", "negative_ratio", "version_2"}  # QA
 FILE_KEYS = {"path"} | (DATA_KEYS - {"train", "validation", "test", "max_length", "train_limit",
                                      "train_subset_seed", "validation_limit"})
 

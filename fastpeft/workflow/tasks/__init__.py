@@ -53,6 +53,8 @@ from .base import TASKS, Task, get_task, model_inputs, register_task, task_names
 from .sequence_classification import SequenceClassification
 from .token_classification import TokenClassification
 from .causal_lm import CausalLM
+from .relation_extraction import RelationExtraction
+from .question_answering import QuestionAnswering
 
 __all__ = ["TASKS", "Task", "get_task", "register_task", "task_names", "model_inputs", "SequenceClassification",
            "TokenClassification", "CausalLM"]
