@@ -321,7 +321,14 @@ class RelationExtraction(Task):
         raise ValueError(f"format: relation_extraction reads 'semeval' or 'jsonl', got {fmt!r}")
 
     def fit_labels(self, records) -> list[str]:
-        labels = sorted({r["label"] for r in records})
+        """The training labels, each directed one in both directions (``T(e1,e2)`` brings ``T(e2,e1)``: a
+        rare direction missing from the training data is still a class), ``Other`` first."""
+        labels = {r["label"] for r in records}
+        for l in list(labels):
+            m = re.fullmatch(r"(.+)\((e[12]),(e[12])\)", l)
+            if m and m.group(2) != m.group(3):
+                labels.add(f"{m.group(1)}({m.group(3)},{m.group(2)})")
+        labels = sorted(labels)
         self.labels = ([OTHER] if OTHER in labels else []) + [l for l in labels if l != OTHER]
         return self.labels
 
