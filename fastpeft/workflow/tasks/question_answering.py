@@ -6,7 +6,7 @@ whose text is not the context at its offset is a :class:`~fastpeft.workflow.data
 and the question (id, article, line of the id in the file).
 
 Encoding: question + context in windows of ``max_length`` tokens, consecutive windows overlapping by
-``doc_stride`` tokens (the tokenizer's ``return_overflowing_tokens`` with ``stride``), the offset mapping
+``doc_stride`` tokens (default a quarter of ``max_length``; the tokenizer's ``return_overflowing_tokens`` with ``stride``), the offset mapping
 kept to map tokens back to characters. A window whose context does not hold the whole (first) answer, and
 every window of an unanswerable question, is labelled with the ``[CLS]`` position (0) for start and end.
 With ``negative_ratio`` (data option), training keeps only that many such "no answer" windows per
@@ -40,7 +40,7 @@ from ..data import DataError, EncodedDataset, from_hf_dataset
 from .base import Task, device_of, model_inputs, register_task, source_name, to_device
 
 #: data options of this task (the ``data:`` section) and their defaults
-OPTIONS = {"doc_stride": 128, "max_answer_length": 30, "n_best": 20, "null_threshold": 0.0,
+OPTIONS = {"doc_stride": None, "max_answer_length": 30, "n_best": 20, "null_threshold": 0.0,
            "negative_ratio": None, "version_2": None}
 
 
@@ -278,7 +278,7 @@ class QuestionAnswering(Task):
         return {"task": self.name, "labels": None}
 
     def encode(self, records, tokenizer, max_length: int, with_labels: bool = True) -> EncodedDataset:
-        stride = self.options["doc_stride"]
+        stride = self.options["doc_stride"] or max_length // 4
         if stride >= max_length:
             raise ValueError(f"data.doc_stride: {stride} must be smaller than max_length={max_length}")
         pad_right = getattr(tokenizer, "padding_side", "right") == "right"
