@@ -55,7 +55,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data")
     g.add_argument("--train", help="training file (TSV/CSV/JSONL with a header; CoNLL for token classification)")
     g.add_argument("--validation", help="validation file (early stopping, best adapter)")
-    g.add_argument("--format", help="tsv | csv | jsonl | conll (default: from the extension / task)")
+    g.add_argument("--format", help="tsv | csv | jsonl | conll | semeval (default: from the extension / task; "
+                   "SQuAD JSON for question_answering)")
     g.add_argument("--text-column", help="text column (default: sentence; text for causal_lm)")
     g.add_argument("--label-column", help="label column (default: label)")
     g.add_argument("--max-length", type=int, help="truncate sequences to this many tokens (default 128)")

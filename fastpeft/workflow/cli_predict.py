@@ -1,7 +1,9 @@
 """Run base model + adapter (from ``fastpeft finetune``) on a file; writes one JSON line per example.
 
 Labels in the file are not needed. Sequence classification: {"text", "prediction"}; token
-classification: {"tokens", "tags"}; causal LM: {"text", "continuation"}.
+classification: {"tokens", "tags"}; causal LM: {"text", "continuation"}; relation extraction: {"id", "text",
+"e1", "e2", "relation", "reading"} (the relation with the entity texts); question answering: {"id", "question",
+"answer", "start", "end", "no_answer", ...} (the answer span's characters in the context).
 
 examples:
   fastpeft predict --adapter runs/sst2/adapter --data dev.tsv --text-column content --output preds.jsonl
