@@ -261,16 +261,15 @@ def test_hf_peft_trains_the_same_module(tiny_model_dir):
 @pytest.mark.slow
 @pytest.mark.usefixtures("real_data_run_selected")
 def test_real_semeval_learns(shared_data, tmp_path):
-    """MiniLM + LoRA on 800 SemEval sentences for one epoch beats chance on 400 held-out ones (the full
-    3,000 / 1,000 run beside HF PEFT is benchmarks/real_tasks_encoder.py --task re)."""
+    """The README's run: MiniLM + LoRA (examples/semeval_re_lora.yaml), 3,000 SemEval sentences for one
+    epoch, official macro-F1 on 1,000 held-out ones (measured 0.614; HF PEFT beside it in
+    benchmarks/real_tasks_encoder.py --task re)."""
     import importlib.util
     spec = importlib.util.spec_from_file_location(
         "rte", os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "real_tasks_encoder.py"))
     rte = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(rte)
     tr, va = rte.split_semeval(os.path.join(shared_data, "semeval2010_task8", "train.txt"), str(tmp_path / "s"),
-                               800, 400)
-    cfg = rte.config("semeval_re_lora.yaml", tr, va, str(tmp_path / "run"), progress=False, epochs=1,
-                     eval_every=None)
-    r = rte.run_fastpeft(cfg)
-    assert r["final_metrics"]["macro_f1"] > 0.3, r["final_metrics"]
+                               3000, 1000)
+    r = rte.run_fastpeft(rte.config("semeval_re_lora.yaml", tr, va, str(tmp_path / "run"), progress=False))
+    assert r["final_metrics"]["macro_f1"] > 0.5, r["final_metrics"]
