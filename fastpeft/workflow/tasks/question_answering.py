@@ -13,7 +13,9 @@ With ``negative_ratio`` (data option), training keeps only that many such "no an
 window that holds an answer (a fixed random subset, seed 0); evaluation always keeps every window.
 
 Model: ``AutoModelForQuestionAnswering`` (a ``qa_outputs`` linear layer giving start and end logits per
-token, trained through ``modules_to_save``; HF PEFT task type ``QUESTION_ANS``).
+token, trained through ``modules_to_save``; HF PEFT task type ``QUESTION_ANS``). HF PEFT (0.21) loads the
+adapter, but its ``PeftModelForQuestionAnswering.forward`` does not pass ``token_type_ids`` on; its LoRA
+model (``hf_model.base_model(**inputs)``) gives fastpeft's outputs.
 
 Decoding (:func:`best_span`): per window, the ``n_best`` highest start and end logits; a candidate is a
 span of context tokens with ``start <= end`` and at most ``max_answer_length`` tokens, scored by
