@@ -35,11 +35,13 @@ from .auto import (AutoPeftModel, AutoPeftModelForCausalLM, AutoPeftModelForFeat
                    AutoPeftModelForSequenceClassification, AutoPeftModelForTokenClassification)
 from .accelerate import accelerate, restore  # the functions shadow the submodule name
 from .accelerate import fusion_report, reset_fusion_report  # what the fusable LoRA layers ran
+from .patching import patch_model, unpatch_model  # fused rms_norm / rope / mlp / loss in transformers decoders
+from .tuners.lora_quant import prepare_model_for_kbit_training  # QLoRA (bitsandbytes bases)
 
 # names of the fine-tuning workflow (an application), imported when first used
 _WORKFLOW_NAMES = ("Trainer", "TrainerConfig", "train", "finetune", "workflow")
 
-__all__ = ["get_peft_model", "accelerate", "restore", "fusion_report", "reset_fusion_report", "PeftModel", "LoraConfig", "PeftConfig", "__version__",
+__all__ = ["get_peft_model", "patch_model", "unpatch_model", "prepare_model_for_kbit_training", "accelerate", "restore", "fusion_report", "reset_fusion_report", "PeftModel", "LoraConfig", "PeftConfig", "__version__",
            "BackendError", "use_backend", "ops", "amp", "adversarial", "BottleneckAdapterConfig", "BitFitConfig",
            "IA3Config", "PrefixTuningConfig", "PromptTuningConfig", "heads", "FreezeConfig", "apply_freezing",
            "TaskType", "PeftModelForCausalLM", "PeftModelForFeatureExtraction", "PeftModelForQuestionAnswering",

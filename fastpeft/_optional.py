@@ -3,6 +3,9 @@
 * :func:`conv1d_cls`, :func:`peft_lora_linear_cls`, :func:`peft_model_cls`: classes from transformers /
   peft that the patching layer and the PEFT wrapper recognise, or None when the package is missing or
   fails to import;
+* :func:`bnb_linear_classes`: bitsandbytes' ``Linear4bit`` / ``Linear8bitLt``, only once something
+  (a quantised model) has imported bitsandbytes -- a model cannot hold its layers otherwise;
+  :func:`require_bnb` imports it or fails with one line naming ``fastpeft[bnb]``;
 * :func:`import_extra`: a package that a feature needs and an extra of fastpeft installs (PyYAML,
   matplotlib, tqdm, transformers for the applications), or :class:`MissingExtra` saying which extra.
 """
@@ -12,7 +15,12 @@ import importlib
 
 # top-level import name -> (distribution to install, the extra of fastpeft that installs it)
 EXTRAS = {"yaml": ("PyYAML", "train"), "matplotlib": ("matplotlib", "train"), "tqdm": ("tqdm", "train"),
-          "transformers": ("transformers", "train"), "peft": ("peft", "peft")}
+          "transformers": ("transformers", "train"), "peft": ("peft", "peft"),
+          "fastapi": ("fastapi", "serve"), "uvicorn": ("uvicorn", "serve"),
+          "prometheus_client": ("prometheus-client", "serve"),
+          "bitsandbytes": ("bitsandbytes", "bnb"),
+          "sacrebleu": ("sacrebleu", "train"), "rouge_score": ("rouge-score", "train"),
+          "tokenizers": ("tokenizers", "train")}
 
 
 class MissingExtra(ImportError):
@@ -60,4 +68,23 @@ def peft_lora_linear_cls():
         return None
 
 
-__all__ = ["conv1d_cls", "peft_lora_linear_cls", "peft_model_cls", "import_extra", "MissingExtra", "EXTRAS"]
+def bnb_linear_classes() -> tuple:
+    """``(bitsandbytes.nn.Linear4bit, bitsandbytes.nn.Linear8bitLt)`` when bitsandbytes is already imported
+    (a model holding its layers imported it), else ``()``.  Never imports bitsandbytes itself: checking a
+    plain model for quantised layers costs nothing."""
+    import sys
+    if "bitsandbytes" not in sys.modules:
+        return ()
+    try:
+        from bitsandbytes.nn import Linear4bit, Linear8bitLt
+        return (Linear4bit, Linear8bitLt)
+    except Exception:  # broken install: such a model cannot exist either
+        return ()
+
+
+def require_bnb(feature: str):
+    """``import bitsandbytes`` for ``feature``; :class:`MissingExtra` (one line) when it is not installed."""
+    return import_extra("bitsandbytes", feature)
+
+
+__all__ = ["bnb_linear_classes", "require_bnb", "conv1d_cls", "peft_lora_linear_cls", "peft_model_cls", "import_extra", "MissingExtra", "EXTRAS"]

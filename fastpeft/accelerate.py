@@ -8,12 +8,21 @@ the layer's state allows it and PEFT's own ``forward`` otherwise.  No parameter,
 buffer or attribute is added or renamed, so ``state_dict`` keys and
 ``save_pretrained`` output are unchanged; ``restore`` swaps the original class back.
 
-The fused path is taken at a call only when the layer's base layer is a plain ``nn.Linear`` or
-transformers ``Conv1D`` (not quantised) and the call and the layer's state allow it (one active,
+HF PEFT's ``lora.bnb.Linear4bit`` layers (QLoRA) are switched the same way to
+:func:`fastpeft.ops.lora_linear_4bit` (:mod:`fastpeft.tuners.lora_quant`); ``Linear8bitLt`` keeps PEFT's forward.
+Otherwise the fused path is taken at a call only when the layer's base layer is a plain ``nn.Linear`` or
+transformers ``Conv1D`` and the call and the layer's state allow it (one active,
 unmerged, enabled vanilla adapter; dtypes the op pairs, or ``torch.autocast`` in fp16 / bf16): the
 rule is :mod:`fastpeft.ops.lora_linear.layer`, shared with fastpeft's own LoRA layers.  Otherwise
 PEFT's forward runs.  Every call is counted per layer with its reason (eager mode);
 :func:`fusion_report` reads the counts.
+
+Mixed-adapter batches (HF PEFT's ``model(..., adapter_names=[...])`` / ``generate(..., adapter_names=...)``):
+the switched Linear / Conv1D layers run :func:`fastpeft.ops.lora_linear_multi` on the layer's adapters
+stacked once (no loop over the adapters), and HF PEFT's ``lora.Embedding`` layers are switched too, for
+:func:`fastpeft.ops.lora_embedding_multi` (their single-adapter calls keep PEFT's forward); rows on an adapter
+the op cannot take (DoRA, ``lora_bias``, other variants) and quantised base layers keep PEFT's loop
+(:mod:`fastpeft.ops.lora_linear_multi.layer`).  ``modules_to_save`` heads are PEFT's own.
 
 Note: with ``lora_dropout > 0`` in training mode the fused op draws its mask from
 fastpeft's Philox RNG (seeded from torch's generator), not from ``nn.Dropout``'s, so
@@ -28,15 +37,18 @@ from typing import Optional
 import torch.nn as nn
 
 from ._optional import peft_lora_linear_cls
+from .tuners.lora_quant import quant_call_reason, switch_peft_quant_layer
 from .ops.lora_linear.layer import (base_layer_reason, call_counts, call_reason, forget_autocast_copies,
                                     lora_forward, reset_call_counts)
+from .ops.lora_linear_multi.layer import mixed_forward
 
 _FAST_CLASSES: dict = {}
 _ORIG_ATTR = "_fastpeft_original_class"
 
 # what still takes the unfused forward at call time, whatever accelerate() saw (the rule is
 # fastpeft.ops.lora_linear.layer.call_reason); the summary prints it
-CALL_TIME_FALLBACKS = ("extra forward arguments or adapter_names (mixed-adapter batch)",
+CALL_TIME_FALLBACKS = ("extra forward arguments; adapter_names (mixed-adapter batch) runs lora_linear_multi "
+                       "instead, except for DoRA / lora_bias adapters",
                        "an input dtype other than the base weight's, outside torch.autocast",
                        "torch.autocast in a dtype other than float16 / bfloat16, or on float64 tensors",
                        "a later change of state: merged, disabled, several active adapters")
@@ -52,6 +64,7 @@ class AccelerateSummary:
     restored: int = 0
     note: str = ""
     call_time: tuple = ()           # conditions that still take PEFT's forward at call time
+    embeddings: int = 0             # LoRA Embedding layers switched for mixed-adapter batches
 
     def __str__(self) -> str:
         lines = []
@@ -62,6 +75,9 @@ class AccelerateSummary:
         else:
             lines.append(f"fastpeft.accelerate: {self.accelerated} LoRA layer(s) on the fused path "
                          f"({self.patched} patched)")
+        if self.embeddings:
+            lines.append(f"  {self.embeddings} LoRA Embedding layer(s) run mixed-adapter batches on "
+                         "lora_embedding_multi (PEFT's forward otherwise)")
         for reason, n in sorted(self.skipped.items(), key=lambda kv: -kv[1]):
             lines.append(f"  {n} layer(s) use PEFT's forward: {reason}")
         if self.call_time and self.patched:
@@ -72,8 +88,26 @@ class AccelerateSummary:
     __repr__ = __str__
 
 
+def _mixed(layer, x, args, kwargs):
+    """The multi-adapter op's output for an HF PEFT mixed-adapter call (``adapter_names`` only), or None."""
+    names = kwargs.get("adapter_names")
+    if names is None or args or len(kwargs) != 1 or not isinstance(names, (list, tuple)):
+        return None
+    return mixed_forward(layer, x, names, strict=False)
+
+
 def _fast_forward(self, x, *args, **kwargs):
+    out = _mixed(self, x, args, kwargs)
+    if out is not None:
+        return out
     return lora_forward(self, x, args, kwargs, super(type(self), self).forward)
+
+
+def _fast_embedding_forward(self, x, *args, **kwargs):
+    out = _mixed(self, x, args, kwargs)
+    if out is not None:
+        return out
+    return super(type(self), self).forward(x, *args, **kwargs)
 
 
 def _forgetting_casts(name: str):
@@ -96,11 +130,12 @@ def _original_name(self) -> str:
     return getattr(type(self), _ORIG_ATTR).__name__
 
 
-def _fast_class(orig: type) -> type:
+def _fast_class(orig: type, embedding: bool = False) -> type:
     cls = _FAST_CLASSES.get(orig)
     if cls is None:
         name = "Fastpeft" + orig.__name__
-        cls = type(name, (orig,), {"forward": _fast_forward, "merge": _forgetting_casts("merge"),
+        cls = type(name, (orig,), {"forward": _fast_embedding_forward if embedding else _fast_forward,
+                                   "_fastpeft_mixed_only": embedding, "merge": _forgetting_casts("merge"),
                                    "unmerge": _forgetting_casts("unmerge"), "_get_name": _original_name,
                                    _ORIG_ATTR: orig, "__module__": __name__})
         cls.__qualname__ = name
@@ -115,7 +150,19 @@ def __getattr__(name: str):
         lin = peft_lora_linear_cls()
         if lin is not None:
             return _fast_class(lin)
+    if name == "Fastpeft" + "Embedding":
+        emb = _peft_lora_embedding_cls()
+        if emb is not None:
+            return _fast_class(emb, embedding=True)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _peft_lora_embedding_cls():
+    try:
+        from peft.tuners.lora import Embedding
+    except Exception:  # peft missing or broken: nothing to switch
+        return None
+    return Embedding
 
 
 def _is_fastpeft_model(model) -> bool:
@@ -139,8 +186,31 @@ def accelerate(peft_model: nn.Module) -> AccelerateSummary:
     summary = AccelerateSummary(call_time=CALL_TIME_FALLBACKS)
     skipped = Counter()
     found = False
+    emb = _peft_lora_embedding_cls()
     for _, m in peft_model.named_modules():
+        quant = switch_peft_quant_layer(m)  # HF PEFT's bnb (QLoRA) layers: fastpeft.tuners.lora_quant
+        if quant is not None:
+            found = True
+            if quant:
+                skipped[quant] += 1
+                continue
+            summary.patched += 1
+            reason = quant_call_reason(m)
+            if reason is None:
+                summary.accelerated += 1
+            else:
+                skipped[f"{reason} (re-checked at every call)"] += 1
+            continue
         orig = getattr(type(m), _ORIG_ATTR, None)
+        if orig is not None and getattr(type(m), "_fastpeft_mixed_only", False):
+            found = True
+            summary.embeddings += 1
+            continue
+        if emb is not None and type(m) is emb:  # mixed-adapter batches only
+            found = True
+            m.__class__ = _fast_class(emb, embedding=True)
+            summary.embeddings += 1
+            continue
         if orig is not None:  # accelerated already
             found = True
             summary.patched += 1
@@ -239,7 +309,7 @@ class FusionReport:
 def _fusable_layers(model: nn.Module):
     from .tuners.lora import Linear as FastLinear
     for name, m in model.named_modules():
-        if isinstance(m, FastLinear) or is_accelerated(m):
+        if isinstance(m, FastLinear) or (is_accelerated(m) and not getattr(type(m), "_fastpeft_mixed_only", False)):
             yield name, m
 
 

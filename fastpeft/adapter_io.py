@@ -28,6 +28,9 @@ def check_adapter_name(name, what: str = "adapter_name") -> str:
     """``name`` if it is a valid adapter name, else ValueError naming ``what``."""
     if not isinstance(name, str) or not name:
         raise ValueError(f"{what}: expected a non-empty str, got {name!r}")
+    if name == "__base__":
+        raise ValueError(f"{what}: '__base__' is reserved (it names the base model alone in the adapter_names "
+                         "of a mixed-adapter batch)")
     bad = [c for c in ("/", "\\", os.sep, os.altsep or "/", "\0") if c in name]
     if bad or os.path.isabs(name) or name in (".", "..") or "." in name:
         raise ValueError(f"{what}: {name!r} is not a valid adapter name: it must be one path component without "

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from ._optional import MissingExtra
@@ -19,6 +20,7 @@ SUBCOMMANDS = {
     "finetune": ("fastpeft.workflow.cli_finetune", "fine-tune a base model with a PEFT method"),
     "evaluate": ("fastpeft.workflow.cli_evaluate", "evaluate base model + adapter on a data file"),
     "predict": ("fastpeft.workflow.cli_predict", "run base model + adapter on a data file"),
+    "serve": ("fastpeft.serve.cli", "serve a base model and its adapters over HTTP (batched, mixed adapters)"),
 }
 
 
@@ -49,7 +51,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _stdout_closed() -> int:
+    """The reader of stdout went away (``fastpeft predict ... | head``): stop quietly. Python would print a
+    traceback when it flushes stdout at exit, so stdout is pointed at /dev/null first."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):
+        pass
+    return 0
+
+
 def main(argv=None) -> int:
+    """Run one subcommand; returns its exit status: 0 success, 2 bad input (config, data, files: one line on
+    stderr naming the key or file and line, no traceback; ``FASTPEFT_TRACEBACK=1`` shows it), 3 a training
+    run whose loss became non-finite (``fastpeft finetune``), 130 interrupted."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if not hasattr(args, "_run"):
@@ -59,6 +75,16 @@ def main(argv=None) -> int:
         return int(args._run(args) or 0)
     except MissingExtra as e:  # an optional package the command needs: one line naming the extra
         print(f"fastpeft {args.command}: {e}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:
+        return _stdout_closed()
+    except KeyboardInterrupt:
+        print(f"fastpeft {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, OSError, RuntimeError) as e:  # bad input the command did not name itself
+        if os.environ.get("FASTPEFT_TRACEBACK"):
+            raise
+        print(f"fastpeft {args.command}: error: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
 
 

@@ -44,6 +44,7 @@ import torch
 import torch.nn as nn
 
 from ._optional import peft_model_cls
+from . import mixed_batch
 from . import state_dict as sdf
 from .adapter_io import check_adapter_name, check_adapter_tensors, replace_adapter_dir
 from .checkpoint import SAFETENSORS_NAME, load_adapter_weights, save_safetensors
@@ -91,6 +92,9 @@ class ModulesToSaveWrapper(nn.Module):
         return self.modules_to_save[self._active_adapter]
 
     def forward(self, *args, **kwargs):
+        names = mixed_batch.current_adapter_names()
+        if names is not None and not self._disable_adapters:  # each adapter's head on its rows
+            return mixed_batch.mixed_heads_forward(self, names, args, kwargs)
         return self._current()(*args, **kwargs)
 
     def enable(self, enabled: bool) -> None:
@@ -218,37 +222,39 @@ class PeftModel(nn.Module):
         return self._run(*args, **kwargs)
 
     def _run(self, *args, adapter_names: Optional[list] = None, **kwargs):
-        """Forward; ``adapter_names`` (one adapter name, or ``"__base__"``, per batch row)
-        runs a mixed-adapter batch (inference only), as in HF PEFT."""
+        """Forward; ``adapter_names`` (one adapter name, or ``"__base__"``, per sequence) runs a
+        mixed-adapter batch (inference only, no autograd), as in HF PEFT; see :mod:`fastpeft.mixed_batch`."""
         if adapter_names is None:
             return self.base_model(*args, **kwargs)
+        with self._mixed(adapter_names, args, kwargs):
+            return self.base_model(*args, **kwargs)
+
+    def generate(self, *args, adapter_names: Optional[list] = None, **kwargs):
+        """transformers' ``generate``; ``adapter_names`` (one per prompt, ``"__base__"`` for the base model)
+        generates each prompt with its own adapter in one batch (beam search and ``num_return_sequences``
+        included)."""
+        if adapter_names is None:
+            return self.base_model.model.generate(*args, **kwargs)
+        with self._mixed(adapter_names, args, kwargs):
+            return self.base_model.model.generate(*args, **kwargs)
+
+    def _mixed(self, adapter_names, args, kwargs):
+        """The checked :func:`fastpeft.mixed_batch.mixed_adapters` context of a mixed-adapter call."""
+        names = mixed_batch.check_adapter_names(adapter_names, self.peft_config,
+                                                mixed_batch.batch_size_of(args, kwargs))
         if self.training:
             raise ValueError("adapter_names: mixed-adapter batches are for inference; call model.eval() first")
-        unknown = sorted({a for a in adapter_names if a != "__base__" and a not in self.peft_config})
-        if unknown:
-            raise ValueError(f"adapter_names: unknown adapter(s) {unknown}; this model has {list(self.peft_config)}")
-        if self._mts_wrappers():
-            raise NotImplementedError("adapter_names: fastpeft does not run mixed-adapter batches through "
-                                      "modules_to_save heads yet")
-        from .tuners.lora import LoraLayer
-        names = list(adapter_names)
-
-        def hook(module, args, kwargs):
-            return args, {**kwargs, "adapter_names": names}
-
-        handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in self.modules()
-                   if isinstance(m, LoraLayer)]
-        if not handles:
+        if self._tuner.peft_type != "LORA":
             raise ValueError(f"adapter_names: mixed-adapter batches are supported for LoRA only, not "
                              f"{self._tuner.peft_type}")
-        try:
-            return self.base_model(*args, **kwargs)
-        finally:
-            for h in handles:
-                h.remove()
+        if trainable_tokens.wrappers(self._model):
+            raise NotImplementedError("adapter_names: mixed-adapter batches with trainable_token_indices "
+                                      "adapters are not supported")
+        return mixed_batch.mixed_adapters(names)
 
-    def generate(self, *args, **kwargs):
-        return self.base_model.model.generate(*args, **kwargs)
+    def list_adapters(self) -> list[str]:
+        """The names of the loaded adapters, in load order (``"__base__"``, the base model alone, is not one)."""
+        return list(self.peft_config)
 
     # -- adapters -----------------------------------------------------------------------
     def _modules_to_save_names(self, config: PeftConfig) -> list[str]:

@@ -106,16 +106,17 @@ template <> inline bf16_t store_w<bf16_t>(float v) {
 template <typename O> inline O store_w(double v);
 template <> inline double store_w<double>(double v) { return v; }
 
-// The dropped elements are multiplied by 0 (like F.dropout), the kept ones by 1 / (1 - p).
+// The dropped elements become 0 by a select (not a multiply by 0: 0 * inf would be NaN where the
+// reference, torch.where, gives 0), the kept ones are multiplied by 1 / (1 - p).
 template <typename T, typename O>
 FASTPEFT_CLONES void apply_row(const T* __restrict xr, int64_t sx1, int64_t K, const uint8_t* __restrict keep,
                                typename work<T>::type inv, O* __restrict out) {
   using W = typename work<T>::type;
   if (sx1 == 1) {
-    for (int64_t k = 0; k < K; ++k) out[k] = store_w<O>(static_cast<W>(load_w(xr[k])) * (static_cast<W>(keep[k]) * inv));
+    for (int64_t k = 0; k < K; ++k) out[k] = store_w<O>(keep[k] ? static_cast<W>(load_w(xr[k])) * inv : W(0));
   } else {
     for (int64_t k = 0; k < K; ++k)
-      out[k] = store_w<O>(static_cast<W>(load_w(xr[k * sx1])) * (static_cast<W>(keep[k]) * inv));
+      out[k] = store_w<O>(keep[k] ? static_cast<W>(load_w(xr[k * sx1])) * inv : W(0));
   }
 }
 
@@ -124,14 +125,14 @@ FASTPEFT_CLONES void accumulate_row(const S* __restrict src, const uint8_t* __re
                                     typename work<T>::type inv, T* __restrict dst) {
   using W = typename work<T>::type;
   for (int64_t k = 0; k < K; ++k)
-    dst[k] = store_w<T>(static_cast<W>(load_w(dst[k])) + static_cast<W>(load_w(src[k])) * (static_cast<W>(keep[k]) * inv));
+    dst[k] = store_w<T>(static_cast<W>(load_w(dst[k])) + (keep[k] ? static_cast<W>(load_w(src[k])) * inv : W(0)));
 }
 
 template <typename T, typename S>
 FASTPEFT_CLONES void store_row(const S* __restrict src, const uint8_t* __restrict keep, int64_t K,
                                typename work<T>::type inv, T* __restrict dst) {
   using W = typename work<T>::type;
-  for (int64_t k = 0; k < K; ++k) dst[k] = store_w<T>(static_cast<W>(load_w(src[k])) * (static_cast<W>(keep[k]) * inv));
+  for (int64_t k = 0; k < K; ++k) dst[k] = store_w<T>(keep[k] ? static_cast<W>(load_w(src[k])) * inv : W(0));
 }
 
 }  // namespace

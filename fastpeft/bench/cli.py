@@ -1,4 +1,5 @@
-"""Benchmark fastpeft's fused ops and LoRA training steps against PyTorch, HF PEFT and the floor.
+"""Benchmark fastpeft's fused ops, LoRA training steps and mixed-adapter serving forwards against PyTorch,
+HF PEFT and the floor.
 
 With no arguments: the quick suite (< 3 min on a 2-core CPU, < 2 min on a GPU) on the
 best available device, bundled defaults only (random-init model configs, the packaged

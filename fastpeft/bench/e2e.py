@@ -11,6 +11,8 @@ Models (bundled defaults only, nothing downloaded):
   classification (2 labels), batch 32 × 64 tokens; LoRA r=8, alpha 16 on every
   linear layer (query/key/value and the ``dense`` layers), classifier trained.
 
+Each model also runs over an nf4 4-bit base (``..._nf4`` cases, QLoRA: bitsandbytes ``Linear4bit``, double
+quantisation, the head unquantised; :func:`quantize_nf4`).
 Each model also runs under CPU (or GPU) bf16 autocast (``..._bf16autocast`` cases): the same step with
 the forward inside ``torch.autocast(device, torch.bfloat16)`` for every variant (HF Trainer / TRL
 ``bf16=True``), fp32 weights.
@@ -20,6 +22,8 @@ Variants (each on its own deep copy of the same base model):
 * ``fastpeft``: ``fastpeft.get_peft_model(model, fastpeft.LoraConfig(...))``;
 * ``hf_peft``: ``peft.get_peft_model(model, peft.LoraConfig(...))``, the same kwargs;
 * ``fastpeft_accelerate``: ``fastpeft.accelerate(<the HF PEFT model>)``;
+* ``fastpeft_patched`` (Llama cases): the ``fastpeft`` model after ``fastpeft.patch_model`` (fused
+  RMSNorm, rope, SwiGLU and the loss through ``linear_cross_entropy``, no logits; issue 17);
 * ``floor``: the same model with every weight frozen, gradients flowing back to the
   input embeddings (``inputs_embeds.requires_grad_()``): forward + backward only,
   as there is nothing to update.
@@ -39,13 +43,15 @@ import warnings
 
 import torch
 
-from .. import LoraConfig, accelerate, fusion_report, get_peft_model, reset_fusion_report
+from .. import LoraConfig, accelerate, fusion_report, get_peft_model, patch_model, reset_fusion_report
 from ..adversarial import FreeLB
 from .cases import Built, Case, Skip, Target
 from .cases.ops import require
 
 ISSUE7 = "issue 7"
 ISSUE21 = "issue 21"
+ISSUE17 = "issue 17"
+ISSUE18 = "issue 18"
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 BERT_TARGETS = ["query", "key", "value", "dense"]
 
@@ -53,6 +59,7 @@ BERT_TARGETS = ["query", "key", "value", "dense"]
 LLAMA_SIZES = {
     "tiny": (64, 2, 4, 2, 128, 512),
     "20m": (256, 4, 4, 4, 688, 32000),
+    "110m": (768, 12, 12, 12, 2048, 32000),
     "1b": (2048, 22, 32, 4, 5632, 32000),
 }
 
@@ -125,21 +132,23 @@ def _fusion(model, batch: dict, autocast) -> dict:
 
 
 def training_step_variants(base: torch.nn.Module, batch: dict, lora_kwargs: dict, seed: int = 0,
-                           lr: float = 1e-4, autocast=None) -> Built:
-    """The four variants of an end-to-end case on ``base`` (left untouched); the forward of each step
-    under ``torch.autocast`` in dtype ``autocast`` (None: no autocast)."""
+                           lr: float = 1e-4, autocast=None, patched: bool = False) -> Built:
+    """The four variants of an end-to-end case on ``base`` (left untouched), five with ``patched``
+    (``fastpeft_patched``); the forward of each step under ``torch.autocast`` in dtype ``autocast``
+    (None: no autocast)."""
     variants, skipped, notes, resident, models = {}, {}, {}, {}, {}
     with warnings.catch_warnings():  # deprecation chatter of transformers/peft internals
         warnings.simplefilter("ignore", FutureWarning)
         warnings.simplefilter("ignore", DeprecationWarning)
-        _add_variants(base, batch, lora_kwargs, seed, lr, variants, skipped, notes, resident, models, autocast)
+        _add_variants(base, batch, lora_kwargs, seed, lr, variants, skipped, notes, resident, models, autocast,
+                      patched)
     floor = copy.deepcopy(base).requires_grad_(False)
     floor.train()
     variants["floor"] = _floor_fn(floor, batch, autocast)
     resident["floor"] = lambda: _resident(floor, None)
     notes["floor"] = "every weight frozen, gradient to inputs_embeds only (forward + backward)"
     fusion = {}
-    for name in ("fastpeft", "fastpeft_accelerate"):
+    for name in ("fastpeft", "fastpeft_patched", "fastpeft_accelerate"):
         if name not in models:
             continue
         try:
@@ -157,7 +166,8 @@ def training_step_variants(base: torch.nn.Module, batch: dict, lora_kwargs: dict
                  resident_bytes=resident, extra={"fusion": fusion, "autocast": _dt(autocast) if autocast else None})
 
 
-def _add_variants(base, batch, lora_kwargs, seed, lr, variants, skipped, notes, resident, models, autocast):
+def _add_variants(base, batch, lora_kwargs, seed, lr, variants, skipped, notes, resident, models, autocast,
+                  patched=False):
     def add(name, model, note):
         model.train()
         trainable = [p for p in model.parameters() if p.requires_grad]
@@ -174,6 +184,15 @@ def _add_variants(base, batch, lora_kwargs, seed, lr, variants, skipped, notes, 
         add("fastpeft", get_peft_model(copy.deepcopy(base), LoraConfig(**lora_kwargs)), "fastpeft.get_peft_model")
     except Exception as e:  # noqa: BLE001 - reported as this variant's failure
         variants["fastpeft"] = _raiser(f"fastpeft.get_peft_model failed: {type(e).__name__}: {e}")
+    if patched:
+        try:
+            torch.manual_seed(seed)
+            m = get_peft_model(copy.deepcopy(base), LoraConfig(**lora_kwargs))
+            summary = patch_model(m)
+            add("fastpeft_patched", m, f"fastpeft.get_peft_model + fastpeft.patch_model: "
+                                       f"{', '.join(f'{k} x{n}' for k, n in summary.patched.items())}")
+        except Exception as e:  # noqa: BLE001
+            variants["fastpeft_patched"] = _raiser(f"fastpeft.patch_model failed: {type(e).__name__}: {e}")
     hf_model = None
     try:
         import peft
@@ -208,7 +227,8 @@ def _raiser(msg: str):
     return fn
 
 
-def llama_build(size: str, batch_size: int, seq: int, r: int, p: float, dtype: torch.dtype, autocast=None):
+def llama_build(size: str, batch_size: int, seq: int, r: int, p: float, dtype: torch.dtype, autocast=None,
+                nf4: bool = False):
     def build(device: torch.device) -> Built:
         require("transformers")
         from transformers import LlamaForCausalLM
@@ -217,15 +237,39 @@ def llama_build(size: str, batch_size: int, seq: int, r: int, p: float, dtype: t
         cfg = llama_config(size)
         with torch.device(device):
             base = LlamaForCausalLM(cfg).to(dtype)
+        if nf4:
+            base = quantize_nf4(base, device, dtype, skip=("lm_head",))
         g = torch.Generator().manual_seed(1)
         ids = torch.randint(0, cfg.vocab_size, (batch_size, seq), generator=g).to(device)
         batch = {"input_ids": ids, "labels": ids}
         kw = dict(r=r, lora_alpha=2 * r, lora_dropout=p, target_modules=list(LLAMA_TARGETS), task_type="CAUSAL_LM")
-        built = training_step_variants(base, batch, kw, autocast=autocast)
+        built = training_step_variants(base, batch, kw, autocast=autocast, patched=True)
         del base
         built.extra.update(model_parameters=sum(math.prod(s) for s in _llama_param_shapes(cfg)), config=size)
         return built
     return build
+
+
+def quantize_nf4(model: torch.nn.Module, device, compute_dtype: torch.dtype, skip=()) -> torch.nn.Module:
+    """QLoRA base for the ``_nf4`` cases (issue 18): every ``nn.Linear`` outside ``skip`` (module-name parts)
+    replaced by a bitsandbytes ``Linear4bit`` (nf4, double quantisation, blocksize 64, compute in
+    ``compute_dtype``) holding the same weights -- what ``BitsAndBytesConfig(load_in_4bit=True,
+    bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True)`` loads; ``is_loaded_in_4bit`` is set as
+    transformers sets it (HF PEFT picks its bnb LoRA layers from it)."""
+    bnb = require("bitsandbytes")
+    for name, m in list(model.named_modules()):
+        if type(m) is not torch.nn.Linear or any(part in skip for part in name.split(".")):
+            continue
+        q = bnb.nn.Linear4bit(m.in_features, m.out_features, bias=m.bias is not None, compute_dtype=compute_dtype,
+                              quant_type="nf4", compress_statistics=True)
+        q.load_state_dict({k: v.detach().float().cpu() for k, v in m.state_dict().items()})
+        q = q.to(device)
+        if q.bias is not None:
+            q.bias.data = q.bias.data.to(compute_dtype)
+        parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
+        setattr(parent, name.rpartition(".")[2], q)
+    model.is_loaded_in_4bit = True
+    return model
 
 
 def _llama_param_shapes(cfg):
@@ -235,9 +279,12 @@ def _llama_param_shapes(cfg):
     return [(v, h), (v, h), (h,)] + layer * n
 
 
-def minilm_build(batch_size: int, seq: int, r: int, p: float, dtype: torch.dtype, autocast=None):
+def minilm_build(batch_size: int, seq: int, r: int, p: float, dtype: torch.dtype, autocast=None,
+                 nf4: bool = False):
     def build(device: torch.device) -> Built:
         base, weights = _load_minilm(device, dtype)
+        if nf4:
+            base = quantize_nf4(base, device, dtype, skip=("classifier", "pooler"))
         g = torch.Generator().manual_seed(1)
         vocab = base.config.vocab_size
         ids = torch.randint(1000, vocab, (batch_size, seq), generator=g).to(device)
@@ -362,6 +409,14 @@ def cases(suite: str, device: torch.device) -> list[Case]:
                      "autocast": "bfloat16"},
                     _autocast_targets(gpu, suite), ours=("fastpeft", "fastpeft_accelerate"), warmup=2 if gpu else 1,
                     budget_s=None if gpu else 15.0))
+    # QLoRA: the same MiniLM step over an nf4 base (issue 18)
+    p = mps[-1]
+    out.append(Case(f"e2e/minilm_seqcls_b{mb}x{ms}_r8_p{p:g}_nf4", "e2e",
+                    minilm_build(mb, ms, 8, p, torch.float32, nf4=True),
+                    {"model": "all-MiniLM-L6-v2", "batch": mb, "seq": ms, "r": 8, "dropout": p, "dtype": "float32",
+                     "quant": "nf4 (bitsandbytes, double quant)"},
+                    _nf4_targets(gpu, suite, "steps/s"), ours=("fastpeft", "fastpeft_accelerate"),
+                    warmup=2 if gpu else 1, budget_s=None if gpu else 15.0))
     # FreeLB-3 step vs plain step (issue 5); on CPU only in full/smoke (keeps quick < 3 min)
     k = 3
     fb, fs = (2, 16) if suite == "smoke" else (32, 64)
@@ -379,27 +434,58 @@ def cases(suite: str, device: torch.device) -> list[Case]:
         grid = [("1b", 4, 2048, (0.1,) if suite == "quick" else (0.0, 0.1), torch.bfloat16)]
     else:
         grid = [("20m", 2, 256, (0.1,) if suite == "quick" else (0.0, 0.1), torch.float32)]
+        if suite == "full":
+            grid.append(("110m", 2, 512, (0.1,), torch.float32))
+    ours = ("fastpeft", "fastpeft_patched", "fastpeft_accelerate")
     for size, b, s, ps, dtype in grid:
         for p in ps:
-            targets = []
-            if gpu and size == "1b" and p > 0:
-                targets = [Target("≥1.2× HF tokens/s", "fastpeft", "hf_peft", 1 / 1.2, source=ISSUE7),
-                           Target("mem ≤0.8× HF", "fastpeft", "hf_peft", 0.8, metric="memory",
-                                  mem_key="peak_total_bytes", source=ISSUE7)]
+            targets = _llama_targets(gpu, suite, size, p)
             out.append(Case(f"e2e/llama_{size}_b{b}x{s}_r16_p{p:g}_{_dt(dtype)}", "e2e",
                             llama_build(size, b, s, 16, p, dtype),
                             {"model": f"llama-{size} (random init)", "batch": b, "seq": s, "r": 16, "dropout": p,
                              "dtype": _dt(dtype)},
-                            targets, ours=("fastpeft", "fastpeft_accelerate"), warmup=2 if gpu else 1,
+                            targets, ours=ours, warmup=2 if gpu else 1,
+                            budget_s=None if gpu else (40.0 if size == "110m" else 15.0)))
+        if size != "110m":
+            p = ps[-1]   # QLoRA: nf4 base, compute in the case's dtype (issue 18)
+            out.append(Case(f"e2e/llama_{size}_b{b}x{s}_r16_p{p:g}_nf4", "e2e",
+                            llama_build(size, b, s, 16, p, dtype, nf4=True),
+                            {"model": f"llama-{size} (random init)", "batch": b, "seq": s, "r": 16, "dropout": p,
+                             "dtype": _dt(dtype), "quant": "nf4 (bitsandbytes, double quant)"},
+                            _nf4_targets(gpu, suite, "tokens/s" if gpu else "steps/s"),
+                            ours=("fastpeft", "fastpeft_accelerate"), warmup=2 if gpu else 1,
                             budget_s=None if gpu else 15.0))
-        if not gpu:   # fp32 weights under CPU bf16 autocast (on the GPU the 1B case is in bf16 already)
+        if not gpu and size != "110m":   # fp32 weights under CPU bf16 autocast (on the GPU the 1B case is bf16)
             p = ps[-1]
             out.append(Case(f"e2e/llama_{size}_b{b}x{s}_r16_p{p:g}_bf16autocast", "e2e",
                             llama_build(size, b, s, 16, p, torch.float32, autocast=torch.bfloat16),
                             {"model": f"llama-{size} (random init)", "batch": b, "seq": s, "r": 16, "dropout": p,
                              "dtype": "float32", "autocast": "bfloat16"},
-                            _autocast_targets(gpu, suite), ours=("fastpeft", "fastpeft_accelerate"), warmup=1,
+                            _autocast_targets(gpu, suite), ours=ours, warmup=1,
                             budget_s=15.0))
+    return out
+
+
+def _llama_targets(gpu: bool, suite: str, size: str, p: float) -> list:
+    """Issue 7 (fastpeft vs HF PEFT on the GPU 1B case) and issue 17 (the patched model, with dropout):
+    CPU 20M and 110M: >= 1.35x HF PEFT's tokens/s and no slower than the frozen eager model (the floor),
+    110M also peak memory <= 0.6x HF PEFT's; GPU 1B: >= 2x HF PEFT's tokens/s, <= 0.5x its peak memory."""
+    if suite == "smoke" or p == 0:
+        return []
+    out = []
+    if gpu and size == "1b":
+        out += [Target("≥1.2× HF tokens/s", "fastpeft", "hf_peft", 1 / 1.2, source=ISSUE7),
+                Target("mem ≤0.8× HF", "fastpeft", "hf_peft", 0.8, metric="memory", mem_key="peak_total_bytes",
+                       source=ISSUE7),
+                Target("patched ≥2× HF tokens/s", "fastpeft_patched", "hf_peft", 1 / 2, source=ISSUE17),
+                Target("patched mem ≤0.5× HF", "fastpeft_patched", "hf_peft", 0.5, metric="memory",
+                       mem_key="peak_total_bytes", source=ISSUE17)]
+    elif not gpu and size in ("20m", "110m"):
+        out += [Target("patched ≥1.35× HF tokens/s", "fastpeft_patched", "hf_peft", 1 / 1.35, source=ISSUE17),
+                Target("patched ≤1.0× frozen eager", "fastpeft_patched", "floor", 1.0, source=ISSUE17)]
+        if size == "110m":
+            out.append(Target("patched mem ≤0.6× HF", "fastpeft_patched", "hf_peft", 0.6, metric="memory",
+                              mem_key="peak_total_bytes", source=ISSUE17))
     return out
 
 
@@ -408,3 +494,14 @@ def _autocast_targets(gpu: bool, suite: str) -> list:
     if gpu or suite == "smoke":
         return []
     return [Target("≥1.4× HF steps/s (same bf16 autocast)", "fastpeft", "hf_peft", 1 / 1.4, source=ISSUE21)]
+
+
+def _nf4_targets(gpu: bool, suite: str, unit: str) -> list:
+    """Issue 18: over an nf4 base, >= 1.5x HF PEFT + bitsandbytes (and, on the GPU, no more memory)."""
+    if suite == "smoke":
+        return []
+    t = [Target(f"≥1.5× HF {unit} (QLoRA)", "fastpeft", "hf_peft", 1 / 1.5, source=ISSUE18)]
+    if gpu:
+        t.append(Target("mem ≤ HF QLoRA", "fastpeft", "hf_peft", 1.0, metric="memory", mem_key="peak_total_bytes",
+                        source=ISSUE18))
+    return t

@@ -17,11 +17,13 @@ from .scaled_add import scaled_add
 from .bottleneck_adapter import bottleneck_adapter
 from .lora_linear import lora_linear
 from .lora_linear_multi import lora_embedding_multi, lora_linear_multi
+from .lora_linear_4bit import lora_linear_4bit
 from .adv_perturb_update import adv_perturb_init, adv_perturb_update
 from .grad_tail import grad_tail, grad_tail_, grad_tail_apply_
 from .rms_norm import rms_norm
 from .rope import rope
 from .glu import geglu, swiglu
+from .linear_cross_entropy import linear_cross_entropy
 
 # The public functions are the ones imported above from the op packages.
 __all__ = sorted(n for n, v in dict(globals()).items() if getattr(v, "__module__", "").startswith(__name__ + ".")) \

@@ -25,14 +25,20 @@ ViT (tf 5)     ``attention.o_proj``        ``mlp.fc2``         ``mlp`` -> ``mlp`
 =============  =========================  =================  ==========================
 
 Parameters live on the block: ``<block>.bottleneck_adapter_attn.<adapter>.adapter_down.weight``
-(``_ffn`` likewise; on disk without ``.<adapter>``).  The up-projection starts at
+(``_ffn`` likewise; on disk without ``.<adapter>``).
+
+With ``target_modules`` (any model, e.g. a CNN) the adapters go serially after each named ``nn.Linear`` /
+``nn.Conv2d`` instead, ``y = s + adapter(s)`` with ``s`` the module's output; on a Conv2d output
+``[N, C, H, W]`` the adapter runs over the channels at every pixel (a 1×1-conv bottleneck, as the residual
+adapters of Rebuffi et al. 2017): ``adapter(s.movedim(1, -1)).movedim(-1, 1)``.  Parameters then live on the
+targeted module: ``<module>.bottleneck_adapter_out.<adapter>.adapter_down.weight``.  The up-projection starts at
 zero (``init_weights=True``) so a fresh adapter leaves the model's outputs unchanged.
 Adapters are forward hooks: :func:`remove` takes the hooks and parameters away again.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from torch import nn
@@ -40,12 +46,14 @@ from torch import nn
 from ..blocks import ARCHS, find_typed_blocks
 from .base import PeftConfig
 from .registry import register_tuner
+from .targeting import find_targets, linear_types
 
 PEFT_TYPE = "BOTTLENECK_ADAPTER"
 ADAPTER_TYPES = ("houlsby", "pfeiffer", "parallel")
 ACTIVATION_NAMES = ("relu", "gelu", "gelu_tanh", "silu")
 _STATE_ATTR = "_fastpeft_bottleneck"
-_CONTAINERS = {"attn": "bottleneck_adapter_attn", "ffn": "bottleneck_adapter_ffn"}
+_CONTAINERS = {"attn": "bottleneck_adapter_attn", "ffn": "bottleneck_adapter_ffn",
+               "out": "bottleneck_adapter_out"}  # "out": on a module named by target_modules
 
 
 @dataclass
@@ -55,7 +63,11 @@ class BottleneckAdapterConfig(PeftConfig):
     bottleneck_size (> 0) is given.  activation: "relu" | "gelu" | "gelu_tanh" | "silu".
     adapter_dropout: dropout on the bottleneck activation while training, in [0, 1).
     init_weights: True -> zero up-projection (identity at start); False -> small random (tests).
-    layers_to_transform: block indices (in model order) to adapt; None -> all."""
+    layers_to_transform: block indices (in model order) to adapt; None -> all.
+    target_modules: None (the transformer-block sites above), or names (exact path or ``.name`` suffix) /
+    a regex (full match) of ``nn.Linear`` / ``nn.Conv2d`` modules to put a serial adapter after (any model,
+    CNNs included; Conv2d: over the channels); ``adapter_type`` must then be "houlsby" or "pfeiffer"
+    (they mean the same there) and ``layers_to_transform`` None."""
 
     adapter_type: str = "houlsby"
     reduction_factor: int = 16
@@ -64,9 +76,22 @@ class BottleneckAdapterConfig(PeftConfig):
     adapter_dropout: float = 0.0
     init_weights: bool = True
     layers_to_transform: Optional[list] = None
+    target_modules: Optional[Union[list, str]] = None
 
     def __post_init__(self):
         self.peft_type = PEFT_TYPE
+        if self.target_modules is not None:
+            if isinstance(self.target_modules, (tuple, set)):
+                self.target_modules = sorted(self.target_modules)
+            if not isinstance(self.target_modules, (list, str)):
+                raise ValueError(f"BottleneckAdapterConfig.target_modules: expected None, a list of module names "
+                                 f"or a regex str, got {self.target_modules!r}")
+            if self.adapter_type == "parallel":
+                raise ValueError("BottleneckAdapterConfig.target_modules: adapters after named modules are serial; "
+                                 "adapter_type='parallel' needs the transformer-block sites (target_modules=None)")
+            if self.layers_to_transform is not None:
+                raise ValueError("BottleneckAdapterConfig.layers_to_transform: applies to transformer blocks; "
+                                 "with target_modules, name the modules instead")
         if self.adapter_type not in ADAPTER_TYPES:
             raise ValueError(f"BottleneckAdapterConfig.adapter_type: expected one of {ADAPTER_TYPES}, "
                              f"got {self.adapter_type!r}")
@@ -197,6 +222,16 @@ def _serial_hook(name: str):
     return hook
 
 
+def _serial_channel_hook(name: str):  # Conv2d output [N, C, H, W]: the adapter runs over C
+    def hook(module, args, output):
+        st, container, _ = _ctx(module, name)
+        if not st.enabled or name not in st.active:
+            return None
+        y = _tensor_out(output)
+        return _replace_out(output, container[name](y.movedim(1, -1), residual=True).movedim(-1, 1))
+    return hook
+
+
 def _parallel_same_module_hook(name: str):  # Llama / GPT-2 / ViT: y = mlp(x) + adapter(x)
     def hook(module, args, kwargs, output):
         st, container, _ = _ctx(module, name)
@@ -233,6 +268,14 @@ def inject(model: nn.Module, config: BottleneckAdapterConfig, adapter_name: str 
     st = _state(model)
     if adapter_name in st.configs:
         raise ValueError(f"adapter_name: an adapter named {adapter_name!r} already exists")
+    if config.target_modules is not None:
+        touched = _inject_at_targets(model, config, adapter_name, st)
+        object.__setattr__(model, _STATE_ATTR, st)
+        st.configs[adapter_name] = config
+        if not st.active:
+            st.active = [adapter_name]
+        _mark_trainable(model, st, config.inference_mode)
+        return touched
     blocks = find_typed_blocks(model)
     if not blocks:
         lists = [f"{n} ({type(m[0]).__name__} x{len(m)})" for n, m in model.named_modules()
@@ -313,6 +356,44 @@ def inject(model: nn.Module, config: BottleneckAdapterConfig, adapter_name: str 
         st.active = [adapter_name]
     _mark_trainable(model, st, config.inference_mode)
     return touched
+
+
+def _inject_at_targets(model: nn.Module, config: BottleneckAdapterConfig, adapter_name: str, st: _State) -> list:
+    """Serial adapters after every targeted Linear / Conv2d (``config.target_modules``); all or nothing."""
+    names = [n for n in find_targets(model, config, linear_types() + (nn.Conv2d,),
+                                     what="BottleneckAdapterConfig.target_modules")
+             if n.rsplit(".", 1)[-1] not in ("adapter_down", "adapter_up")]
+    created, handles = [], []
+    try:
+        for n in names:
+            mod = model.get_submodule(n)
+            conv = isinstance(mod, nn.Conv2d)
+            H = mod.out_channels if conv else _out_features(mod)
+            ref = mod.weight
+            container = getattr(mod, _CONTAINERS["out"], None)
+            if container is None:
+                container = nn.ModuleDict()
+                mod.add_module(_CONTAINERS["out"], container)
+                created.append(mod)
+            container[adapter_name] = BottleneckAdapter(H, config.bottleneck_for(H), config.activation,
+                                                        config.adapter_dropout, config.init_weights,
+                                                        device=ref.device, dtype=ref.dtype)
+            _set_ctx(mod, adapter_name, (st, container, None))
+            handles.append(mod.register_forward_hook((_serial_channel_hook if conv else _serial_hook)(adapter_name)))
+    except Exception:
+        for h in handles:
+            h.remove()
+        for n in names:
+            mod = model.get_submodule(n)
+            mod.__dict__.get(_CTX_ATTR, {}).pop(adapter_name, None)
+            c = getattr(mod, _CONTAINERS["out"], None)
+            if c is not None and adapter_name in c:
+                del c[adapter_name]
+        for mod in created:
+            delattr(mod, _CONTAINERS["out"])
+        raise
+    st.handles[adapter_name] = handles
+    return names
 
 
 def _adapter_modules(model: nn.Module, adapter_name: str):

@@ -14,6 +14,10 @@ so ``state_dict`` keys are HF PEFT's.
   disabled, DoRA, other dtypes) the plain PyTorch path, which is HF PEFT's forward.
 * :class:`Embedding` and :class:`Conv2d` (``conv(k×k, in→r)`` then ``1×1 conv r→out``)
   use plain PyTorch LoRA.
+* Mixed-adapter batches (``adapter_names=`` here or the :func:`fastpeft.mixed_batch.mixed_adapters` context
+  that ``PeftModel`` enters): Linear / Conv1D / Embedding layers run
+  :func:`fastpeft.ops.lora_linear_multi` / ``lora_embedding_multi`` on the stacked adapters
+  (:mod:`fastpeft.ops.lora_linear_multi.layer`), other layers a loop over the adapters present.
 * DoRA (Linear / Conv1D): ``y = base + (m/‖W + s·BA‖ - 1) · (x Wᵀ) + (m/‖·‖) · s · B A x``
   with the row norm detached, as HF PEFT; the norm is cached per adapter and only
   rebuilt when A, B or W changed (tensor version counters).
@@ -29,7 +33,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..mixed_batch import BASE_ADAPTER, current_adapter_names
 from ..ops.lora_linear.layer import lora_forward
+from ..ops.lora_linear_multi.layer import expand_names, mixed_forward
 from .base import PeftConfig
 from .lora_init import check_init, init_linear
 from .._optional import conv1d_cls
@@ -186,6 +192,16 @@ class LoraLayer:
     def get_base_layer(self) -> nn.Module:
         return self.base_layer
 
+    # the base layer's weight / bias, as HF PEFT's BaseTunerLayer gives them: model code reads them off
+    # the layer it calls (T5's feed-forward casts to ``self.wo.weight.dtype``)
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self):
+        return self.base_layer.bias
+
     def adapters(self) -> list[str]:
         return list(self.r)
 
@@ -232,6 +248,8 @@ class LoraLayer:
         """PEFT's forward: base output plus each active adapter's term (``adapters`` is the
         dict whose keys are this layer's adapters); base only when disabled or merged."""
         adapter_names = kwargs.pop("adapter_names", None)
+        if adapter_names is None:
+            adapter_names = current_adapter_names()
         if self._disable_adapters:
             if self.merged:
                 self.unmerge()
@@ -271,17 +289,23 @@ class LoraLayer:
             self._active_adapter = [a for a in self._active_adapter if a != adapter_name]
 
     def _mixed_batch_forward(self, x: torch.Tensor, *args, adapter_names, **kwargs) -> torch.Tensor:
-        """Row i of the batch uses adapter ``adapter_names[i]`` (``"__base__"``: none); HF PEFT's rule."""
-        if len(adapter_names) != x.shape[0]:
-            raise ValueError(f"adapter_names: got {len(adapter_names)} names for a batch of {x.shape[0]} rows")
+        """Sequence i of the batch uses adapter ``adapter_names[i]`` (``"__base__"``: none); HF PEFT's rule.
+        An input of k·B rows for B names gives each name k consecutive rows (beam search).  Linear / Conv1D /
+        Embedding layers run the multi-adapter op (one call, no loop over the adapters); the rest, and
+        base layers the op does not take (quantised, custom), loop over the adapters present."""
         if self.merged:
             raise ValueError("adapter_names: cannot run a mixed-adapter batch while adapters are merged")
         if any(self.use_dora.get(a) for a in set(adapter_names)):
             raise ValueError("adapter_names: mixed-adapter batches are not supported with DoRA (as in HF PEFT)")
+        if not args and not kwargs and isinstance(self, (Linear, Embedding)):
+            out = mixed_forward(self, x, adapter_names)
+            if out is not None:
+                return out
+        adapter_names = expand_names(adapter_names, x.shape[0])
         result = self.base_layer(x, *args, **kwargs)
         dtype = result.dtype
         for a in dict.fromkeys(adapter_names):
-            if a == "__base__" or a not in self.r:
+            if a == BASE_ADAPTER or a not in self.r:
                 continue
             idx = [i for i, n in enumerate(adapter_names) if n == a]
             result[idx] = self._adapter_rows(a, x[idx], result[idx]).to(dtype)
@@ -384,6 +408,8 @@ class Linear(nn.Module, LoraLayer):
         return (mag_norm_scale - 1) * base_result + mag_norm_scale * lora_result * s
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if "adapter_names" in kwargs or current_adapter_names() is not None:  # a mixed-adapter batch
+            return self._plain_forward(x, *args, **kwargs)
         return lora_forward(self, x, args, kwargs, self._plain_forward)
 
     def _adapter_rows(self, a: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
@@ -564,6 +590,10 @@ def lora_layers(model: nn.Module, adapter_name: Optional[str] = None):
 
 
 def _new_layer(name: str, target: nn.Module, adapter_name: str, r: int, alpha: float, config: LoraConfig):
+    from .lora_quant import new_quant_layer  # bitsandbytes 4-bit / 8-bit bases (QLoRA)
+    quant = new_quant_layer(name, target, adapter_name, r, alpha, config)
+    if quant is not None:
+        return quant
     conv1d = conv1d_cls()
     if conv1d is not None and isinstance(target, conv1d):
         if not config.fan_in_fan_out:

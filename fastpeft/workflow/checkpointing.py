@@ -16,6 +16,7 @@ one, never a torn one. Single files are written the same way (:func:`atomic_writ
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -23,10 +24,14 @@ import shutil
 
 import torch
 
-from ..fileio import atomic_dir, atomic_write  # noqa: F401  (re-exported: ckpt.atomic_write)
+from ..fileio import atomic_dir, atomic_write, stale_temporaries  # noqa: F401  (re-exported: ckpt.atomic_write)
 
 STATE_JSON = "state.json"
 STATE_TENSORS = "state.safetensors"
+#: written next to every adapter the workflow saves: task, labels, base model, data columns
+TASK_FILE = "fastpeft_task.json"
+#: what makes an output directory "hold a run" (besides checkpoint-<step>/ and a non-empty metrics.jsonl)
+RUN_OUTPUTS = ("adapter", "result.json")
 
 
 # --------------------------------------------------------------------------- state (de)serialisation
@@ -118,16 +123,87 @@ def save_checkpoint(path: str, *, tensors: dict, meta: dict, save_adapter=None) 
     return path
 
 
-def load_checkpoint(path: str) -> tuple[dict, dict]:
-    from safetensors.torch import load_file
+REQUIRED_META = ("optimizer", "scheduler", "rng", "step")
+
+
+def load_checkpoint(path: str, required: tuple = ()) -> tuple[dict, dict]:
+    """(tensors, meta) of checkpoint directory ``path``; a missing, truncated or corrupt file, or a meta without
+    the ``required`` keys (the trainer's: :data:`REQUIRED_META`), is a ``ValueError``
+    (``FileNotFoundError`` for a directory that is no checkpoint) naming the file."""
+    from ..checkpoint import load_safetensors
 
     js, st = os.path.join(path, STATE_JSON), os.path.join(path, STATE_TENSORS)
     if not (os.path.isfile(js) and os.path.isfile(st)):
         raise FileNotFoundError(f"resume_from: {path!r} is not a checkpoint directory "
                                 f"(expected {STATE_JSON} and {STATE_TENSORS})")
-    with open(js) as f:
-        meta = _json_restore(json.load(f))
-    return load_file(st), meta
+    try:
+        with open(js, encoding="utf-8") as f:
+            meta = _json_restore(json.load(f))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{js}: corrupt or truncated checkpoint file ({e})") from None
+    if not isinstance(meta, dict) or any(k not in meta for k in required):
+        raise ValueError(f"{js}: not a complete checkpoint state (expected the keys {list(required)})")
+    return load_safetensors(st), meta
+
+
+def checkpoints(output_dir: str) -> list[str]:
+    """The ``checkpoint-<step>`` directories of ``output_dir``, newest (highest step) first."""
+    if not os.path.isdir(output_dir):
+        return []
+    found = [(int(n[11:]), os.path.join(output_dir, n)) for n in os.listdir(output_dir)
+             if n.startswith("checkpoint-") and n[11:].isdigit() and os.path.isdir(os.path.join(output_dir, n))]
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def run_outputs(output_dir: str) -> list[str]:
+    """What in ``output_dir`` belongs to a training run (so that another run must not start there): the
+    adapter, result.json, checkpoints, a non-empty metrics.jsonl."""
+    if not os.path.isdir(output_dir):
+        return []
+    out = [n for n in RUN_OUTPUTS if os.path.exists(os.path.join(output_dir, n))]
+    out += [os.path.basename(p) + "/" for p in checkpoints(output_dir)]
+    log = os.path.join(output_dir, "metrics.jsonl")
+    if os.path.isfile(log) and os.path.getsize(log) > 0:
+        out.append("metrics.jsonl")
+    return out
+
+
+def check_output_dir(output_dir: str, *, resume: bool = False, overwrite: bool = False) -> list[str]:
+    """Refuse an ``output_dir`` that is a file, or that holds another run unless the run resumes it or
+    ``overwrite`` says to replace it; returns what the directory holds (:func:`run_outputs`)."""
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise ValueError(f"output_dir: {output_dir!r} is a file, not a directory")
+    held = run_outputs(output_dir)
+    if held and not resume and not overwrite:
+        raise ValueError(f"output_dir: {output_dir!r} already holds a run ({', '.join(held[:4])}); continue it "
+                         f"with --resume-from latest, write elsewhere (--output-dir), or replace it with "
+                         f"--overwrite (trainer.overwrite: true)")
+    return held
+
+
+def clear_run(output_dir: str) -> None:
+    """Delete a previous run's outputs from ``output_dir`` (``trainer.overwrite``)."""
+    for n in ("adapter", "result.json", "curves.png", "metrics.jsonl"):
+        p = os.path.join(output_dir, n)
+        if os.path.isdir(p) and not os.path.islink(p):
+            shutil.rmtree(p)
+        elif os.path.lexists(p):
+            os.unlink(p)
+    for p in checkpoints(output_dir):
+        shutil.rmtree(p)
+
+
+def remove_stale_temporaries(directory: str) -> list[str]:
+    """Delete the hidden temporary files / directories a killed writer left in ``directory`` (see
+    :func:`fastpeft.fileio.stale_temporaries`); returns what was removed."""
+    removed = stale_temporaries(directory)
+    for p in removed:
+        if os.path.isdir(p) and not os.path.islink(p):
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(p)
+    return removed
 
 
 def latest_checkpoint(output_dir: str) -> str | None:

@@ -1,4 +1,5 @@
-"""Evaluate base model + adapter (from ``fastpeft finetune``) on a labelled file; prints metrics as JSON.
+"""Evaluate base model + adapter (from ``fastpeft finetune`` or the Python ``Trainer``) on a labelled file;
+prints metrics as JSON. Columns default to the ones the adapter was trained with.
 
 examples:
   fastpeft evaluate --adapter runs/sst2/adapter --data dev.tsv --text-column content
@@ -16,11 +17,11 @@ def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="data file (same format as training unless --format)")
     p.add_argument("--model", help="base model (default: the one recorded with the adapter)")
     p.add_argument("--format", help="tsv | csv | jsonl | conll | semeval (SQuAD JSON for question_answering)")
-    p.add_argument("--text-column", help="text column (default: as in training)")
-    p.add_argument("--label-column", help="label column (default: as in training)")
+    p.add_argument("--text-column", help="text column (default: as in training, then as in validation)")
+    p.add_argument("--label-column", help="label column (default: as in training, then as in validation)")
     p.add_argument("--max-length", type=int, help="default: as in training")
     p.add_argument("--batch-size", type=int, default=64, help="default 64")
-    p.add_argument("--limit", type=int, help="only the first N examples")
+    p.add_argument("--limit", type=int, help="only the first N examples (N >= 1)")
     p.add_argument("--output", help="also write the result to this file (JSON / JSONL)")
 
 

@@ -18,7 +18,7 @@ Layout (every section optional except ``model``, ``task`` and ``data.train``)::
       train_subset_seed: null        # ... a fixed random subset when set, else the first N
       validation_limit: null
     method:                          # the PEFT method; other keys go to its config class
-      name: lora                     # lora | ia3 | adapter | bitfit | prefix | prompt
+      name: lora                     # lora | ia3 | adapter | bitfit | prefix | prompt | full | linear_probe
       backend: auto                  # auto (= fastpeft) | fastpeft | peft (Hugging Face PEFT)
       r: 8
       lora_alpha: 16
@@ -27,6 +27,7 @@ Layout (every section optional except ``model``, ``task`` and ``data.train``)::
       modules_to_save: [classifier]  # default: the task head
     trainer: {lr: 1e-3, epochs: 1, batch_size: 32, ...}   # fastpeft.workflow.trainer.TrainerConfig
     adversarial: {method: freelb, ...}                    # optional, fastpeft.adversarial
+    quantization: {load_in_4bit: true, bnb_4bit_quant_type: nf4}  # optional QLoRA base (fastpeft.workflow.quantize)
     augment:                                              # optional, fastpeft.augment (on-the-fly)
       - {name: embedding_substitution, p: 0.1}
       - {name: neftune, alpha: 5}
@@ -44,6 +45,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import os
+import re
 
 from .. import (BitFitConfig, BottleneckAdapterConfig, IA3Config, LoraConfig, PrefixTuningConfig,
                 PromptTuningConfig)
@@ -78,12 +81,15 @@ STUDY_SECTIONS = {"fewshot": _fewshot, "continual": _continual}
 # (callbacks, loss_fn or None)`; only the shape of the section is checked here (_validate_augment).
 CALLBACK_SECTIONS = {"augment": _augment}
 
-TOP_KEYS = {"model", "task", "output_dir", "data", "method", "trainer", "adversarial", "seed", *STUDY_SECTIONS,
+TOP_KEYS = {"model", "task", "output_dir", "data", "method", "trainer", "adversarial", "seed", "quantization",
+            *STUDY_SECTIONS,
             *CALLBACK_SECTIONS}
 
 # method.name -> fastpeft's config class (the keys of method: other than name / backend are its arguments)
 METHOD_CLASSES = {"lora": LoraConfig, "ia3": IA3Config, "adapter": BottleneckAdapterConfig,
                   "bitfit": BitFitConfig, "prefix": PrefixTuningConfig, "prompt": PromptTuningConfig}
+# methods without a PEFT wrapper (workflow.pipeline.plain_method): the references PEFT is compared with
+PLAIN_METHODS = {"full": "every parameter trains", "linear_probe": "only the task head trains"}
 
 DEFAULTS = {
     "data": {"max_length": 128},
@@ -109,6 +115,29 @@ def load_yaml(path: str) -> dict:
         return {}
     if not isinstance(cfg, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level, got {type(cfg).__name__}")
+    return resolve_data_paths(cfg, os.path.dirname(os.path.abspath(path)))
+
+
+def resolve_data_paths(cfg: dict, base_dir: str) -> dict:
+    """Relative file paths of ``data:`` (``train`` / ``validation`` / ``test``, as a string or a mapping's
+    ``path``) taken relative to ``base_dir``, the config file's directory, so a config runs from anywhere
+    (paths given as flags stay relative to the working directory). ``~`` is expanded."""
+    data = cfg.get("data")
+    if not isinstance(data, dict):
+        return cfg
+
+    def fix(p):
+        if not isinstance(p, str) or not p:
+            return p
+        p = os.path.expanduser(p)
+        return p if os.path.isabs(p) else os.path.normpath(os.path.join(base_dir, p))
+
+    for split in ("train", "validation", "test"):
+        v = data.get(split)
+        if isinstance(v, str):
+            data[split] = fix(v)
+        elif isinstance(v, dict) and "path" in v:
+            v["path"] = fix(v["path"])
     return cfg
 
 
@@ -178,8 +207,9 @@ def validate(cfg: dict) -> dict:
     method = cfg.get("method") or {}
     if not isinstance(method, dict) or not method.get("name"):
         raise ConfigError("method.name: required (e.g. lora)")
-    if method["name"] not in METHOD_CLASSES:
-        raise ConfigError(f"method.name: unknown method {method['name']!r}; expected one of {sorted(METHOD_CLASSES)}")
+    if method["name"] not in METHOD_CLASSES and method["name"] not in PLAIN_METHODS:
+        raise ConfigError(f"method.name: unknown method {method['name']!r}; expected one of "
+                          f"{sorted(METHOD_CLASSES) + sorted(PLAIN_METHODS)}")
     if method.get("backend", "auto") not in ("auto", "fastpeft", "peft"):
         raise ConfigError(f"method.backend: expected 'auto', 'fastpeft' or 'peft', got {method['backend']!r}")
     for k in ("r", "lora_alpha"):
@@ -187,6 +217,13 @@ def validate(cfg: dict) -> dict:
             method[k] = parse_number(method[k], f"method.{k}")
     if "lora_dropout" in method:
         method["lora_dropout"] = float(parse_number(method["lora_dropout"], "method.lora_dropout"))
+        if not 0 <= method["lora_dropout"] < 1:
+            raise ConfigError(f"method.lora_dropout: expected a number in [0, 1), got {method['lora_dropout']!r}")
+    if "r" in method and (not isinstance(method["r"], int) or method["r"] < 1):
+        raise ConfigError(f"method.r: expected an integer >= 1, got {method['r']!r}")
+    if "lora_alpha" in method and not method["lora_alpha"] > 0:
+        raise ConfigError(f"method.lora_alpha: expected a positive number, got {method['lora_alpha']!r}")
+    _check_target_modules(method.get("target_modules"))
     tr = dict(cfg.get("trainer") or {}) if not isinstance(cfg.get("trainer"), TrainerConfig) \
         else dataclasses.asdict(cfg["trainer"])
     fields = {f.name: f for f in dataclasses.fields(TrainerConfig)}
@@ -208,6 +245,11 @@ def validate(cfg: dict) -> dict:
         cfg["trainer"] = TrainerConfig(**tr)
     except (TypeError, ValueError) as e:
         raise ConfigError(str(e)) from None
+    names = getattr(TASKS[cfg["task"]], "metric_names", None)
+    metric = cfg["trainer"].metric
+    if metric is not None and names and metric not in names:
+        raise ConfigError(f"trainer.metric: the {cfg['task']} task has no metric {metric!r}; expected one of "
+                          f"{list(names)}")
     adv = cfg.get("adversarial")
     if adv is not None and (not isinstance(adv, dict) or not adv.get("method")):
         raise ConfigError("adversarial: expected a mapping with 'method' (e.g. {method: freelb, ...})")
@@ -219,9 +261,27 @@ def validate(cfg: dict) -> dict:
     for name in studies:
         section_cls, _ = STUDY_SECTIONS[name]()
         cfg[name] = section_cls.from_section(cfg[name]).to_dict()
+    from .quantize import check_quantization  # quantization: (QLoRA, bitsandbytes)
+    cfg["quantization"] = check_quantization(cfg.get("quantization"))
     cfg["data"] = data
     cfg["method"] = method
     return cfg
+
+
+def _check_target_modules(tm) -> None:
+    """``method.target_modules``: a list of module names, ``all-linear``, or one regular expression (matched
+    against full module names, as in HF PEFT) that must compile."""
+    if tm is None or tm == "all-linear":
+        return
+    if isinstance(tm, str):
+        try:
+            re.compile(tm)
+        except re.error as e:
+            raise ConfigError(f"method.target_modules: {tm!r} is not a valid regular expression ({e})") from None
+        return
+    if not isinstance(tm, list) or not tm or not all(isinstance(x, str) and x for x in tm):
+        raise ConfigError(f"method.target_modules: expected module names, 'all-linear' or a regular expression, "
+                          f"got {tm!r}")
 
 
 def _validate_augment(spec) -> None:

@@ -8,6 +8,7 @@ built on it (``fewshot:``, ``continual:``) -- uses it without importing the conf
 from __future__ import annotations
 
 import dataclasses
+import math
 
 
 class ConfigError(ValueError):
@@ -19,18 +20,21 @@ def parse_number(value, where: str):
     anything else (booleans included) is a :class:`ConfigError` naming ``where``."""
     if isinstance(value, str):
         try:
-            return float(value) if any(c in value for c in ".eE") else int(value)
+            value = float(value) if any(c in value.lower() for c in ".enaif") else int(value)
         except ValueError:
             raise ConfigError(f"{where}: expected a number, got {value!r}") from None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{where}: expected a finite number, got {value!r}")
     return value
 
 
 DATA_KEYS = {"train", "validation", "test", "format", "text_column", "text_pair_column", "label_column",
              "quoting", "max_length", "train_limit", "train_subset_seed", "validation_limit", "token_column",
              "tag_column", "tokens_column", "tags_column"}
-DATA_KEYS |= {"doc_stride", "max_answer_length", "n_best", "null_threshold", "negative_ratio", "version_2"}  # QA
+DATA_KEYS |= {"source_column", "target_column", "source_lang", "target_lang", "source_prefix",  # seq2seq
+              "max_target_length", "num_beams"}
 FILE_KEYS = {"path"} | (DATA_KEYS - {"train", "validation", "test", "max_length", "train_limit",
                                      "train_subset_seed", "validation_limit"})
 

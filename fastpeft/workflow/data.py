@@ -35,6 +35,35 @@ class DataError(ValueError):
 
 # --------------------------------------------------------------------------- readers
 
+def _check_limit(limit) -> None:
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"limit: expected a positive integer (or None for all), got {limit!r}")
+
+
+def _encoding_error(path: str, err: UnicodeDecodeError) -> DataError:
+    """A :class:`DataError` naming the file and the first line that is not UTF-8."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                return DataError(f"{path}:{lineno}: not UTF-8 text (byte {raw[e.start]:#04x} at column "
+                                 f"{e.start + 1}); save the file as UTF-8")
+    return DataError(f"{path}: not UTF-8 text ({err.reason}); save the file as UTF-8")
+
+
+def _reading(path: str):
+    """Context for reading ``path``: an encoding error becomes a :class:`DataError` with file and line."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def ctx():
+        try:
+            yield
+        except UnicodeDecodeError as e:
+            raise _encoding_error(path, e) from None
+    return ctx()
+
 def _detect_format(path: str, fmt: str | None) -> str:
     if fmt:
         fmt = fmt.lower()
@@ -56,7 +85,13 @@ def read_table(path: str, columns: Sequence[str], fmt: str | None = None, *, quo
     """
     if not os.path.isfile(path):
         raise DataError(f"{path}: file not found")
+    _check_limit(limit)
     fmt = _detect_format(path, fmt)
+    with _reading(path):
+        return _read_table(path, columns, fmt, quoting, limit)
+
+
+def _read_table(path, columns, fmt, quoting, limit) -> list[dict]:
     records: list[dict] = []
     if fmt == "jsonl":
         with open(path, encoding="utf-8") as f:
@@ -125,6 +160,12 @@ def read_conll(path: str, *, token_column: int = 0, tag_column: int | None = Non
     """
     if not os.path.isfile(path):
         raise DataError(f"{path}: file not found")
+    _check_limit(limit)
+    with _reading(path):
+        return _read_conll(path, token_column, tag_column, limit, separator)
+
+
+def _read_conll(path, token_column, tag_column, limit, separator) -> list[dict]:
     sentences: list[dict] = []
     tokens: list[str] = []
     tags: list[str] = []

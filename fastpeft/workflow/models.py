@@ -53,6 +53,8 @@ def load_base_model(name_or_path: str, auto_class, *, quiet: bool = True, **kwar
     ``quiet``: hide transformers' load report, which lists the new task head as "missing" -- expected
     here, since the head is what fine-tuning trains. Errors are still raised."""
     path = resolve_model_path(name_or_path)
+    from .quantize import LOAD_KWARGS  # quantization: section (QLoRA), set by quantize.quantized_loading
+    kwargs = {**(LOAD_KWARGS.get() or {}), **kwargs}
     if not quiet:
         return auto_class.from_pretrained(path, local_files_only=True, **kwargs)
     from transformers.utils import logging as hf_logging

@@ -9,6 +9,7 @@ vocabulary and data columns), ``metrics.jsonl``, ``curves.png``, ``result.json``
 """
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import sys
@@ -18,12 +19,12 @@ import torch
 from .. import LoraConfig, PeftModel, get_peft_model
 from .._optional import import_extra
 from ..adversarial import build as build_adversarial_method
-from .config import CALLBACK_SECTIONS, METHOD_CLASSES, STUDY_SECTIONS, to_yaml
+from .checkpointing import TASK_FILE, check_output_dir
+from .config import CALLBACK_SECTIONS, METHOD_CLASSES, PLAIN_METHODS, STUDY_SECTIONS, to_yaml
+from .quantize import prepare as prepare_quantized, quantized_loading
 from .data import make_loader, take
-from .models import load_tokenizer, resolve_model_path
 from .tasks import get_task
 
-TASK_FILE = "fastpeft_task.json"
 
 
 def peft_api(backend: str = "auto"):
@@ -49,6 +50,10 @@ def apply_method(model, method: dict, task):
     method = dict(method)
     name = method.pop("name", "lora")
     backend = method.pop("backend", "auto")
+    if name in PLAIN_METHODS:
+        return plain_method(model, name, task, method)
+    for k, v in task.method_defaults(name).items():
+        method.setdefault(k, v)
     if name not in METHOD_CLASSES:
         raise ValueError(f"method.name: expected one of {sorted(METHOD_CLASSES)}, got {name!r}")
     get_peft, _, _, used = peft_api(backend)
@@ -75,6 +80,41 @@ def apply_method(model, method: dict, task):
     peft_model = get_peft(model, pcfg)
     peft_model._fastpeft_backend = used
     return peft_model
+
+
+PLAIN_FILE = "trainable.safetensors"  # what the Trainer saves for a model without a PEFT config
+
+
+def plain_method(model, name: str, task, options: dict | None = None):
+    """``full`` (every parameter trains) or ``linear_probe`` (only the task head, :attr:`Task.head_modules`),
+    without a PEFT wrapper: the Trainer saves the trained parameters as ``trainable.safetensors`` and
+    :func:`load_for_inference` puts them back on the base."""
+    if options:
+        raise ValueError(f"method: {name} takes no options, got {sorted(options)}")
+    heads = [n for n, _ in model.named_modules() if n and any(n == h or n.endswith("." + h) for h in task.head_modules)]
+    if name == "linear_probe" and not heads:
+        raise ValueError(f"method.name: linear_probe trains the task head {task.head_modules}, which "
+                         f"{type(model).__name__} does not have")
+    for n, p in model.named_parameters():
+        p.requires_grad_(name == "full" or any(n.startswith(h + ".") for h in heads))
+    model._fastpeft_backend = "fastpeft"
+    return model
+
+
+def load_plain(base, adapter_dir: str):
+    """``base`` with the parameters a ``full`` / ``linear_probe`` run saved (names and shapes checked)."""
+    from safetensors.torch import load_file
+    path = os.path.join(adapter_dir, PLAIN_FILE)
+    state = load_file(path)
+    own = base.state_dict()
+    bad = [k for k in state if k not in own]
+    shapes = [f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}" for k, v in state.items()
+              if k in own and tuple(v.shape) != tuple(own[k].shape)]
+    if bad or shapes:
+        raise ValueError(f"{path}: does not match the base model: unknown parameters {bad[:5]}, "
+                         f"shape mismatches {shapes[:5]}")
+    base.load_state_dict(state, strict=False)
+    return base
 
 
 def _file_cfg(data: dict, split: str) -> tuple[str | None, dict]:
@@ -109,9 +149,11 @@ def finetune(cfg: dict, *, callbacks=None, loss_fn=None, adversarial=None) -> di
 
     trcfg = cfg["trainer"]
     data = cfg["data"]
+    if trcfg.output_dir:  # before anything is written there (config.yaml)
+        check_output_dir(trcfg.output_dir, resume=bool(trcfg.resume_from), overwrite=trcfg.overwrite)
     task = get_task(cfg["task"])
-    model_path = resolve_model_path(cfg["model"])
-    tok = load_tokenizer(model_path)
+    model_path = task.resolve_model(cfg["model"])
+    tok = task.load_tokenizer(model_path)
     train_recs = load_split(task, data, "train", data.get("train_limit"), data.get("train_subset_seed"))
     task.fit_labels(train_recs)
     val_recs = load_split(task, data, "validation", data.get("validation_limit"))
@@ -120,7 +162,12 @@ def finetune(cfg: dict, *, callbacks=None, loss_fn=None, adversarial=None) -> di
     val_ds = task.encode(val_recs, tok, max_len) if val_recs else None
 
     torch.manual_seed(trcfg.seed)  # head / adapter initialisation
-    base = task.build_model(model_path)
+    quant = cfg.get("quantization")
+    with quantized_loading(quant, task.head_modules, trcfg.device):  # QLoRA: the head stays unquantised
+        base = task.build_model(model_path)
+    if quant is not None:
+        base = prepare_quantized(base)
+    check_max_length(base, max_len, "data.max_length")
     model = apply_method(base, cfg["method"], task)
     if adversarial is None and cfg.get("adversarial"):
         adversarial = build_adversarial(cfg["adversarial"])
@@ -135,6 +182,9 @@ def finetune(cfg: dict, *, callbacks=None, loss_fn=None, adversarial=None) -> di
             loss_fn = aug_loss
     task_info = dict(task.state(), model=cfg["model"], max_length=max_len,
                      data={k: v for k, v in data.items() if k not in ("train", "validation", "test")},
+                     # the columns of each split given as a mapping (evaluate / predict try them too)
+                     split_data={split: {k: v for k, v in data[split].items() if k != "path"}
+                                 for split in ("validation", "test") if isinstance(data.get(split), dict)},
                      method_backend=getattr(model, "_fastpeft_backend", None))
     trainer = Trainer(model, task, train_ds, val_ds, trcfg, tokenizer=tok, callbacks=callbacks,
                       loss_fn=loss_fn, adversarial=adversarial,
@@ -158,34 +208,97 @@ def build_adversarial(spec: dict):
     return build_adversarial_method(spec.pop("method"), **spec)
 
 
-def load_for_inference(adapter_dir: str, model: str | None = None, backend: str = "auto"):
-    """(model in eval mode, tokenizer, task, task_info) from a saved adapter directory."""
+def check_max_length(model, max_length, where: str) -> None:
+    """``max_length`` must fit the model's position embeddings (a longer sequence fails deep inside the
+    model, or silently reads past the table)."""
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if isinstance(limit, int) and max_length is not None and max_length > limit:
+        raise ValueError(f"{where}: {max_length} is more tokens than the model takes (max_position_embeddings "
+                         f"{limit}); use at most {limit}")
+
+
+def read_task_info(adapter_dir: str) -> dict:
+    """``fastpeft_task.json`` of an adapter directory, checked; errors name the file."""
+    if not os.path.isdir(adapter_dir):
+        raise FileNotFoundError(f"--adapter: {adapter_dir!r} is not a directory")
     info_path = os.path.join(adapter_dir, TASK_FILE)
     if not os.path.isfile(info_path):
-        raise FileNotFoundError(f"--adapter: {adapter_dir!r} has no {TASK_FILE} (not written by fastpeft finetune?)")
-    with open(info_path) as f:
-        info = json.load(f)
+        raise FileNotFoundError(f"--adapter: {adapter_dir!r} has no {TASK_FILE} (written by fastpeft finetune and "
+                                f"the Python Trainer; for another adapter, write one: {{\"task\": ..., \"labels\": "
+                                f"[...], \"model\": ...}})")
+    try:
+        with open(info_path, encoding="utf-8") as f:
+            info = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{info_path}: corrupt task file, not valid JSON ({e})") from None
+    if not isinstance(info, dict) or not isinstance(info.get("task"), str):
+        raise ValueError(f"{info_path}: corrupt task file: expected a JSON object with a 'task' name")
+    if info.get("labels") is not None and not (isinstance(info["labels"], list)
+                                               and all(isinstance(x, str) for x in info["labels"])):
+        raise ValueError(f"{info_path}: 'labels' must be a list of strings, got {info['labels']!r}")
+    return info
+
+
+def load_for_inference(adapter_dir: str, model: str | None = None, backend: str = "auto"):
+    """(model in eval mode, tokenizer, task, task_info) from a saved adapter directory."""
+    info = read_task_info(adapter_dir)
     task = get_task(info["task"], labels=info.get("labels"))
-    model_path = resolve_model_path(model or info["model"])
-    tok = load_tokenizer(model_path)
+    if not (model or info.get("model")):
+        raise ValueError(f"--model: {os.path.join(adapter_dir, TASK_FILE)} names no base model; pass --model")
+    model_path = task.resolve_model(model or info["model"])
+    tok = task.load_tokenizer(model_path)
     base = task.build_model(model_path)
+    if not os.path.isfile(os.path.join(adapter_dir, "adapter_config.json")) and \
+            os.path.isfile(os.path.join(adapter_dir, PLAIN_FILE)):  # a full / linear_probe run
+        m = load_plain(base, adapter_dir)
+        m.eval()
+        return m, tok, task, info
     _, _, PeftModel, _ = peft_api(backend)
     m = PeftModel.from_pretrained(base, adapter_dir)
     m.eval()
     return m, tok, task, info
 
 
+def _read_with_known_columns(task, path: str, info: dict, columns: dict, limit, with_labels: bool):
+    """Records of ``path`` with the columns the command line names, else those the adapter remembers: the
+    training file's, then (when the file lacks them) each other split's the run was given."""
+    from .data import DataError
+    given = {k: v for k, v in (columns or {}).items() if v is not None}
+    base = dict(info.get("data") or {})
+    tries = [{**base, **given}]
+    for split_cfg in (info.get("split_data") or {}).values():
+        tries.append({**base, **split_cfg, **given})
+    first = None
+    for dcfg in tries:
+        try:
+            return task.read(path, dcfg, limit=limit, with_labels=with_labels)
+        except DataError as e:
+            if "missing column" not in str(e):
+                raise
+            first = first or e
+    raise first
+
+
 def run_on_file(adapter_dir: str, path: str, *, mode: str, model: str | None = None, batch_size: int = 64,
-                columns: dict | None = None, limit: int | None = None, max_length: int | None = None) -> list | dict:
-    """``mode="evaluate"``: metrics dict; ``mode="predict"``: list of prediction records."""
+                columns: dict | None = None, limit: int | None = None, max_length: int | None = None,
+                scores: bool = False) -> list | dict:
+    """``mode="evaluate"``: metrics dict; ``mode="predict"``: list of prediction records (with ``scores``, each
+    with the model's probabilities where the task gives them)."""
+    for name, v in (("--limit", limit), ("--batch-size", batch_size), ("--max-length", max_length)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise ValueError(f"{name}: expected a positive integer, got {v!r}")
     m, tok, task, info = load_for_inference(adapter_dir, model)
-    dcfg = dict(info.get("data") or {})
-    dcfg.update({k: v for k, v in (columns or {}).items() if v is not None})
+    max_length = max_length or info.get("max_length") or 128
+    check_max_length(m, max_length, "--max-length")
     with_labels = mode == "evaluate"
-    recs = task.read(path, dcfg, limit=limit, with_labels=with_labels)
-    ds = task.encode(recs, tok, max_length or info.get("max_length", 128), with_labels=with_labels)
+    recs = _read_with_known_columns(task, path, info, columns, limit, with_labels)
+    ds = task.encode(recs, tok, max_length, with_labels=with_labels)
     loader = make_loader(ds, task.collator(tok), batch_size, shuffle=False)
     with torch.no_grad():
         if with_labels:
             return task.evaluate(m, loader, ds)
+        if scores:
+            if "scores" not in inspect.signature(task.predict).parameters:
+                raise ValueError(f"--scores: the {task.name} task has no scores to print")
+            return task.predict(m, loader, ds, scores=True)
         return task.predict(m, loader, ds)

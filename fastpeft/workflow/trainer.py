@@ -34,6 +34,8 @@ import json
 import math
 import os
 import random
+import re
+import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -50,6 +52,12 @@ from .tasks import Task
 
 
 # --------------------------------------------------------------------------- configuration
+
+MAX_LR = 10.0                              # trainer.lr above this is refused at config time
+_DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?|xpu(:\d+)?)$")
+#: exit status of ``fastpeft finetune`` for a run stopped (or finished) with non-finite losses
+EXIT_DIVERGED = 3
+
 
 @dataclass
 class TrainerConfig:
@@ -92,6 +100,9 @@ class TrainerConfig:
     device: str = "auto"                   # auto | cpu | cuda | cuda:N
     distributed: str = "auto"              # auto (DDP when WORLD_SIZE>1) | none | ddp | fsdp
     deterministic: bool = False            # torch.use_deterministic_algorithms(True)
+    on_nonfinite: str = "stop"             # a non-finite loss / gradient: stop the run | skip the step and go on
+    overwrite: bool = False                # start in an output_dir that holds another run (deleting that run)
+    fuse_base: bool = True                 # tasks with a fused base (causal_lm): fastpeft.patch_model the model
 
     def __post_init__(self):
         self.validate()
@@ -109,8 +120,30 @@ class TrainerConfig:
             bad("mode", "'max' or 'min'")
         if self.distributed not in ("auto", "none", "ddp", "fsdp"):
             bad("distributed", "'auto', 'none', 'ddp' or 'fsdp'")
-        if not (isinstance(self.lr, (int, float)) and self.lr > 0):
-            bad("lr", "a positive number")
+        if self.on_nonfinite not in ("stop", "skip"):
+            bad("on_nonfinite", "'stop' or 'skip'")
+        for name in ("lr", "weight_decay", "eps", "momentum", "warmup_ratio", "min_delta"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                bad(name, "a finite number")
+        if not 0 < self.lr <= MAX_LR:
+            bad("lr", f"a number in (0, {MAX_LR:g}] (a larger rate diverges at once)")
+        if not self.eps > 0:
+            bad("eps", "a positive number")
+        if not 0 <= self.momentum < 1:
+            bad("momentum", "a number in [0, 1)")
+        if self.min_delta < 0:
+            bad("min_delta", ">= 0")
+        if self.max_grad_norm is not None and not (isinstance(self.max_grad_norm, (int, float))
+                                                   and math.isfinite(self.max_grad_norm) and self.max_grad_norm >= 0):
+            bad("max_grad_norm", "None or a finite number >= 0")
+        betas = tuple(self.betas) if isinstance(self.betas, (list, tuple)) else ()
+        if len(betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas):
+            bad("betas", "two numbers in [0, 1)")
+        if not isinstance(self.keep_checkpoints, int) or self.keep_checkpoints < 1:
+            bad("keep_checkpoints", "an integer >= 1")
+        if not isinstance(self.device, str) or not _DEVICE.match(self.device):
+            bad("device", "'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
         for name in ("batch_size", "eval_batch_size", "grad_accum", "epochs", "log_every"):
             if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 1):
                 bad(name, "an integer >= 1")
@@ -124,11 +157,18 @@ class TrainerConfig:
             bad("warmup_steps", "an integer >= 0")
         if self.weight_decay < 0:
             bad("weight_decay", ">= 0")
+        if not isinstance(self.fuse_base, bool):
+            bad("fuse_base", "true or false")
         self.betas = tuple(self.betas)
         return self
 
 
 # --------------------------------------------------------------------------- building blocks
+
+def _finite(v) -> bool:
+    """A metric value that can rank runs: a finite number (None / NaN / inf cannot)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
 
 def _no_decay(name: str, p: torch.nn.Parameter) -> bool:
     lname = name.lower()
@@ -188,7 +228,15 @@ def build_scheduler(optimizer, cfg: TrainerConfig, total_steps: int):
 def _resolve_device(name: str, info: D.DistInfo) -> torch.device:
     if name == "auto":
         return torch.device(f"cuda:{info.local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    return torch.device(name)
+    dev = torch.device(name)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch build has no CUDA" if torch.version.cuda is None else "no GPU is visible"
+            raise ValueError(f"trainer.device: {name!r} asked for, but {why}; use --device cpu (or auto)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"trainer.device: {name!r} asked for, but only {torch.cuda.device_count()} GPU(s) "
+                             f"are visible")
+    return dev
 
 
 def _flatten_state(sd: dict, prefix: str) -> dict:
@@ -225,6 +273,8 @@ class TrainState:
     bad_evals: int = 0                     # evaluations since the last improvement (patience)
     examples: int = 0                      # training examples seen, all ranks together
     skipped_steps: int = 0                 # optimizer steps skipped for non-finite gradients
+    nonfinite_steps: int = 0               # steps with a non-finite loss (or gradients, outside fp16 scaling)
+    first_nonfinite_step: int | None = None
     best_state: dict | None = None         # trainable parameters at best_step
 
     def to_meta(self) -> dict:
@@ -296,6 +346,11 @@ class Trainer:
         missing = [n for n in sd if n not in params]
         if missing:
             raise ValueError(f"checkpoint has parameters the model lacks: {missing[:5]}")
+        shapes = [f"{n}: checkpoint {list(v.shape)}, model {list(params[n].shape)}" for n, v in sd.items()
+                  if tuple(v.shape) != tuple(params[n].shape)]
+        if shapes:
+            raise ValueError(f"checkpoint parameters have other shapes than the model's (another rank, target or "
+                             f"model?): {'; '.join(shapes[:3])}")
         with torch.no_grad():
             for n, v in sd.items():
                 params[n].copy_(D.like_param(v.to(params[n].device, params[n].dtype), params[n]))
@@ -381,9 +436,24 @@ class Trainer:
             os.makedirs(path, exist_ok=True)
             save_file({k: v.contiguous() for k, v in self.trainable_state().items()},
                       os.path.join(path, "trainable.safetensors"))
-        for name, content in self.extra_files.items():
+        files = dict(self.extra_files)
+        if ckpt.TASK_FILE not in files and hasattr(self.task, "state"):  # evaluate / predict load it
+            files[ckpt.TASK_FILE] = json.dumps(self._task_info(), indent=1)
+        for name, content in files.items():
             with open(os.path.join(path, name), "w") as f:
                 f.write(content)
+
+    def _task_info(self) -> dict:
+        """``fastpeft_task.json`` for an adapter of a run started from Python (``fastpeft finetune`` writes its
+        own, with the data columns): the task, its labels and the base model."""
+        mod = self.module
+        model = None
+        pcs = getattr(mod, "peft_config", None)
+        if isinstance(pcs, dict) and pcs:
+            model = getattr(next(iter(pcs.values())), "base_model_name_or_path", None)
+        if not model:
+            model = getattr(getattr(mod, "config", None), "_name_or_path", None) or None
+        return dict(self.task.state(), model=model, max_length=None, data={})
 
     def save_checkpoint(self, path: str | None = None) -> str | None:
         cfg = self.config
@@ -408,6 +478,7 @@ class Trainer:
         scaler_sd = self.scaler.state_dict()
         tensors.update({f"scaler.{k}": v for k, v in scaler_sd.items() if torch.is_tensor(v)})
         meta = self.state.to_meta()
+        meta.update(signature=self.run_signature(getattr(self, "_batches_per_epoch", None)))
         meta.update(optimizer=opt_m, rng=rng_m, scheduler=self.scheduler.state_dict(),
                     scaler={k: v for k, v in scaler_sd.items() if not torch.is_tensor(v)},
                     history=self.history, config=dataclasses.asdict(cfg), world_size=self.info.world_size)
@@ -418,16 +489,92 @@ class Trainer:
                                cfg.keep_checkpoints)
         return path
 
+    def run_signature(self, batches_per_epoch: int | None = None) -> dict:
+        """What a checkpoint must share with the run that resumes it: the data's size and batching (the saved
+        position in the epoch means nothing otherwise), the model and the PEFT method (the trainable
+        parameters' names and shapes). Written into every checkpoint's ``state.json`` as ``signature``."""
+        cfg = self.config
+        sig = {"train_examples": len(self.train_data), "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum,
+               "world_size": self.info.world_size, "drop_last": cfg.drop_last, "bucket_size": cfg.bucket_size}
+        if batches_per_epoch is not None:
+            sig["batches_per_epoch"] = batches_per_epoch
+        mod = self.module
+        mcfg = getattr(mod, "config", None)
+        if mcfg is not None and not isinstance(mcfg, dict):
+            sig["model"] = {k: getattr(mcfg, k, None) for k in ("model_type", "hidden_size", "num_hidden_layers",
+                                                                "vocab_size")}
+        pcs = getattr(mod, "peft_config", None)
+        if isinstance(pcs, dict) and pcs:
+            pc = next(iter(pcs.values()))
+            tm = getattr(pc, "target_modules", None)
+            sig["method"] = {"peft_type": str(getattr(getattr(pc, "peft_type", None), "value",
+                                                      getattr(pc, "peft_type", None))),
+                             "r": getattr(pc, "r", None),
+                             "target_modules": sorted(tm) if isinstance(tm, (set, list, tuple)) else tm}
+        sig["trainable"] = {n: list(p.shape) for n, p in mod.named_parameters() if p.requires_grad}
+        return sig
+
+    def _check_signature(self, path: str, meta: dict) -> None:
+        """Refuse a checkpoint written by another kind of run, explaining each difference."""
+        saved = meta.get("signature")
+        if saved is None:  # an older checkpoint: what its config recorded
+            old = meta.get("config") or {}
+            saved = {k: old[k] for k in ("batch_size", "grad_accum") if k in old}
+        now = self.run_signature(self._batches_per_epoch)
+        diffs = []
+        for key in ("model", "method", "train_examples", "batch_size", "grad_accum", "world_size", "drop_last",
+                    "bucket_size", "batches_per_epoch"):
+            if key not in saved or key not in now:
+                continue
+            a, b = saved[key], now[key]
+            if isinstance(a, dict) and isinstance(b, dict):
+                diffs += [f"{key}.{k}: checkpoint {a.get(k)!r}, this run {b.get(k)!r}"
+                          for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+            elif a != b:
+                diffs.append(f"{key}: checkpoint {a!r}, this run {b!r}")
+        if "trainable" in saved:
+            a, b = saved["trainable"], now["trainable"]
+            gone, new = sorted(set(a) - set(b)), sorted(set(b) - set(a))
+            if gone or new:
+                diffs.append(f"trainable parameters: {len(gone)} only in the checkpoint {gone[:2]}, {len(new)} only "
+                             f"in this run {new[:2]}")
+            shapes = [f"{n} {a[n]} vs {b[n]}" for n in sorted(set(a) & set(b)) if list(a[n]) != list(b[n])]
+            if shapes:
+                diffs.append(f"parameter shapes (checkpoint vs this run): {'; '.join(shapes[:2])}")
+        if diffs:
+            raise ValueError(f"resume_from: {path} was written by a different run: " + "; ".join(diffs) +
+                             ". Resume with the settings it was written with, or start a new run (another "
+                             "output_dir, or trainer.overwrite / --overwrite).")
+
     def _resume(self, path: str) -> None:
         if path == "latest":
-            found = ckpt.latest_checkpoint(self.config.output_dir or "")
-            if found is None:
+            found = ckpt.checkpoints(self.config.output_dir or "")
+            if not found:
                 warnings.warn(f"resume_from='latest': no checkpoint in {self.config.output_dir!r}; starting fresh")
                 if self.info.is_main and self.config.output_dir:
                     open(os.path.join(self.config.output_dir, "metrics.jsonl"), "w").close()
                 return
-            path = found
-        tensors, meta = ckpt.load_checkpoint(path)
+            errors = []
+            for cand in found:  # newest first; an unreadable one (torn by a crash) falls back to the previous
+                try:
+                    tensors, meta = ckpt.load_checkpoint(cand, ckpt.REQUIRED_META)
+                except (ValueError, OSError) as e:
+                    errors.append(f"{os.path.basename(cand)}: {e}")
+                    continue
+                if errors:
+                    msg = (f"resume_from='latest': {'; '.join(errors)}; resuming from the previous good checkpoint "
+                           f"{os.path.basename(cand)}")
+                    warnings.warn(msg)
+                    if self.info.is_main:
+                        print(f"fastpeft: {msg}", file=sys.stderr)
+                path = cand
+                break
+            else:
+                raise ValueError(f"resume_from='latest': no readable checkpoint in {self.config.output_dir!r}: "
+                                 + "; ".join(errors))
+        else:
+            tensors, meta = ckpt.load_checkpoint(path, ckpt.REQUIRED_META)
+        self._check_signature(path, meta)
         self.load_trainable_state({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
         best = {k[5:]: v for k, v in tensors.items() if k.startswith("best.")}
         opt_sd = ckpt.optimizer_from_flat(tensors, meta["optimizer"])
@@ -445,6 +592,10 @@ class Trainer:
             self.scaler.load_state_dict(scaler_sd)
         ckpt.set_rng_state(tensors, meta["rng"])
         self.state = TrainState.from_checkpoint(meta, best)
+        if self.state.batch_in_epoch >= self._batches_per_epoch:
+            raise ValueError(f"resume_from: {path} stopped at batch {self.state.batch_in_epoch} of an epoch, but "
+                             f"this run's epochs have {self._batches_per_epoch} batches (other data size or batch "
+                             f"size); resume with the settings it was written with, or start a new run")
         self.history = list(meta.get("history", []))
         if self.info.is_main and self.config.output_dir:  # rewrite the log to match the checkpoint
             with ckpt.atomic_write(os.path.join(self.config.output_dir, "metrics.jsonl")) as f:
@@ -453,6 +604,22 @@ class Trainer:
         self.resumed_from = path
 
     # ---- training: setup -----------------------------------------------------------------
+    def _prepare_output_dir(self) -> None:
+        """Refuse an output_dir that is a file, or that holds another run (unless resuming it or
+        ``overwrite``); delete what killed writers left there (hidden temporaries) and, with ``overwrite``,
+        the previous run."""
+        cfg, out = self.config, self.config.output_dir
+        held = ckpt.check_output_dir(out, resume=bool(cfg.resume_from), overwrite=cfg.overwrite)
+        if not self.info.is_main:
+            return
+        os.makedirs(out, exist_ok=True)
+        removed = ckpt.remove_stale_temporaries(out)
+        if removed:
+            print(f"fastpeft: removed {len(removed)} temporary file(s) a killed run left in {out}: "
+                  f"{', '.join(os.path.basename(p) for p in removed[:3])}", file=sys.stderr)
+        if held and cfg.overwrite and not cfg.resume_from:
+            ckpt.clear_run(out)
+
     def _setup(self) -> _Run:
         """Processes, device, seeds, the wrapped model, batches, scaler / optimizer / schedule, a fresh
         or resumed :attr:`state`; calls ``on_train_begin``."""
@@ -467,10 +634,12 @@ class Trainer:
             torch.use_deterministic_algorithms(True)
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
-        if cfg.output_dir and self.info.is_main:
-            os.makedirs(cfg.output_dir, exist_ok=True)
+        if cfg.output_dir:
+            self._prepare_output_dir()
         self.metric = cfg.metric or self.task.default_metric
         self.mode = cfg.mode or (self.task.default_mode if cfg.metric is None else self.task.metric_mode(self.metric))
+        if cfg.fuse_base and hasattr(self.task, "fuse_base"):  # causal_lm: fastpeft.patch_model
+            self.fuse_summary = self.task.fuse_base(self.model, loss=self.loss_fn is None and self.adversarial is None)
         self.model.to(self.device)
         if self.info.enabled:
             kind = "ddp" if cfg.distributed == "auto" else cfg.distributed
@@ -482,6 +651,7 @@ class Trainer:
                              bucket_size=cfg.bucket_size, drop_last=cfg.drop_last, rank=self.info.rank,
                              world_size=self.info.world_size, num_workers=cfg.num_workers)
         batches_per_epoch = len(loader.batch_sampler.global_batches(0))
+        self._batches_per_epoch = batches_per_epoch
         if batches_per_epoch == 0:
             raise ValueError("training data gives no batch (fewer examples than processes, or drop_last)")
         total_steps = cfg.max_steps or cfg.epochs * math.ceil(batches_per_epoch / cfg.grad_accum)
@@ -556,6 +726,7 @@ class Trainer:
                     total += float(loss.detach()) / n
         stepped = self.scaler.step(self.optimizer, max_norm=self.config.max_grad_norm or None)
         self.scaler.update()
+        self._last_skipped = not stepped
         if stepped:
             self.scheduler.step()
         else:
@@ -617,17 +788,24 @@ class Trainer:
             raise ValueError(f"trainer.metric: {self.metric!r} is not among the task's metrics {sorted(metrics)}")
         value = metrics[self.metric]
         rec = {"type": "eval", "step": st.step, "epoch": st.epoch, **metrics}
-        if value is not None and self._improved(value):
+        candidate = None
+        if _finite(value) and _finite(metrics.get("loss", 0.0)) and self._improved(value):
+            candidate = self.trainable_state()
+            if not all(bool(torch.isfinite(v).all()) for v in candidate.values()):
+                candidate = None  # never a non-finite state as the best
+        if candidate is not None:
             st.best_metric, st.best_step, st.bad_evals = value, st.step, 0
-            st.best_state = self.trainable_state()
+            st.best_state = candidate
             rec["best"] = True
         else:
             st.bad_evals += 1
         self._log(rec)
         self._callback("on_evaluate", st.step, metrics)
+        line = f"step {st.step}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float))
         if self.pbar is not None:
-            self.pbar.write(f"step {st.step}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()
-                                                            if isinstance(v, float)))
+            self.pbar.write(line)
+        elif self.info.is_main:  # no progress bar: the evaluations still show (on stderr, stdout is the result)
+            print(line, file=sys.stderr, flush=True)
         return self.config.patience is not None and st.bad_evals >= self.config.patience
 
     def _evaluate_and_checkpoint(self, run: _Run, at_epoch_end: bool) -> bool:
@@ -651,20 +829,32 @@ class Trainer:
         if early_stopped:
             self._log({"type": "early_stop", "step": st.step, "best_step": st.best_step,
                        "best_metric": st.best_metric})
-        if cfg.output_dir:  # the final state (before restoring the best), to continue training later
+        diverged = self.divergence_message()
+        final_finite = all(bool(torch.isfinite(v).all()) for v in self.trainable_state().values())
+        if cfg.output_dir and final_finite:  # the final state (before restoring the best), to continue later
             self.save_checkpoint(os.path.join(cfg.output_dir, f"checkpoint-{st.step}"))
-        if cfg.restore_best and st.best_state is not None:
+        if st.best_state is not None and (cfg.restore_best or diverged):
             self.load_trainable_state(st.best_state)
+        # the adapter written: the best state (finite by construction), else the final one if it is finite and
+        # the run did not diverge; a diverged run without a good evaluation before it writes none
+        write_adapter = st.best_state is not None if diverged else (final_finite or st.best_state is not None)
         result = {"steps": st.step, "epochs": st.epoch, "metric": self.metric, "mode": self.mode,
                   "best_metric": st.best_metric, "best_step": st.best_step, "early_stopped": early_stopped,
                   "train_seconds": elapsed, "examples": st.examples, "skipped_steps": st.skipped_steps,
-                  "resumed_from": self.resumed_from,
+                  "nonfinite_steps": st.nonfinite_steps, "diverged": diverged, "resumed_from": self.resumed_from,
                   "losses": [h["loss"] for h in self.history if h["type"] == "train"]}
+        if diverged:
+            result["adapter"] = (f"the best state before it (step {st.best_step})" if write_adapter else
+                                 "none written (no finite evaluated state to save)")
+            self._log({"type": "diverged", "step": st.step, "nonfinite_steps": st.nonfinite_steps,
+                       "first_nonfinite_step": st.first_nonfinite_step})
+            warnings.warn(diverged + f" Adapter: {result['adapter']}.", RuntimeWarning)
         if cfg.output_dir:
-            gathered = self._gathered_adapter_state()
-            if self.info.is_main:
+            gathered = self._gathered_adapter_state() if write_adapter else None
+            if self.info.is_main and write_adapter:
                 with ckpt.atomic_dir(os.path.join(cfg.output_dir, "adapter")) as tmp:
                     self._save_adapter_to(tmp, gathered)
+            if self.info.is_main:
                 if cfg.plot:
                     from .plotting import plot_curves
                     result["curves"] = plot_curves(self.history, os.path.join(cfg.output_dir, "curves.png"),
@@ -681,19 +871,52 @@ class Trainer:
         "metric", "mode", "best_metric", "best_step", "early_stopped", "losses", "history", ...}``."""
         run = self._setup()
         stop = False
+        self._diverged = False
         try:
             while self.state.step < run.total_steps and not stop:
+                progressed = False
                 for micro in self._micro_batch_groups(run):
+                    progressed = True
                     loss = D.all_reduce_mean(self._optimizer_step(micro), self.info)
+                    bad = self._nonfinite(loss)
                     at_epoch_end = self._record_step(run, micro, loss)
+                    if bad and self.config.on_nonfinite == "stop":
+                        stop = self._diverged = True
+                        break
                     stop = self._evaluate_and_checkpoint(run, at_epoch_end)
                     self._callback("on_step_end", self.state.step, loss)
                     if stop or at_epoch_end or self.state.step >= run.total_steps:
                         break
+                if not progressed:  # nothing left in this epoch (cannot happen after _resume's checks)
+                    raise RuntimeError(f"trainer: epoch {self.state.epoch} has no batch left after batch "
+                                       f"{self.state.batch_in_epoch}")
         finally:
             if self.pbar is not None:
                 self.pbar.close()
-        return self._finish(run, stop)
+        return self._finish(run, stop and not self._diverged)
+
+    def _nonfinite(self, loss: float) -> bool:
+        """Count a step whose loss is non-finite, or whose gradients were (a skipped step outside fp16's
+        loss scaling, where skipping an overflowing scale is routine)."""
+        st = self.state
+        bad = not math.isfinite(loss) or (getattr(self, "_last_skipped", False) and self.config.precision != "fp16")
+        if bad:
+            st.nonfinite_steps += 1
+            if st.first_nonfinite_step is None:
+                st.first_nonfinite_step = st.step + 1
+        return bad
+
+    def divergence_message(self) -> str | None:
+        """Why the run's result cannot be trusted (non-finite losses / gradients), or None."""
+        st = self.state
+        if not st.nonfinite_steps:
+            return None
+        how = ("stopped there (trainer.on_nonfinite: stop)" if self._diverged else
+               f"{st.nonfinite_steps} of {st.step} optimizer steps had a non-finite loss or gradients and were "
+               f"skipped (trainer.on_nonfinite: skip)")
+        return (f"training diverged: the loss or the gradients became non-finite (NaN/inf) at step "
+                f"{st.first_nonfinite_step}; {how}. Usually the learning rate is too high (trainer.lr "
+                f"{self.config.lr:g}) or the data holds extreme values.")
 
 
 def train(model, task, train_data, eval_data=None, config: TrainerConfig | dict | None = None, **kwargs) -> dict:

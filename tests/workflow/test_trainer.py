@@ -76,7 +76,7 @@ def test_train_state_round_trips_through_checkpoint_meta():
                     skipped_steps=3, best_state={"w": torch.ones(2)})
     meta = st.to_meta()
     assert set(meta) == {"step", "epoch", "batch_in_epoch", "best_metric", "best_step", "bad_evals", "examples",
-                         "skipped_steps"}
+                         "skipped_steps", "nonfinite_steps", "first_nonfinite_step"}
     back = TrainState.from_checkpoint({**meta, "optimizer": {}, "history": []}, st.best_state)
     assert back == st
     assert TrainState.from_checkpoint({"step": 3}, {}) == TrainState(step=3)

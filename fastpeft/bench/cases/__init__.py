@@ -10,8 +10,8 @@ with the reason.  ``build`` raises :class:`Skip` when the whole case cannot run
 failed.  Both are reported, never fatal.
 
 Case modules: :mod:`.ops` (one module per op package, ``ops/<package>.py``),
-:mod:`fastpeft.bench.e2e` (training steps) and :mod:`.ceilings` (device
-ceilings).  :func:`all_cases` collects them per suite and device.
+:mod:`fastpeft.bench.e2e` (training steps), :mod:`fastpeft.bench.mixed` (mixed-adapter
+serving forwards) and :mod:`.ceilings` (device ceilings).  :func:`all_cases` collects them per suite and device.
 """
 from __future__ import annotations
 
@@ -122,7 +122,8 @@ class Case:
                    for p in pats)
 
 
-PROVIDERS = ("fastpeft.bench.cases.ceilings", "fastpeft.bench.cases.ops", "fastpeft.bench.e2e")
+PROVIDERS = ("fastpeft.bench.cases.ceilings", "fastpeft.bench.cases.ops", "fastpeft.bench.e2e",
+             "fastpeft.bench.mixed")
 
 
 def run_order(cases: list[Case], quick: set[str]) -> list[Case]:

@@ -35,7 +35,9 @@ for free, while it sorts).
 
 Files of this op: ``reference.py``, ``triton_kernel.py``, ``csrc/lora_linear_multi/`` (torch-free
 ``_cpu.cpp``, ``_binding.cpp``, ``_test.cpp``), ``tests/ops/test_lora_linear_multi.py``,
-``fastpeft/bench/cases/ops/lora_linear_multi.py``, ``benchmarks/bench_lora_linear_multi.py``.
+``fastpeft/bench/cases/ops/lora_linear_multi.py``, ``benchmarks/bench_lora_linear_multi.py``; ``layer.py`` runs
+a LoRA layer's mixed-adapter batch on it (the adapters stacked once, the per-row index; used by
+``fastpeft.PeftModel(..., adapter_names=...)`` and ``fastpeft.accelerate``).
 """
 from __future__ import annotations
 

@@ -42,6 +42,11 @@ Optional (the defaults in :class:`Task` fit token-sequence tasks whose model ret
   adversarial methods call it too;
 * ``metric_mode(metric)`` -- which way a metric improves when the config names one (default: ``"min"`` for
   losses and perplexity, else ``"max"``).
+* ``resolve_model(name)`` / ``load_tokenizer(model_path)`` -- the base's location and what ``encode`` /
+  ``collator`` take as ``tokenizer`` (default: a transformers directory or bundled name, and its tokenizer;
+  ``image_classification`` resolves CNN bases and returns an image preprocessor);
+* ``method_defaults(name)`` -- default options of a PEFT method on this task's model (default: none);
+* ``data_keys`` -- extra keys of the config's ``data:`` section the task reads (``messages_column``).
 
 Helpers: :meth:`Task.outputs` (batches moved to the model's device, with the model's outputs) is the loop
 ``evaluate`` / ``predict`` usually need; :meth:`Task.labelled_model` is ``build_model`` for a head over
@@ -53,8 +58,11 @@ from .base import TASKS, Task, get_task, model_inputs, register_task, task_names
 from .sequence_classification import SequenceClassification
 from .token_classification import TokenClassification
 from .causal_lm import CausalLM
+from .image_classification import ImageClassification
+from .dialogue import Dialogue
+from .seq2seq import Seq2Seq
 from .relation_extraction import RelationExtraction
 from .question_answering import QuestionAnswering
 
 __all__ = ["TASKS", "Task", "get_task", "register_task", "task_names", "model_inputs", "SequenceClassification",
-           "TokenClassification", "CausalLM"]
+           "TokenClassification", "CausalLM", "ImageClassification", "Dialogue", "Seq2Seq"]

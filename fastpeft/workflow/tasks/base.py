@@ -6,6 +6,7 @@ from typing import Iterator, Sequence
 
 import torch
 
+from ..config_checks import DATA_KEYS, FILE_KEYS
 from ..data import PaddingCollator, from_hf_dataset, read_table
 
 #: name or alias -> task class
@@ -13,7 +14,10 @@ TASKS: dict[str, type] = {}
 
 
 def register_task(cls):
-    """Class decorator: register ``cls`` under ``cls.name`` and each of ``cls.aliases``."""
+    """Class decorator: register ``cls`` under ``cls.name`` and each of ``cls.aliases``; its ``data_keys``
+    become known keys of the config's ``data:`` section (and of each split's mapping)."""
+    DATA_KEYS.update(getattr(cls, "data_keys", ()))
+    FILE_KEYS.update(getattr(cls, "data_keys", ()))
     TASKS[cls.name] = cls
     for alias in getattr(cls, "aliases", ()):
         TASKS[alias] = cls
@@ -49,6 +53,11 @@ class Task:
     #: HF PEFT task type written into the adapter's config (``AutoPeftModelFor*`` picks the model class
     #: from it); None for a task without one (the adapter then records ``auto_mapping``)
     peft_task_type: str | None = None
+    #: the keys :meth:`evaluate` returns, so a config's ``trainer.metric`` is checked before training;
+    #: None: not declared (checked at the first evaluation)
+    metric_names: tuple | None = None
+    #: extra keys of the config's ``data:`` section this task reads (e.g. ``messages_column``)
+    data_keys: tuple = ()
 
     def __init__(self, labels: Sequence[str] | None = None):
         self.labels = list(labels) if labels is not None else None
@@ -63,6 +72,23 @@ class Task:
 
     def fit_labels(self, records) -> list[str] | None:
         return None
+
+    # ---- base model, "tokenizer" and PEFT-method defaults (overridden by tasks on non-transformers bases)
+    def resolve_model(self, name_or_path: str) -> str:
+        """The local base-model location for the config's ``model:`` (default: a transformers directory or
+        a bundled name, :func:`~fastpeft.workflow.models.resolve_model_path`)."""
+        from ..models import resolve_model_path
+        return resolve_model_path(name_or_path)
+
+    def load_tokenizer(self, model_path: str):
+        """What ``encode`` and ``collator`` take as ``tokenizer`` (default: the base's transformers tokenizer)."""
+        from ..models import load_tokenizer
+        return load_tokenizer(model_path)
+
+    def method_defaults(self, name: str) -> dict:
+        """Default options of PEFT method ``name`` on this task's model (after ``build_model``); the config's
+        ``method:`` keys win. LoRA's ``target_modules`` default is :attr:`default_target_modules`."""
+        return {}
 
     def labelled_model(self, model_path: str, auto_class):
         """``auto_class`` (a transformers ``AutoModelFor...``) from ``model_path``, its head sized and named

@@ -16,6 +16,7 @@ class CausalLM(Task):
     name = "causal_lm"
     aliases = ("lm", "clm")
     default_metric = "loss"
+    metric_names = ("loss", "perplexity")
     default_mode = "min"
     head_modules: list[str] = []
     peft_task_type = "CAUSAL_LM"
@@ -43,6 +44,25 @@ class CausalLM(Task):
         from transformers import AutoModelForCausalLM
         from ..models import load_base_model
         return load_base_model(model_path, AutoModelForCausalLM)
+
+    def fuse_base(self, model, loss: bool = True):
+        """``fastpeft.patch_model(model)`` (fused RMSNorm / rope / gated MLP, and the loss without logits
+        unless ``loss`` is False: a custom loss_fn or an adversarial method reads the logits); the trainer
+        calls it unless ``trainer.fuse_base: false`` / ``--no-fuse-base``.  An architecture patch_model does
+        not know trains unfused, with a warning.  Returns the summary (None when nothing was patched)."""
+        import sys
+        import warnings
+
+        from ... import patch_model
+        try:
+            summary = patch_model(model, cross_entropy=loss)
+        except (TypeError, ValueError) as e:
+            warnings.warn(f"trainer.fuse_base: {e}; training with the model's own forwards")
+            return None
+        if not loss:
+            summary.skipped["cross_entropy"] = "a custom loss_fn or adversarial method reads the logits"
+        print(summary, file=sys.stderr)
+        return summary
 
     @torch.no_grad()
     def evaluate(self, model, loader, dataset) -> dict:

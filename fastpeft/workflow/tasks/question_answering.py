@@ -236,6 +236,7 @@ class QuestionAnswering(Task):
     head_modules = ["qa_outputs"]
     peft_task_type = "QUESTION_ANS"
     default_target_modules = ["query", "value"]
+    data_keys = tuple(OPTIONS)  # extra keys of the config's data: section
 
     def __init__(self, labels=None):
         super().__init__(labels)

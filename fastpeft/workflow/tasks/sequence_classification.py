@@ -1,5 +1,12 @@
-"""Sequence classification: one label per text (or text pair)."""
+"""Sequence classification: one label per text (or text pair).
+
+Labels are strings, with one rule: a label that reads as a finite number is written in its shortest form
+(``"1.0"``, ``"01"``, ``" 1"`` -> ``"1"``; ``"2.50"`` -> ``"2.5"``), in training and evaluation data alike,
+so ``1`` and ``1.0`` are one class; other labels are kept as they are (whitespace stripped).
+"""
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -19,6 +26,7 @@ class SequenceClassification(Task):
     head_modules = ["classifier"]
     peft_task_type = "SEQ_CLS"
     default_target_modules = ["query", "value"]
+    metric_names = ("accuracy", "macro_f1", "loss")
 
     def columns(self, cfg: dict) -> list[str]:
         cols = [cfg.get("text_column", "sentence")]
@@ -39,12 +47,17 @@ class SequenceClassification(Task):
             if cfg.get("text_pair_column"):
                 o["text_pair"] = str(r[cfg["text_pair_column"]])
             if with_labels:
-                o["label"] = str(r[cfg.get("label_column", "label")])
+                o["label"] = normalize_label(r[cfg.get("label_column", "label")])
             out.append(o)
         return out
 
     def fit_labels(self, records) -> list[str]:
         labels = sorted({r["label"] for r in records})
+        if len(labels) < 2:
+            src = records[0].get("_source", "training data") if records else "training data"
+            raise DataError(f"{src}: every training example has the label {labels[0]!r}: classification needs at "
+                            f"least two classes (wrong label column, or a filtered file?)" if labels else
+                            f"{src}: no labelled training examples")
         try:  # numeric labels in numeric order ("2" before "10")
             labels = sorted(labels, key=float)
         except ValueError:
@@ -90,6 +103,35 @@ class SequenceClassification(Task):
         return {"accuracy": M.accuracy(preds, gold),
                 "macro_f1": M.macro_f1(preds, gold, classes=range(len(self.labels))), "loss": loss}
 
-    def predict(self, model, loader, dataset) -> list[dict]:
-        preds, _ = self.predict_ids(model, loader)
-        return [{"text": r["text"], "prediction": self.labels[p]} for r, p in zip(dataset.records, preds)]
+    def predict(self, model, loader, dataset, scores: bool = False) -> list[dict]:
+        """One ``{"text", "prediction"}`` per record; with ``scores``, also ``"scores"``: label -> softmax
+        probability."""
+        if not scores:
+            preds, _ = self.predict_ids(model, loader)
+            return [{"text": r["text"], "prediction": self.labels[p]} for r, p in zip(dataset.records, preds)]
+        probs = []
+        with torch.no_grad():
+            for _, out in self.outputs(model, loader):
+                probs += out.logits.float().softmax(-1).tolist()
+        return [{"text": r["text"], "prediction": self.labels[max(range(len(p)), key=p.__getitem__)],
+                 "scores": {l: round(v, 6) for l, v in zip(self.labels, p)}}
+                for r, p in zip(dataset.records, probs)]
+
+
+def normalize_label(value) -> str:
+    """The class name of a label value: a finite number in its shortest form (``1.0`` -> ``"1"``), anything
+    else as a stripped string."""
+    if isinstance(value, bool):
+        return str(value)
+    text = str(value).strip()
+    try:
+        return str(int(text))
+    except ValueError:
+        pass
+    try:
+        x = float(text)
+    except ValueError:
+        return text
+    if not math.isfinite(x):
+        return text
+    return str(int(x)) if x == int(x) and abs(x) < 2 ** 53 else repr(x)

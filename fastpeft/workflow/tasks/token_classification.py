@@ -20,6 +20,7 @@ class TokenClassification(Task):
     name = "token_classification"
     aliases = ("ner", "token_cls")
     default_metric = "f1"
+    metric_names = ("f1", "precision", "recall", "token_accuracy", "loss")
     default_mode = "max"
     head_modules = ["classifier"]
     peft_task_type = "TOKEN_CLS"

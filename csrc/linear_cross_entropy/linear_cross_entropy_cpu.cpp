@@ -1,0 +1,103 @@
+// linear_cross_entropy, C++ CPU row kernel (torch-free); see linear_cross_entropy_cpu.h for the math.
+#include "linear_cross_entropy_cpu.h"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
+#include "../common/vec_math.h"
+
+namespace fastpeft {
+namespace {
+
+// One row: returns its loss; with write_grad overwrites x with dL/dx.  Three passes without softcap
+// (max and Σz; exp(z - m) stored in place and summed; gradient), four with (the capped z is kept in x
+// for the tanh derivative, so the exponentials are recomputed in the gradient pass).
+template <typename A>
+FASTPEFT_SIMD_CLONES A row(A* __restrict x, int64_t V, int64_t y, A eps, A cap, A scale, bool write_grad) {
+  const bool capped = cap > A(0);
+  if (capped) {
+    const A inv = A(1) / cap;
+#pragma omp simd
+    for (int64_t j = 0; j < V; ++j) x[j] = cap * vm::tanh(x[j] * inv);
+  }
+  // float partial sums in the vector lanes (omp simd reductions): exp(z - m) <= 1, so Σ <= V; the double
+  // kernel sums in double
+  A m = -std::numeric_limits<A>::infinity();
+  A sum_z = A(0);
+#pragma omp simd reduction(max : m) reduction(+ : sum_z)
+  for (int64_t j = 0; j < V; ++j) {
+    m = std::max(m, x[j]);
+    sum_z += x[j];
+  }
+  const A zy = x[y];
+  A s = A(0);
+  if (capped) {
+#pragma omp simd reduction(+ : s)
+    for (int64_t j = 0; j < V; ++j) s += vm::exp(x[j] - m);
+  } else {
+#pragma omp simd reduction(+ : s)
+    for (int64_t j = 0; j < V; ++j) {
+      x[j] = vm::exp(x[j] - m);
+      s += x[j];
+    }
+  }
+  const double lse = static_cast<double>(m) + std::log(static_cast<double>(s));
+  const double loss = (1.0 - eps) * (lse - static_cast<double>(zy)) +
+                      eps * (lse - static_cast<double>(sum_z) / static_cast<double>(V));
+  if (write_grad) {
+    const A off = scale * eps / static_cast<A>(V);
+    if (capped) {
+      const A inv = A(1) / cap, lse_a = static_cast<A>(lse);
+#pragma omp simd
+      for (int64_t j = 0; j < V; ++j) {
+        const A t = x[j] * inv;
+        x[j] = (scale * vm::exp(x[j] - lse_a) - off) * (A(1) - t * t);
+      }
+      x[y] -= scale * (A(1) - eps) * (A(1) - (zy * inv) * (zy * inv));
+    } else {
+      const A p_scale = static_cast<A>(static_cast<double>(scale) / static_cast<double>(s));
+#pragma omp simd
+      for (int64_t j = 0; j < V; ++j) x[j] = p_scale * x[j] - off;
+      x[y] -= scale * (A(1) - eps);
+    }
+  }
+  return static_cast<A>(loss);
+}
+
+}  // namespace
+
+template <typename A>
+int64_t lce_rows_cpu(A* x, int64_t ld, int64_t C, int64_t V, const int64_t* labels, int64_t ignore_index,
+                     double label_smoothing, double softcap, double scale, bool write_grad, A* loss) {
+  int64_t first_bad = -1;
+#pragma omp parallel for schedule(static) if (C * V > 32768)
+  for (int64_t i = 0; i < C; ++i) {
+    A* xi = x + i * ld;
+    const int64_t y = labels[i];
+    const bool ignored = y == ignore_index, bad = !ignored && (y < 0 || y >= V);
+    if (ignored || bad) {
+      loss[i] = bad ? std::numeric_limits<A>::quiet_NaN() : A(0);
+      if (write_grad)
+        for (int64_t j = 0; j < V; ++j) xi[j] = A(0);
+      continue;
+    }
+    loss[i] = row<A>(xi, V, y, static_cast<A>(label_smoothing), static_cast<A>(softcap), static_cast<A>(scale),
+                     write_grad);
+  }
+  for (int64_t i = 0; i < C; ++i) {
+    const int64_t y = labels[i];
+    if (y != ignore_index && (y < 0 || y >= V)) {
+      first_bad = i;
+      break;
+    }
+  }
+  return first_bad;
+}
+
+template int64_t lce_rows_cpu<float>(float*, int64_t, int64_t, int64_t, const int64_t*, int64_t, double, double,
+                                     double, bool, float*);
+template int64_t lce_rows_cpu<double>(double*, int64_t, int64_t, int64_t, const int64_t*, int64_t, double, double,
+                                      double, bool, double*);
+
+}  // namespace fastpeft
