@@ -16,7 +16,7 @@ def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--adapter", required=True, help="adapter directory written by fastpeft finetune")
     p.add_argument("--data", required=True, help="data file (same format as training unless --format)")
     p.add_argument("--model", help="base model (default: the one recorded with the adapter)")
-    p.add_argument("--format", help="tsv | csv | jsonl | conll")
+    p.add_argument("--format", help="tsv | csv | jsonl | conll | semeval (SQuAD JSON for question_answering)")
     p.add_argument("--text-column", help="text column (default: as in training, then as in validation)")
     p.add_argument("--label-column", help="label column (default: as in training, then as in validation)")
     p.add_argument("--max-length", type=int, help="default: as in training")

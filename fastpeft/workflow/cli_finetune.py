@@ -68,7 +68,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "for seq2seq also a prefix of two aligned files with --set data.source_lang=en "
                    "--set data.target_lang=de)")
     g.add_argument("--validation", help="validation file (early stopping, best adapter)")
-    g.add_argument("--format", help="tsv | csv | jsonl | conll (default: from the extension / task)")
+    g.add_argument("--format", help="tsv | csv | jsonl | conll | semeval (default: from the extension / task; "
+                   "SQuAD JSON for question_answering)")
     g.add_argument("--text-column", help="text column (default: sentence; text for causal_lm)")
     g.add_argument("--label-column", help="label column (default: label)")
     g.add_argument("--validation-text-column", help="text column of the validation file when it differs from "

@@ -4,7 +4,10 @@ Labels in the file are not needed. Sequence classification: {"text", "prediction
 {"scores": {label: probability}}); token classification: {"tokens", "tags"}; causal LM: {"text",
 "continuation"}; dialogue: {"line", "user", "reply"} (the reply generated after the last non-assistant
 message); image classification: {"image", "prediction", "probability"}; seq2seq (translation,
-summarisation): {"source", "generated"}, by beam search (data.num_beams of training, default 4). Columns
+summarisation): {"source", "generated"}, by beam search (data.num_beams of training, default 4); relation
+extraction: {"id", "text", "e1", "e2", "relation", "reading"} (the relation with the entity texts); question
+answering: {"id", "question", "answer", "start", "end", "no_answer", ...} (the answer's characters in the
+context). Columns
 default to those the adapter was trained with (the training file's, then the validation file's when the
 file lacks them). Piping into `head` is fine: the output stops quietly.
 

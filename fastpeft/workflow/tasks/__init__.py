@@ -61,6 +61,8 @@ from .causal_lm import CausalLM
 from .image_classification import ImageClassification
 from .dialogue import Dialogue
 from .seq2seq import Seq2Seq
+from .relation_extraction import RelationExtraction
+from .question_answering import QuestionAnswering
 
 __all__ = ["TASKS", "Task", "get_task", "register_task", "task_names", "model_inputs", "SequenceClassification",
            "TokenClassification", "CausalLM", "ImageClassification", "Dialogue", "Seq2Seq"]
