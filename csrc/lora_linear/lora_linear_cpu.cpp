@@ -113,10 +113,15 @@ FASTPEFT_CLONES void apply_row(const T* __restrict xr, int64_t sx1, int64_t K, c
                                typename work<T>::type inv, O* __restrict out) {
   using W = typename work<T>::type;
   if (sx1 == 1) {
-    for (int64_t k = 0; k < K; ++k) out[k] = store_w<O>(keep[k] ? static_cast<W>(load_w(xr[k])) * inv : W(0));
+    for (int64_t k = 0; k < K; ++k) {
+      const W v = static_cast<W>(load_w(xr[k])) * inv;  // loaded unconditionally: the select vectorises
+      out[k] = store_w<O>(keep[k] ? v : W(0));
+    }
   } else {
-    for (int64_t k = 0; k < K; ++k)
-      out[k] = store_w<O>(keep[k] ? static_cast<W>(load_w(xr[k * sx1])) * inv : W(0));
+    for (int64_t k = 0; k < K; ++k) {
+      const W v = static_cast<W>(load_w(xr[k * sx1])) * inv;
+      out[k] = store_w<O>(keep[k] ? v : W(0));
+    }
   }
 }
 
@@ -124,15 +129,20 @@ template <typename T, typename S>
 FASTPEFT_CLONES void accumulate_row(const S* __restrict src, const uint8_t* __restrict keep, int64_t K,
                                     typename work<T>::type inv, T* __restrict dst) {
   using W = typename work<T>::type;
-  for (int64_t k = 0; k < K; ++k)
-    dst[k] = store_w<T>(static_cast<W>(load_w(dst[k])) + (keep[k] ? static_cast<W>(load_w(src[k])) * inv : W(0)));
+  for (int64_t k = 0; k < K; ++k) {
+    const W v = static_cast<W>(load_w(src[k])) * inv;
+    dst[k] = store_w<T>(static_cast<W>(load_w(dst[k])) + (keep[k] ? v : W(0)));
+  }
 }
 
 template <typename T, typename S>
 FASTPEFT_CLONES void store_row(const S* __restrict src, const uint8_t* __restrict keep, int64_t K,
                                typename work<T>::type inv, T* __restrict dst) {
   using W = typename work<T>::type;
-  for (int64_t k = 0; k < K; ++k) dst[k] = store_w<T>(keep[k] ? static_cast<W>(load_w(src[k])) * inv : W(0));
+  for (int64_t k = 0; k < K; ++k) {
+    const W v = static_cast<W>(load_w(src[k])) * inv;
+    dst[k] = store_w<T>(keep[k] ? v : W(0));
+  }
 }
 
 }  // namespace
