@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 
 from .._optional import bnb_linear_classes, require_bnb
-from ..ops.lora_linear.layer import active_lora_adapter, autocast_dtype, count_call
+from ..ops.lora_linear.layer import active_lora_adapter, adapter_state_reason, autocast_dtype, count_call
 from .lora import Linear, LoraConfig
 
 _QUANT_INITS = (True, False, "gaussian")
@@ -169,24 +169,10 @@ def new_quant_layer(name: str, target: nn.Module, adapter_name: str, r: int, alp
 def quant_call_reason(layer, x: Optional[torch.Tensor] = None, args=(), kwargs=None) -> Optional[str]:
     """Why this call of a LoRA layer on a bitsandbytes base cannot run :func:`fastpeft.ops.lora_linear_4bit`
     (None: it can).  The same state rules as ``fastpeft.ops.lora_linear.layer.call_reason``, then the base."""
-    if kwargs:
-        return "adapter_names (mixed-adapter batch)" if "adapter_names" in kwargs else "extra forward arguments"
-    if args:
-        return "extra forward arguments"
-    if layer.disable_adapters:
-        return "adapters disabled"
-    if layer.merged:
-        return "adapter merged"
+    why = adapter_state_reason(layer, args, kwargs)
+    if why is not None:
+        return why
     a = active_lora_adapter(layer)
-    if a is None:
-        n = sum(a in layer.lora_A.keys() for a in layer.active_adapters)
-        return "several active adapters" if n else "no active adapter on this layer"
-    if a in getattr(layer, "lora_variant", {}) or layer.use_dora.get(a, False):
-        return "LoRA variant (DoRA or other)"
-    if layer.lora_B[a].bias is not None:
-        return "lora_bias"
-    if type(layer.lora_dropout[a]) not in (nn.Dropout, nn.Identity):
-        return "custom dropout module"
     base = layer.get_base_layer()
     kind = quant_kind(base)
     if kind != "4bit":

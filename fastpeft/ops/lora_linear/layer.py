@@ -130,9 +130,10 @@ def _autocast_reason(ad: torch.dtype, tensors) -> Reason:
     return None
 
 
-def call_reason(layer, x: Optional[torch.Tensor] = None, args=(), kwargs=None) -> Reason:
-    """Why this call (or, with ``x`` None, the layer's current state outside autocast) cannot take
-    the fused path."""
+def adapter_state_reason(layer, args=(), kwargs=None) -> Reason:
+    """Why a LoRA layer's adapter state (call arguments, active adapter, variant, dropout module) rules out a
+    fused call (None: it does not); the rules every fused LoRA forward shares (full-precision and quantised
+    bases)."""
     if kwargs:
         return "adapter_names (mixed-adapter batch)" if "adapter_names" in kwargs else "extra forward arguments"
     if args:
@@ -151,6 +152,16 @@ def call_reason(layer, x: Optional[torch.Tensor] = None, args=(), kwargs=None) -
         return "lora_bias"
     if type(layer.lora_dropout[a]) not in (nn.Dropout, nn.Identity):
         return "custom dropout module"
+    return None
+
+
+def call_reason(layer, x: Optional[torch.Tensor] = None, args=(), kwargs=None) -> Reason:
+    """Why this call (or, with ``x`` None, the layer's current state outside autocast) cannot take
+    the fused path."""
+    why = adapter_state_reason(layer, args, kwargs)
+    if why is not None:
+        return why
+    a = active_lora_adapter(layer)
     base = layer.get_base_layer()
     w = base.weight
     if not w.dtype.is_floating_point:
