@@ -5,6 +5,8 @@ from typing import Iterable, Optional
 
 import torch
 
+from ..kernels.philox import check_seed
+
 
 def check_tensor(name: str, t, *, ndim: Optional[Iterable[int]] = None,
                  dtypes: Optional[Iterable[torch.dtype]] = None, allow_none: bool = False):
@@ -67,3 +69,19 @@ def dtype_pair_reason(pair: tuple, allowed: Iterable[tuple], what: str, names: s
         return None
     fmt = lambda p: "/".join(str(d).replace("torch.", "") for d in p)  # noqa: E731
     return f"{what} takes {names} dtypes {[fmt(p) for p in allowed]}, got {fmt(pair)}"
+
+
+def check_lora_scale_dropout(scale, dropout_p, seed) -> tuple:
+    """``(scale, dropout_p, seed)`` of a fused LoRA op, checked: ``scale`` a finite float, ``dropout_p`` in
+    [0, 1), ``seed`` a Philox seed (drawn from torch's generator when None; 0 when there is no dropout, where
+    it is ignored).  Errors name the argument."""
+    scale = check_float("scale", scale)
+    dropout_p = check_float("dropout_p", dropout_p, lo=0.0, hi=1.0, hi_open=True)
+    if dropout_p == 0.0:
+        return scale, dropout_p, 0
+    if seed is None:
+        return scale, dropout_p, int(torch.randint(0, 2**62, (), dtype=torch.int64))
+    try:
+        return scale, dropout_p, check_seed(seed)
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"seed: {e}") from None

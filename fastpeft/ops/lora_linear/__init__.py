@@ -27,8 +27,7 @@ from typing import Optional
 import torch
 
 from ...backends import define_op
-from ...kernels.philox import check_seed
-from .._checks import check_float, check_same_device, check_tensor
+from .._checks import check_lora_scale_dropout, check_same_device, check_tensor
 from .._register import compiled_op, random_tensors, register_backend, triton_op
 from .reference import lora_linear_plain, lora_linear_reference
 
@@ -78,18 +77,7 @@ def _check_args(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed):
     if lora_B.dtype != lora_A.dtype:
         raise TypeError(f"lora_B: expected dtype {lora_A.dtype} (the dtype of lora_A), got {lora_B.dtype}")
     check_same_device("x", x, weight=weight, bias=bias, lora_A=lora_A, lora_B=lora_B)
-    scale = check_float("scale", scale)
-    dropout_p = check_float("dropout_p", dropout_p, lo=0.0, hi=1.0, hi_open=True)
-    if dropout_p == 0.0:
-        seed = 0  # no mask: the seed is ignored
-    elif seed is None:
-        seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
-    else:
-        try:
-            seed = check_seed(seed)
-        except (TypeError, ValueError) as e:
-            raise type(e)(f"seed: {e}") from None
-    return scale, dropout_p, seed
+    return check_lora_scale_dropout(scale, dropout_p, seed)
 
 
 def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_A: torch.Tensor,
