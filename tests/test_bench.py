@@ -383,6 +383,12 @@ def test_readme_generator_updates_between_markers(tmp_path):
     (res / "d.json").write_text(json.dumps(_fake_result("cpu", "2026-03-01T00:00:00+00:00", 0.02)))
     assert readme.main(["--results", str(res), "--readme", str(md), "--check"]) == 1
     assert "12 ms" in md.read_text()  # --check writes nothing
+    full = _fake_result("cpu", "2026-04-01T00:00:00+00:00", 3.0)
+    full["suite"] = "full"
+    (res / "e.json").write_text(json.dumps(full))
+    assert readme.main(["--results", str(res), "--readme", str(md)]) == 0
+    text = md.read_text()                  # a newer run of another suite does not hide the quick one
+    assert "20 ms" in text and "3 s" in text and text.index("quick suite") < text.index("full suite")
 
 
 def test_readme_generator_needs_markers(tmp_path, capsys):

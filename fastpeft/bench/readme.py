@@ -2,7 +2,7 @@
 
     python -m fastpeft.bench.readme [--results benchmarks/results] [--readme README.md] [--check]
 
-Takes the newest JSON per device type (cpu, cuda) in the results directory and
+Takes the newest JSON per device type (cpu, cuda) and suite in the results directory and
 writes, between the markers ``<!-- perf:start -->`` and ``<!-- perf:end -->``, a
 table per device: fastpeft's median time per case, its ratio to the floor and to
 the baseline (HF PEFT / unfused / eager), peak memory and the targets, with the
@@ -33,13 +33,18 @@ def load_results(results_dir: str) -> list[tuple[str, dict]]:
     return out
 
 
+SUITE_ORDER = {"quick": 0, "full": 1, "smoke": 2}
+
+
 def latest_per_device(results: list[tuple[str, dict]]) -> list[tuple[str, dict]]:
-    best: dict[str, tuple[str, dict]] = {}
+    """The newest run per (device type, suite), CPU before CUDA, quick before full: a later run of one
+    suite (e.g. ``--suite full --only 'e2e/llama_110m*'``) does not hide the newest run of another."""
+    best: dict[tuple[str, str], tuple[str, dict]] = {}
     for path, r in results:
-        kind = r["device"]["type"]
-        if kind not in best or r["date"] > best[kind][1]["date"]:
-            best[kind] = (path, r)
-    return [best[k] for k in sorted(best)]
+        key = (r["device"]["type"], r.get("suite", ""))
+        if key not in best or r["date"] > best[key][1]["date"]:
+            best[key] = (path, r)
+    return [best[k] for k in sorted(best, key=lambda k: (k[0], SUITE_ORDER.get(k[1], 9), k[1]))]
 
 
 def _targets(c: dict) -> str:
