@@ -7,8 +7,9 @@
 // reduction "none") and the gradients of that loss (for "none": of Σ_i loss_i), each gradient not
 // asked for an empty [0] tensor.  Per chunk of chunk_size tokens:
 //
-//   logits = h_c @ W.T (+ b)            at::matmul, hidden's dtype          [c, V]
-//   rows   = lce_rows_cpu(logits in A)  loss per row, logits -> dL/dlogits (in place)
+//   logits = h_c @ W.T (+ b)            at::linear, hidden's dtype          [c, V]
+//   rows   = lce_rows_cpu(logits in A)  loss per row, logits -> dL/dlogits (in place; bfloat16 logits
+//                                       row by row through a float buffer when no dW / db is asked)
 //   dh_c   = dlogits @ W                at::mm into dhidden's rows
 //   dW    += dlogits.T @ h_c, db += Σ dlogits    (float32 / float64 accumulators, only when asked)
 //
@@ -69,23 +70,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_
   at::Tensor dh = need_dh ? at::empty({N, H}, hidden.options()) : at::empty({0}, hidden.options());
   at::Tensor dw_acc = need_dw ? at::zeros({V, H}, weight.options().dtype(acc)) : at::Tensor();
   at::Tensor db_acc = need_db ? at::zeros({V}, weight.options().dtype(acc)) : at::Tensor();
-  const at::Tensor wt = weight.t();
 
+  // bfloat16 without weight / bias gradients: the row pass reads the bfloat16 logits row by row and
+  // writes the gradient over them (no float32 copy of the chunk); the weight / bias gradients take the
+  // float32 gradient, so they keep the widened chunk
+  const bool rows_in_bf16 = dt == at::kBFloat16 && !need_dw && !need_db;
   for (int64_t start = 0; start < N; start += chunk_size) {
     const int64_t c = std::min(chunk_size, N - start);
     const at::Tensor hc = hidden.narrow(0, start, c);
-    at::Tensor logits = has_bias ? at::addmm(*bias, hc, wt) : at::mm(hc, wt);
-    at::Tensor x = logits.to(acc).contiguous();  // the same tensor for float32 / float64
+    const at::Tensor logits = at::linear(hc, weight, has_bias ? *bias : at::Tensor()).contiguous();
+    at::Tensor x = rows_in_bf16 ? logits : logits.to(acc).contiguous();  // the same tensor for float32 / float64
     const int64_t* lp = lab.data_ptr<int64_t>() + start;
     int64_t bad = -1;
-    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "linear_cross_entropy", [&] {
-      bad = lce_rows_cpu<scalar_t>(x.data_ptr<scalar_t>(), V, c, V, lp, ignore_index, label_smoothing, softcap, scale,
-                                   grad, rows.data_ptr<scalar_t>() + start);
-    });
+    if (rows_in_bf16) {
+      bad = lce_rows_cpu_bf16(reinterpret_cast<bf16_t*>(x.mutable_data_ptr()), V, c, V, lp, ignore_index,
+                              label_smoothing, softcap, scale, grad, rows.data_ptr<float>() + start);
+    } else {
+      AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "linear_cross_entropy", [&] {
+        bad = lce_rows_cpu<scalar_t>(x.data_ptr<scalar_t>(), V, c, V, lp, ignore_index, label_smoothing, softcap,
+                                     scale, grad, rows.data_ptr<scalar_t>() + start);
+      });
+    }
     TORCH_CHECK(bad < 0, "linear_cross_entropy: labels[", start + bad, "] = ", lp[bad < 0 ? 0 : bad],
                 " is outside [0, ", V, ") (V = weight.shape[0]) and is not ignore_index (", ignore_index, ")");
     if (!grad) continue;
-    const at::Tensor g = x.to(dt);  // dL/dlogits in hidden's dtype for the GEMMs
+    const at::Tensor g = x.to(dt);  // dL/dlogits in hidden's dtype for the GEMMs (x itself in bfloat16)
     if (need_dh) {
       at::Tensor out = dh.narrow(0, start, c);
       at::mm_out(out, g, weight);

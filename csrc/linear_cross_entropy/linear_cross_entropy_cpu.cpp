@@ -4,7 +4,10 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
+#include <vector>
 
+#include "../common/dtypes.h"
 #include "../common/vec_math.h"
 
 namespace fastpeft {
@@ -65,34 +68,61 @@ FASTPEFT_SIMD_CLONES A row(A* __restrict x, int64_t V, int64_t y, A eps, A cap, 
   return static_cast<A>(loss);
 }
 
+// Rows of storage type T, the row pass in A: in place when T is A; for bfloat16 each row is widened into
+// a float buffer, and its gradient rounded back once (what widening the whole chunk and narrowing the
+// gradient would give, without the two chunk-sized copies).
+template <typename T, typename A>
+int64_t rows_impl(T* x, int64_t ld, int64_t C, int64_t V, const int64_t* labels, int64_t ignore_index,
+                  double label_smoothing, double softcap, double scale, bool write_grad, A* loss) {
+  constexpr bool widen = !std::is_same<T, A>::value;
+#pragma omp parallel if (C * V > 32768)
+  {
+    std::vector<A> buf(widen ? V : 0);
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < C; ++i) {
+      T* xi = x + i * ld;
+      const int64_t y = labels[i];
+      const bool ignored = y == ignore_index, bad = !ignored && (y < 0 || y >= V);
+      if (ignored || bad) {
+        loss[i] = bad ? std::numeric_limits<A>::quiet_NaN() : A(0);
+        if (write_grad)
+          for (int64_t j = 0; j < V; ++j) xi[j] = T{};  // +0 (bf16_t{} is +0 too)
+        continue;
+      }
+      A* r = nullptr;
+      if constexpr (widen) {
+        r = buf.data();
+        for (int64_t j = 0; j < V; ++j) r[j] = to_float(xi[j]);
+      } else {
+        r = xi;
+      }
+      loss[i] = row<A>(r, V, y, static_cast<A>(label_smoothing), static_cast<A>(softcap), static_cast<A>(scale),
+                       write_grad);
+      if constexpr (widen) {
+        if (write_grad)
+          for (int64_t j = 0; j < V; ++j) xi[j] = from_float<T>(r[j]);
+      }
+    }
+  }
+  for (int64_t i = 0; i < C; ++i) {
+    const int64_t y = labels[i];
+    if (y != ignore_index && (y < 0 || y >= V)) return i;
+  }
+  return -1;
+}
+
 }  // namespace
 
 template <typename A>
 int64_t lce_rows_cpu(A* x, int64_t ld, int64_t C, int64_t V, const int64_t* labels, int64_t ignore_index,
                      double label_smoothing, double softcap, double scale, bool write_grad, A* loss) {
-  int64_t first_bad = -1;
-#pragma omp parallel for schedule(static) if (C * V > 32768)
-  for (int64_t i = 0; i < C; ++i) {
-    A* xi = x + i * ld;
-    const int64_t y = labels[i];
-    const bool ignored = y == ignore_index, bad = !ignored && (y < 0 || y >= V);
-    if (ignored || bad) {
-      loss[i] = bad ? std::numeric_limits<A>::quiet_NaN() : A(0);
-      if (write_grad)
-        for (int64_t j = 0; j < V; ++j) xi[j] = A(0);
-      continue;
-    }
-    loss[i] = row<A>(xi, V, y, static_cast<A>(label_smoothing), static_cast<A>(softcap), static_cast<A>(scale),
-                     write_grad);
-  }
-  for (int64_t i = 0; i < C; ++i) {
-    const int64_t y = labels[i];
-    if (y != ignore_index && (y < 0 || y >= V)) {
-      first_bad = i;
-      break;
-    }
-  }
-  return first_bad;
+  return rows_impl<A, A>(x, ld, C, V, labels, ignore_index, label_smoothing, softcap, scale, write_grad, loss);
+}
+
+int64_t lce_rows_cpu_bf16(bf16_t* x, int64_t ld, int64_t C, int64_t V, const int64_t* labels, int64_t ignore_index,
+                          double label_smoothing, double softcap, double scale, bool write_grad, float* loss) {
+  return rows_impl<bf16_t, float>(x, ld, C, V, labels, ignore_index, label_smoothing, softcap, scale, write_grad,
+                                  loss);
 }
 
 template int64_t lce_rows_cpu<float>(float*, int64_t, int64_t, int64_t, const int64_t*, int64_t, double, double,

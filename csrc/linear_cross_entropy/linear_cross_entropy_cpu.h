@@ -13,14 +13,21 @@
 // gradient row 0; the function returns the first such row (or -1 when every label is valid), so the
 // binding can raise.  With write_grad the logits are overwritten by dL/dx (in place: the chunk's
 // gradient for the next GEMMs); without, they are left changed (softcapped / exponentiated).
+// lce_rows_cpu_bf16: the same on bfloat16 logits, each row computed in float (widened into a buffer) and,
+// with write_grad, its gradient rounded to bfloat16 in place.
 // Rows run in parallel (OpenMP) when C * V is large; the row loops are vectorised (vec_math.h exp/tanh).
 #pragma once
 #include <cstdint>
+
+#include "../common/dtypes.h"
 
 namespace fastpeft {
 
 template <typename A>
 int64_t lce_rows_cpu(A* x, int64_t ld, int64_t C, int64_t V, const int64_t* labels, int64_t ignore_index,
                      double label_smoothing, double softcap, double scale, bool write_grad, A* loss);
+
+int64_t lce_rows_cpu_bf16(bf16_t* x, int64_t ld, int64_t C, int64_t V, const int64_t* labels, int64_t ignore_index,
+                          double label_smoothing, double softcap, double scale, bool write_grad, float* loss);
 
 }  // namespace fastpeft

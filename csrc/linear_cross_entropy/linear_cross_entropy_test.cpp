@@ -80,6 +80,35 @@ void bad_labels() {
   for (int64_t j = 0; j < V; ++j) EXPECT_EQ(x[2 * V + j], 0.0f);
 }
 
+// bfloat16 rows: bit-identical to widening the chunk to float, the float kernel, and rounding the gradient
+// back (what the binding did before the bfloat16 row pass), incl. ignored and bad rows.
+void bf16_rows(int64_t C, int64_t V, double eps, double cap, bool write_grad) {
+  const int64_t ld = V + 5;
+  std::vector<bf16_t> x(C * ld);
+  std::vector<float> wide(C * ld), loss16(C), loss32(C);
+  std::vector<int64_t> labels(C);
+  for (int64_t i = 0; i < C; ++i) {
+    labels[i] = i % 6 == 3 ? -100 : (i % 11 == 5 ? V : (i * 5) % V);
+    for (int64_t j = 0; j < ld; ++j) {
+      x[i * ld + j] = from_float<bf16_t>(static_cast<float>(val(i, j)));
+      wide[i * ld + j] = to_float(x[i * ld + j]);
+    }
+  }
+  const std::vector<bf16_t> before(x);
+  const int64_t bad16 = lce_rows_cpu_bf16(x.data(), ld, C, V, labels.data(), -100, eps, cap, 0.25, write_grad,
+                                          loss16.data());
+  const int64_t bad32 = lce_rows_cpu<float>(wide.data(), ld, C, V, labels.data(), -100, eps, cap, 0.25, write_grad,
+                                            loss32.data());
+  EXPECT_EQ(bad16, bad32);
+  for (int64_t i = 0; i < C; ++i) {
+    EXPECT_TRUE(loss16[i] == loss32[i] || (std::isnan(loss16[i]) && std::isnan(loss32[i])));
+    for (int64_t j = 0; j < ld; ++j) {
+      const uint16_t want = j >= V || !write_grad ? before[i * ld + j].bits : from_float<bf16_t>(wide[i * ld + j]).bits;
+      EXPECT_EQ(x[i * ld + j].bits, want);  // padding past V and, without write_grad, the logits untouched
+    }
+  }
+}
+
 }  // namespace
 
 int main() {
@@ -91,5 +120,10 @@ int main() {
     }
   loss_float(2, 1, 0.0, 0.0);  // V = 1: loss 0
   bad_labels();
+  for (double cap : {0.0, 2.5}) {
+    bf16_rows(13, 37, 0.1, cap, true);
+    bf16_rows(200, 331, 0.0, cap, true);  // C * V above the OpenMP threshold
+    bf16_rows(13, 37, 0.0, cap, false);
+  }
   TEST_MAIN_END();
 }

@@ -34,8 +34,8 @@ def causal_lm_loss(hidden, weight, bias, labels, softcap=None, num_items_in_batc
     if shift_labels is None:
         shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
     shift_labels = shift_labels.to(hidden.device)
-    if hidden.dtype != weight.dtype and torch.is_autocast_enabled(hidden.device.type):
-        dt = torch.get_autocast_dtype(hidden.device.type)  # what F.linear under autocast computes in
+    if hidden.dtype != torch.float64 and torch.is_autocast_enabled(hidden.device.type):
+        dt = torch.get_autocast_dtype(hidden.device.type)  # what lm_head (F.linear) under autocast computes in
         hidden, weight = hidden.to(dt), weight.to(dt)
         bias = None if bias is None else bias.to(dt)
     elif hidden.dtype != weight.dtype:

@@ -195,6 +195,23 @@ def test_default_chunk_size():
     assert default_chunk_size(10 ** 6, 256000, torch.device("cuda")) == 64
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_autocast_does_not_change_the_op(backend):
+    """The op computes in its inputs' dtype: float32 inputs under bf16 autocast give exactly the float32
+    loss and gradients (autocast used to cast the forward's logits GEMM, and only that one)."""
+    h, w, y, b = make(40, 16, 97)
+    with fastpeft.use_backend(backend, op=OP):
+        want = linear_cross_entropy(h, w, y, b, chunk_size=16)
+        gwant = torch.autograd.grad(want, [h, w, b])
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = linear_cross_entropy(h, w, y, b, chunk_size=16)
+        ggot = torch.autograd.grad(got, [h, w, b])
+    assert got.dtype == f32
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+    for g1, g0 in zip(ggot, gwant):
+        torch.testing.assert_close(g1, g0, atol=0, rtol=0)
+
+
 # -- registration: opcheck, torch.compile ---------------------------------------------
 @pytest.mark.parametrize("name", ["linear_cross_entropy_fwd", "linear_cross_entropy_triton_fwd"])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])

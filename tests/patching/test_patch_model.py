@@ -123,6 +123,22 @@ def test_bfloat16(family):
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_autocast_loss_in_the_autocast_dtype(family, monkeypatch):
+    """A float32 model under CPU bf16 autocast: the fused loss takes bf16 hidden states and LM head (as
+    the unpatched lm_head's F.linear computes under autocast), and gives the unpatched loss and gradients
+    within bf16 tolerance."""
+    import fastpeft.patching.loss as loss_mod
+
+    seen = []
+    real = loss_mod.linear_cross_entropy
+    monkeypatch.setattr(loss_mod, "linear_cross_entropy",
+                        lambda h, w, *a, **k: seen.append((h.dtype, w.dtype)) or real(h, w, *a, **k))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        compare(lora(tiny_model(family), "fastpeft"), torch.bfloat16)
+    assert seen and set(seen) == {(torch.bfloat16, torch.bfloat16)}, seen
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_num_items_in_batch_and_shift_labels(family):
     """transformers' loss kwargs: a sum divided by num_items_in_batch (the Trainer's gradient accumulation)."""
     model = lora(tiny_model(family), "fastpeft")

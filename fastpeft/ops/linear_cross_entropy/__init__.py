@@ -29,6 +29,9 @@ non-ignored labels for ``mean``, else 1)::
     softcap: z = cap tanh(x / cap), dz/dx = 1 - (z / cap)²
     ignored rows: loss 0, gradient 0
 
+``torch.autocast`` does not change the op: it computes in its inputs' dtype (cast them first, as
+``F.linear`` under autocast would: :mod:`fastpeft.patching` does).
+
 Torch's behaviour kept: with every label ignored (or no tokens) the ``mean`` loss is NaN (0 / 0) and
 the gradients are 0; ``sum`` gives 0, ``none`` zeros.  A label outside [0, V) other than
 ``ignore_index`` raises ``ValueError`` naming the label and its position (checked eagerly; inside
@@ -146,8 +149,11 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
         raise ValueError(f"chunk_size: expected None or an int >= 1, got {chunk_size!r}")
     labels1 = labels.reshape(N).to(torch.int64).contiguous()  # the kernels index labels by row
     check_labels(labels1, V, ignore_index)
-    loss = OP(hidden.reshape(N, H), weight, labels1, bias, ignore_index, label_smoothing, softcap, reduction,
-              int(chunk_size))
+    # computed in the inputs' dtype whatever the ambient autocast: otherwise its GEMMs (ATen's, inside
+    # every backend) would be cast by autocast one by one, in the forward and not in the gradient GEMMs
+    with torch.autocast(hidden.device.type, enabled=False):
+        loss = OP(hidden.reshape(N, H), weight, labels1, bias, ignore_index, label_smoothing, softcap, reduction,
+                  int(chunk_size))
     return loss.reshape(labels.shape) if reduction == "none" else loss
 
 
