@@ -106,7 +106,25 @@ template <> inline bf16_t store_w<bf16_t>(float v) {
 template <typename O> inline O store_w(double v);
 template <> inline double store_w<double>(double v) { return v; }
 
-// The dropped elements become 0 by a select (not a multiply by 0: 0 * inf would be NaN where the
+// v where keep is 1, +0 where it is 0, by masking v's bits (keep is 0 or 1): the select of the reference
+// (torch.where: a dropped inf or NaN gives 0, where a multiply by 0 would give NaN), written as an integer
+// AND so that the row loops vectorise (a ?: on the mask byte left them scalar).
+inline float keep_or_zero(float v, uint8_t keep) {
+  uint32_t u;
+  std::memcpy(&u, &v, sizeof u);
+  u &= 0u - static_cast<uint32_t>(keep);
+  std::memcpy(&v, &u, sizeof u);
+  return v;
+}
+inline double keep_or_zero(double v, uint8_t keep) {
+  uint64_t u;
+  std::memcpy(&u, &v, sizeof u);
+  u &= uint64_t(0) - static_cast<uint64_t>(keep);
+  std::memcpy(&v, &u, sizeof u);
+  return v;
+}
+
+// The dropped elements become +0 (keep_or_zero: not a multiply by 0, 0 * inf would be NaN where the
 // reference, torch.where, gives 0), the kept ones are multiplied by 1 / (1 - p).
 template <typename T, typename O>
 FASTPEFT_CLONES void apply_row(const T* __restrict xr, int64_t sx1, int64_t K, const uint8_t* __restrict keep,
@@ -114,13 +132,11 @@ FASTPEFT_CLONES void apply_row(const T* __restrict xr, int64_t sx1, int64_t K, c
   using W = typename work<T>::type;
   if (sx1 == 1) {
     for (int64_t k = 0; k < K; ++k) {
-      const W v = static_cast<W>(load_w(xr[k])) * inv;  // loaded unconditionally: the select vectorises
-      out[k] = store_w<O>(keep[k] ? v : W(0));
+      out[k] = store_w<O>(keep_or_zero(static_cast<W>(load_w(xr[k])) * inv, keep[k]));
     }
   } else {
     for (int64_t k = 0; k < K; ++k) {
-      const W v = static_cast<W>(load_w(xr[k * sx1])) * inv;
-      out[k] = store_w<O>(keep[k] ? v : W(0));
+      out[k] = store_w<O>(keep_or_zero(static_cast<W>(load_w(xr[k * sx1])) * inv, keep[k]));
     }
   }
 }
@@ -130,8 +146,7 @@ FASTPEFT_CLONES void accumulate_row(const S* __restrict src, const uint8_t* __re
                                     typename work<T>::type inv, T* __restrict dst) {
   using W = typename work<T>::type;
   for (int64_t k = 0; k < K; ++k) {
-    const W v = static_cast<W>(load_w(src[k])) * inv;
-    dst[k] = store_w<T>(static_cast<W>(load_w(dst[k])) + (keep[k] ? v : W(0)));
+    dst[k] = store_w<T>(static_cast<W>(load_w(dst[k])) + keep_or_zero(static_cast<W>(load_w(src[k])) * inv, keep[k]));
   }
 }
 
@@ -140,8 +155,7 @@ FASTPEFT_CLONES void store_row(const S* __restrict src, const uint8_t* __restric
                                typename work<T>::type inv, T* __restrict dst) {
   using W = typename work<T>::type;
   for (int64_t k = 0; k < K; ++k) {
-    const W v = static_cast<W>(load_w(src[k])) * inv;
-    dst[k] = store_w<T>(keep[k] ? v : W(0));
+    dst[k] = store_w<T>(keep_or_zero(static_cast<W>(load_w(src[k])) * inv, keep[k]));
   }
 }
 

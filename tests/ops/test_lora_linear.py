@@ -199,6 +199,30 @@ def test_seed_controls_the_mask(backend):
     assert torch.equal(y3, run(backend, x, w, b, a, bb, 1.0, 0.5, None))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("special", [float("inf"), float("nan")], ids=["inf", "nan"])
+def test_dropped_inf_and_nan_give_zero(backend, special):
+    """A dropped element is 0 whatever its value (the reference's torch.where): inf / NaN at every dropped
+    position leave the LoRA branch (dA, dB) finite and equal to the reference's; a multiply by the 0/1 mask
+    would make them NaN."""
+    dev = device_of(backend)
+    dtype = torch.float32
+    M, K, N, r, p, seed = 33, 40, 24, 4, 0.3, 11
+    x, w, b, a, bb = (t.detach() for t in make((M,), K, N, r, dtype, dev))
+    keep = dropout_keep_mask(seed, M, K, p, device=dev)
+    assert (~keep).any() and keep.any()
+    x[~keep] = special
+    gy = torch.randn(M, N, dtype=dtype, device=dev)
+    got, want = [], []
+    for fn, out in ((lambda *t: run(backend, *t, 2.0, p, seed), got), (lambda *t: lora_linear_plain(*t, 2.0, p, seed), want)):
+        a1, b1 = a.clone().requires_grad_(), bb.clone().requires_grad_()
+        fn(x, w, b, a1, b1).backward(gy)
+        out += [a1.grad, b1.grad]
+    for g, e, name in zip(got, want, ("dA", "dB")):
+        assert torch.isfinite(g).all(), f"{backend} {name}: a dropped {special} leaked into the LoRA gradient"
+        check(g, e, dtype, f"{backend} {name}")
+
+
 def test_same_seed_same_result_on_every_backend():
     names = [p.values[0] for p in BACKENDS if not p.marks]
     x, w, b, a, bb = (t.detach() for t in make((5, 6), 37, 12, 3, torch.float32))
