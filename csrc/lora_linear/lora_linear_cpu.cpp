@@ -1,5 +1,6 @@
 #include "lora_linear_cpu.h"
 
+#include <algorithm>
 #include <cstring>
 #include <vector>
 
@@ -80,9 +81,59 @@ __attribute__((target("avx2"))) void keep_block_avx2(uint64_t seed, uint32_t row
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), _mm256_and_si256(bytes, _mm256_set1_epi8(1)));
 }
 
-bool cpu_has_avx2() {
-  static const bool has = __builtin_cpu_supports("avx2");
-  return has;
+// gcc 12's avx512fintrin.h shift intrinsics start from _mm512_undefined_epi32 and warn
+// "-Wuninitialized" in their own header (GCC bug 105593); the values are fully written.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+// 16 Philox blocks side by side in AVX-512F registers: keep bytes of 64 columns from 4 * g0.
+__attribute__((target("avx512f"))) inline void mul_hi_lo512(__m512i a, __m512i c, __m512i& hi, __m512i& lo) {
+  const __m512i even = _mm512_mul_epu32(a, c);
+  const __m512i odd = _mm512_mul_epu32(a, _mm512_srli_epi64(c, 32));
+  hi = _mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(even, 32), odd);
+  lo = _mm512_mask_blend_epi32(0xAAAA, even, _mm512_slli_epi64(odd, 32));
+}
+
+__attribute__((target("avx512f"))) void keep_block_avx512(uint64_t seed, uint32_t row, uint32_t stream, uint32_t g0,
+                                                         uint32_t threshold, uint8_t* out) {
+  __m512i c0 = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(g0)),
+                                _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+  __m512i c1 = _mm512_set1_epi32(static_cast<int>(row));
+  __m512i c2 = _mm512_set1_epi32(static_cast<int>(stream));
+  __m512i c3 = _mm512_setzero_si512();
+  const __m512i ma = _mm512_set1_epi32(static_cast<int>(0xD2511F53u));
+  const __m512i mb = _mm512_set1_epi32(static_cast<int>(0xCD9E8D57u));
+  uint32_t k0 = static_cast<uint32_t>(seed & 0xffffffffu), k1 = static_cast<uint32_t>(seed >> 32);
+  for (int round = 0; round < 10; ++round) {
+    __m512i hb, lb, ha, la;
+    mul_hi_lo512(mb, c2, hb, lb);
+    mul_hi_lo512(ma, c0, ha, la);
+    c0 = _mm512_xor_si512(_mm512_xor_si512(hb, c1), _mm512_set1_epi32(static_cast<int>(k0)));
+    c2 = _mm512_xor_si512(_mm512_xor_si512(ha, c3), _mm512_set1_epi32(static_cast<int>(k1)));
+    c1 = lb;
+    c3 = la;
+    k0 += 0x9E3779B9u;
+    k1 += 0xBB67AE85u;
+  }
+  // column 4 i + j is word j of block i: byte j of the 32-bit lane i
+  const __m512i thr = _mm512_set1_epi32(static_cast<int>(threshold));
+  const __mmask16 m0 = _mm512_cmpge_epu32_mask(_mm512_srli_epi32(c0, 8), thr);
+  const __mmask16 m1 = _mm512_cmpge_epu32_mask(_mm512_srli_epi32(c1, 8), thr);
+  const __mmask16 m2 = _mm512_cmpge_epu32_mask(_mm512_srli_epi32(c2, 8), thr);
+  const __mmask16 m3 = _mm512_cmpge_epu32_mask(_mm512_srli_epi32(c3, 8), thr);
+  const __m512i bytes = _mm512_or_si512(
+      _mm512_or_si512(_mm512_maskz_mov_epi32(m0, _mm512_set1_epi32(1)), _mm512_maskz_mov_epi32(m1, _mm512_set1_epi32(1 << 8))),
+      _mm512_or_si512(_mm512_maskz_mov_epi32(m2, _mm512_set1_epi32(1 << 16)),
+                      _mm512_maskz_mov_epi32(m3, _mm512_set1_epi32(1 << 24))));
+  _mm512_storeu_si512(out, bytes);
+}
+
+#pragma GCC diagnostic pop
+
+// The widest path this CPU runs (checked once): 2 AVX-512F, 1 AVX2, 0 scalar.
+int cpu_keep_isa() {
+  static const int isa = __builtin_cpu_supports("avx512f") ? 2 : __builtin_cpu_supports("avx2") ? 1 : 0;
+  return isa;
 }
 #endif
 
@@ -161,12 +212,16 @@ FASTPEFT_CLONES void store_row(const S* __restrict src, const uint8_t* __restric
 
 }  // namespace
 
-void lora_keep_row(uint64_t seed, uint32_t stream, int64_t row, int64_t cols, uint32_t threshold,
-                   uint8_t* keep) {
+void lora_keep_row_isa(int isa, uint64_t seed, uint32_t stream, int64_t row, int64_t cols, uint32_t threshold,
+                       uint8_t* keep) {
   const int64_t groups = (cols + 3) / 4;
+  int64_t g0 = 0;
 #if defined(FASTPEFT_HAVE_AVX2_PATH)
-  if (cpu_has_avx2()) {
-    int64_t g0 = 0;
+  isa = std::min(isa, cpu_keep_isa());
+  if (isa >= 2)
+    for (; (g0 + 2 * kLanes) * 4 <= cols; g0 += 2 * kLanes)
+      keep_block_avx512(seed, static_cast<uint32_t>(row), stream, static_cast<uint32_t>(g0), threshold, keep + g0 * 4);
+  if (isa >= 1) {
     for (; (g0 + kLanes) * 4 <= cols; g0 += kLanes)
       keep_block_avx2(seed, static_cast<uint32_t>(row), stream, static_cast<uint32_t>(g0), threshold, keep + g0 * 4);
     if (g0 < groups) {
@@ -176,15 +231,22 @@ void lora_keep_row(uint64_t seed, uint32_t stream, int64_t row, int64_t cols, ui
     }
     return;
   }
+#else
+  (void)isa;
 #endif
   uint32_t o[4][kLanes];
-  for (int64_t g0 = 0; g0 < groups; g0 += kLanes) {
+  for (; g0 < groups; g0 += kLanes) {
     philox_lanes_scalar(seed, static_cast<uint32_t>(row), stream, static_cast<uint32_t>(g0), o);
     for (int64_t c = g0 * 4; c < cols && c < (g0 + kLanes) * 4; ++c) {
       const int64_t i = (c - g0 * 4) >> 2, j = (c - g0 * 4) & 3;
       keep[c] = (o[j][i] >> 8) >= threshold ? 1 : 0;
     }
   }
+}
+
+void lora_keep_row(uint64_t seed, uint32_t stream, int64_t row, int64_t cols, uint32_t threshold,
+                   uint8_t* keep) {
+  lora_keep_row_isa(2, seed, stream, row, cols, threshold, keep);
 }
 
 template <typename T, typename O>

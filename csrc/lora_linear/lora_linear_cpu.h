@@ -16,6 +16,10 @@ namespace fastpeft {
 // keep[0..cols) (1 = kept) of mask row `row`; same bits as dropout_keep_row.
 void lora_keep_row(uint64_t seed, uint32_t stream, int64_t row, int64_t cols, uint32_t threshold,
                    uint8_t* keep);
+// The same with the vector width capped (for the unit test of every path): isa 2 AVX-512F, 1 AVX2,
+// 0 scalar; a path this CPU (or compiler) lacks falls to the next narrower one.
+void lora_keep_row_isa(int isa, uint64_t seed, uint32_t stream, int64_t row, int64_t cols, uint32_t threshold,
+                       uint8_t* keep);
 
 // For i < rows, k < K:  m = row0 + i,
 //   out[i * K + k] = keep(m, k) ? x[m * sx0 + k * sx1] * inv_keep : 0   (computed in float/double)

@@ -2,6 +2,7 @@
 //   g++ -std=c++17 -O2 -fopenmp csrc/lora_linear/lora_linear_test.cpp csrc/lora_linear/lora_linear_cpu.cpp -o /tmp/t && /tmp/t
 // Checks lora_keep_row against the scalar reference dropout_keep_row (philox.h), and the
 // dropout / masked-accumulate / masked-store kernels against naive loops, on odd sizes and strided input.
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <vector>
@@ -23,7 +24,7 @@ static int failures = 0;
 
 static void test_keep_row() {
   const uint64_t seeds[] = {0ull, 1ull, 123456789ull, 0xDEADBEEFCAFEF00Dull & 0x7fffffffffffffffull};
-  const int64_t cols_list[] = {1, 3, 4, 5, 63, 64, 65, 67, 257, 1031};
+  const int64_t cols_list[] = {1, 3, 4, 5, 31, 32, 33, 63, 64, 65, 67, 127, 128, 129, 257, 1031};
   const double ps[] = {0.0, 0.1, 0.5, 0.9};
   for (uint64_t seed : seeds)
     for (int64_t cols : cols_list)
@@ -35,6 +36,12 @@ static void test_keep_row() {
           lora_keep_row(seed, 3u, row, cols, t, b.data());
           CHECK(a == b, "lora_keep_row != dropout_keep_row (seed %llu cols %lld p %g row %lld)",
                 (unsigned long long)seed, (long long)cols, p, (long long)row);
+          for (int isa = 0; isa <= 2; ++isa) {  // every vector path (the ones this CPU has)
+            std::fill(b.begin(), b.end(), uint8_t(7));
+            lora_keep_row_isa(isa, seed, 3u, row, cols, t, b.data());
+            CHECK(a == b, "lora_keep_row_isa(%d) != dropout_keep_row (seed %llu cols %lld p %g row %lld)", isa,
+                  (unsigned long long)seed, (long long)cols, p, (long long)row);
+          }
         }
 }
 
