@@ -461,7 +461,7 @@ def cases(suite: str, device: torch.device) -> list[Case]:
                             llama_build(size, b, s, 16, p, torch.float32, autocast=torch.bfloat16),
                             {"model": f"llama-{size} (random init)", "batch": b, "seq": s, "r": 16, "dropout": p,
                              "dtype": "float32", "autocast": "bfloat16"},
-                            _autocast_targets(gpu, suite), ours=ours, warmup=1,
+                            _autocast_targets(gpu, suite, "fastpeft_patched"), ours=ours, warmup=1,
                             budget_s=15.0))
     return out
 
@@ -489,11 +489,16 @@ def _llama_targets(gpu: bool, suite: str, size: str, p: float) -> list:
     return out
 
 
-def _autocast_targets(gpu: bool, suite: str) -> list:
-    """Issue 21: under CPU bf16 autocast, fastpeft keeps its fp32 lead over HF PEFT (>= 1.4x)."""
+def _autocast_targets(gpu: bool, suite: str, variant: str = "fastpeft") -> list:
+    """Issue 21: under CPU bf16 autocast, fastpeft keeps its fp32 lead over HF PEFT (>= 1.4x).
+    ``variant`` is the fastpeft model judged: on the Llama cases ``fastpeft_patched``, the decoder
+    path the trainer and ``fastpeft finetune --task causal_lm`` run by default (the unpatched
+    model's frozen eager part alone takes about 0.7x HF PEFT's step there, so no LoRA kernel can
+    reach 1.4x without it); the unpatched ``fastpeft`` variant is still measured beside it."""
     if gpu or suite == "smoke":
         return []
-    return [Target("≥1.4× HF steps/s (same bf16 autocast)", "fastpeft", "hf_peft", 1 / 1.4, source=ISSUE21)]
+    label = "patched " if variant == "fastpeft_patched" else ""
+    return [Target(f"{label}≥1.4× HF steps/s (same bf16 autocast)", variant, "hf_peft", 1 / 1.4, source=ISSUE21)]
 
 
 def _nf4_targets(gpu: bool, suite: str, unit: str) -> list:
