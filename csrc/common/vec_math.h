@@ -60,6 +60,16 @@ inline float select(bool c, float a, float b) {
   std::memcpy(&f, &r, sizeof f);
   return f;
 }
+inline double select(bool c, double a, double b) {
+  uint64_t ua, ub;
+  std::memcpy(&ua, &a, sizeof ua);
+  std::memcpy(&ub, &b, sizeof ub);
+  const uint64_t m = 0ull - static_cast<uint64_t>(c);
+  const uint64_t r = (ua & m) | (ub & ~m);
+  double f;
+  std::memcpy(&f, &r, sizeof f);
+  return f;
+}
 
 // e^x in float32, branch-free (vectorisable); exp(x > 88.72) = inf, exp(x < -87.33) = 0
 // (PyTorch gives a subnormal there: an absolute difference below 1.2e-38), NaN stays NaN.

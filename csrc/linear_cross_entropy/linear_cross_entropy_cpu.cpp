@@ -24,15 +24,37 @@ FASTPEFT_SIMD_CLONES A row(A* __restrict x, int64_t V, int64_t y, A eps, A cap, 
 #pragma omp simd
     for (int64_t j = 0; j < V; ++j) x[j] = cap * vm::tanh(x[j] * inv);
   }
+  // max and Σz over kLanes independent partials (the vector lanes), combined at the end: one running
+  // max / sum is a serial dependency chain, and std::max is a branch to GCC (-ftrapping-math), which
+  // kept this pass scalar at a third of the row's time.  NaN is never the max (as with std::max); a NaN
+  // logit still makes the loss NaN through Σ exp.
+  constexpr int kLanes = 16;
+  A mv[kLanes], sv[kLanes];
+  for (int l = 0; l < kLanes; ++l) {
+    mv[l] = -std::numeric_limits<A>::infinity();
+    sv[l] = A(0);
+  }
+  int64_t j0 = 0;
+  for (; j0 + kLanes <= V; j0 += kLanes) {
+#pragma omp simd
+    for (int l = 0; l < kLanes; ++l) {
+      const A v = x[j0 + l];
+      mv[l] = vm::select(v > mv[l], v, mv[l]);
+      sv[l] += v;
+    }
+  }
+  for (int l = 0; j0 + l < V; ++l) {
+    const A v = x[j0 + l];
+    mv[l] = vm::select(v > mv[l], v, mv[l]);
+    sv[l] += v;
+  }
+  A m = mv[0], sum_z = sv[0];
+  for (int l = 1; l < kLanes; ++l) {
+    m = std::max(m, mv[l]);
+    sum_z += sv[l];
+  }
   // float partial sums in the vector lanes (omp simd reductions): exp(z - m) <= 1, so Σ <= V; the double
   // kernel sums in double
-  A m = -std::numeric_limits<A>::infinity();
-  A sum_z = A(0);
-#pragma omp simd reduction(max : m) reduction(+ : sum_z)
-  for (int64_t j = 0; j < V; ++j) {
-    m = std::max(m, x[j]);
-    sum_z += x[j];
-  }
   const A zy = x[y];
   A s = A(0);
   if (capped) {
