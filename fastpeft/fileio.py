@@ -96,6 +96,7 @@ def atomic_dir(path: str) -> Iterator[str]:
     under ``path``, except between the two renames, where the old one is still on disk).  On an exception
     the temporary directory is removed and ``path`` is untouched."""
     parent = _parent(path)
+    restore_parked_dir(path)   # a process killed between the two renames left only the parked one
     tmp = tempfile.mkdtemp(prefix=_tmp_prefix(path), suffix=TMP_SUFFIX, dir=parent)
     try:
         yield tmp
@@ -117,6 +118,41 @@ def atomic_dir(path: str) -> Iterator[str]:
         raise
 
 
+def _parked_target(entry: str) -> Optional[str]:
+    """The directory name a parked ``.<name>.<random>.old`` entry of :func:`atomic_dir` was, or None."""
+    if not (entry.startswith(".") and entry.endswith(OLD_SUFFIX)):
+        return None
+    name, sep, _ = entry[1:-len(OLD_SUFFIX)].rpartition(".")
+    return name if sep and name else None
+
+
+def restore_parked_dir(path: str) -> bool:
+    """Put back the directory :func:`atomic_dir` parked for ``path`` when ``path`` itself is missing:
+    what a process killed between parking the old directory and renaming the new one in leaves
+    (the old, complete directory under a hidden ``.old`` name).  Returns whether one was restored;
+    with several parked copies the newest is restored."""
+    if os.path.lexists(path):
+        return False
+    parent = os.path.dirname(os.path.abspath(path))
+    name = os.path.basename(os.path.normpath(path))
+    if not os.path.isdir(parent):
+        return False
+    parked = [os.path.join(parent, e) for e in os.listdir(parent) if _parked_target(e) == name]
+    parked = [p for p in parked if os.path.isdir(p) and not os.path.islink(p)]
+    if not parked:
+        return False
+    os.replace(max(parked, key=os.path.getmtime), path)
+    return True
+
+
+def restore_parked_dirs(directory: str) -> list[str]:
+    """:func:`restore_parked_dir` for every parked directory in ``directory``; returns the restored paths."""
+    if not os.path.isdir(directory):
+        return []
+    targets = {t for t in map(_parked_target, os.listdir(directory)) if t is not None}
+    return [p for p in (os.path.join(directory, t) for t in sorted(targets)) if restore_parked_dir(p)]
+
+
 def stale_temporaries(directory: str, name: Optional[str] = None) -> list[str]:
     """Paths of temporary files/directories that :func:`atomic_write` / :func:`atomic_dir` left in
     ``directory`` (only those made for ``name`` when given): what a killed process leaves behind."""
@@ -128,4 +164,5 @@ def stale_temporaries(directory: str, name: Optional[str] = None) -> list[str]:
 
 
 __all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "atomic_dir", "write_json_atomic",
-           "json_default", "stale_temporaries"]
+           "json_default", "stale_temporaries", "restore_parked_dir",
+           "restore_parked_dirs"]

@@ -24,7 +24,7 @@ import shutil
 
 import torch
 
-from ..fileio import atomic_dir, atomic_write, stale_temporaries  # noqa: F401  (re-exported: ckpt.atomic_write)
+from ..fileio import atomic_dir, atomic_write, restore_parked_dirs, stale_temporaries  # noqa: F401  (re-exported: ckpt.atomic_write)
 
 STATE_JSON = "state.json"
 STATE_TENSORS = "state.safetensors"
@@ -195,7 +195,10 @@ def clear_run(output_dir: str) -> None:
 
 def remove_stale_temporaries(directory: str) -> list[str]:
     """Delete the hidden temporary files / directories a killed writer left in ``directory`` (see
-    :func:`fastpeft.fileio.stale_temporaries`); returns what was removed."""
+    :func:`fastpeft.fileio.stale_temporaries`); returns what was removed.  A parked old directory
+    whose own directory is missing (a kill between :func:`atomic_dir`'s two renames) is put back
+    under its name instead of deleted."""
+    restore_parked_dirs(directory)
     removed = stale_temporaries(directory)
     for p in removed:
         if os.path.isdir(p) and not os.path.islink(p):

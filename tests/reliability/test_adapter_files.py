@@ -5,6 +5,8 @@ must upload the adapter and never the base model."""
 import copy
 import json
 import os
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -53,6 +55,50 @@ def test_a_failed_save_leaves_the_previous_adapter_whole(tmp_path, monkeypatch):
     x = inputs_for("bert")
     with torch.no_grad():
         torch.testing.assert_close(run(loaded, x), run(new.eval(), x))
+
+
+_KILLED_BETWEEN_RENAMES = """
+import os, sys
+sys.path.insert(0, {root!r})
+from tests.reliability.test_adapter_files import _model
+real = os.replace
+def replace(src, dst):
+    if os.path.abspath(dst) == {path!r} and os.path.isdir(src) and str(src).endswith(".tmp"):
+        # the new directory's rename: the old one is parked by now
+        os._exit(9)
+    real(src, dst)
+os.replace = replace
+_model(r=4).save_pretrained({path!r})
+"""
+
+
+def _save_killed_between_the_renames(d):
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    r = subprocess.run([sys.executable, "-c", _KILLED_BETWEEN_RENAMES.format(root=root, path=str(d))],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 9, r.stderr
+    assert not d.exists()   # what the kill leaves: the old adapter parked under a hidden name only
+    assert any(e.endswith(".old") for e in os.listdir(d.parent))
+
+
+def test_a_kill_between_the_two_renames_loses_nothing(tmp_path):
+    """save_pretrained parks the old directory, then renames the new one in; a kill between the two
+    used to leave no adapter directory, and the next training start deleted the parked copy."""
+    from fastpeft.workflow.checkpointing import remove_stale_temporaries
+
+    d = tmp_path / "adapter"
+    _model().save_pretrained(d)
+    (d / "tokenizer.json").write_text("{}")
+    before = {n: (d / n).read_bytes() for n in os.listdir(d)}
+    _save_killed_between_the_renames(d)
+    remove_stale_temporaries(str(tmp_path))   # what the trainer runs at its start
+    assert sorted(os.listdir(tmp_path)) == ["adapter"]
+    assert {n: (d / n).read_bytes() for n in os.listdir(d)} == before
+    _save_killed_between_the_renames(d)
+    _model(r=4).save_pretrained(d)            # the next save puts the parked one back first
+    assert json.loads((d / "adapter_config.json").read_text())["r"] == 4
+    assert (d / "tokenizer.json").read_text() == "{}"   # someone else's file survives
+    assert not [e for e in os.listdir(tmp_path) if e.endswith(".old")]
 
 
 def test_save_keeps_other_adapters_and_drops_a_stale_pickle(tmp_path):
