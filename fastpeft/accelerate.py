@@ -37,6 +37,7 @@ from typing import Optional
 import torch.nn as nn
 
 from ._optional import peft_lora_linear_cls
+from .tuners.lora_quant import AUTOCAST_REASON as QUANT_AUTOCAST_REASON
 from .tuners.lora_quant import quant_call_reason, switch_peft_quant_layer
 from .ops.lora_linear.layer import (base_layer_reason, call_counts, call_reason, forget_autocast_copies,
                                     lora_forward, reset_call_counts)
@@ -195,6 +196,9 @@ def accelerate(peft_model: nn.Module) -> AccelerateSummary:
                 skipped[quant] += 1
                 continue
             summary.patched += 1
+            quant_call_time = f"on a 4-bit base: {QUANT_AUTOCAST_REASON}"
+            if quant_call_time not in summary.call_time:
+                summary.call_time += (quant_call_time,)
             reason = quant_call_reason(m)
             if reason is None:
                 summary.accelerated += 1

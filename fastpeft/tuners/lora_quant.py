@@ -166,6 +166,11 @@ def new_quant_layer(name: str, target: nn.Module, adapter_name: str, r: int, alp
 
 
 # -- the forward rule -----------------------------------------------------------------------
+# the one call-time condition under which a switched 4-bit layer takes PEFT's forward (accelerate's summary
+# names it whenever it switched a 4-bit layer)
+AUTOCAST_REASON = "torch.autocast (bitsandbytes computes in the layer's compute_dtype)"
+
+
 def quant_call_reason(layer, x: Optional[torch.Tensor] = None, args=(), kwargs=None) -> Optional[str]:
     """Why this call of a LoRA layer on a bitsandbytes base cannot run :func:`fastpeft.ops.lora_linear_4bit`
     (None: it can).  The same state rules as ``fastpeft.ops.lora_linear.layer.call_reason``, then the base."""
@@ -183,7 +188,7 @@ def quant_call_reason(layer, x: Optional[torch.Tensor] = None, args=(), kwargs=N
     if getattr(base.weight, "packing_format_for_cpu", False):
         return "bitsandbytes repacked the weight for its CPU kernel"
     if x is not None and autocast_dtype(x) is not None:
-        return "torch.autocast (bitsandbytes computes in the layer's compute_dtype)"
+        return AUTOCAST_REASON
     A, B = layer.lora_A[a].weight, layer.lora_B[a].weight
     cd = _compute_dtype(base, x)
     if A.dtype != B.dtype or A.dtype not in (torch.float32, cd):

@@ -107,6 +107,13 @@ def test_accelerate_switches_hf_peft_4bit_layers(bert_dir):
     ref = hf(input_ids=ids).logits.detach()
     summary = fastpeft.accelerate(hf)
     assert summary.patched == 8 and summary.accelerated == 8, str(summary)
+    # what still falls back is said: a 4-bit layer under autocast takes PEFT's forward
+    assert "on a 4-bit base: torch.autocast" in str(summary), str(summary)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        fastpeft.reset_fusion_report(hf)
+        hf(input_ids=ids)
+        report = fastpeft.fusion_report(hf)
+    assert report.fused_calls == 0 and "torch.autocast" in str(report.fallbacks()), str(report)
     fastpeft.reset_fusion_report(hf)
     out = hf(input_ids=ids).logits
     assert fastpeft.fusion_report(hf).fused_calls == 8
