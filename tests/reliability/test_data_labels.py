@@ -3,6 +3,7 @@ refused; ``1`` and ``1.0`` are one class (one documented rule: numeric labels no
 negative is an error; a file that is not UTF-8 is named with its line; random bytes and random labels
 never get past the readers as anything but a DataError (property-based)."""
 import json
+import re
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -24,6 +25,21 @@ def test_one_class_training_data_is_refused(tmp_path):
     recs = task.read(_tsv(tmp_path / "t.tsv", [("1", "good"), ("1.0", "fine"), (" 1", "great")]), {})
     with pytest.raises(DataError, match=r"t.tsv: every training example has the label '1'.*at least two"):
         task.fit_labels(recs)
+
+
+@pytest.mark.parametrize("task_name,one,other", [
+    ("image_classification", "cat", "dog"),
+    # one directed relation: its reverse direction is added as a class, but the data still has one class
+    ("relation_extraction", "Cause-Effect(e1,e2)", "Other"),
+])
+def test_one_class_training_data_is_refused_by_every_classification_task(task_name, one, other):
+    task = get_task(task_name)
+    recs = [{"label": one, "_source": "train.data", "_line": i + 1} for i in range(3)]
+    with pytest.raises(DataError, match=re.escape(f"train.data: every training example has the label {one!r}")):
+        task.fit_labels(recs)
+    with pytest.raises(DataError, match="no labelled training examples"):
+        task.fit_labels([])
+    assert set(task.fit_labels(recs + [{"label": other, "_source": "train.data", "_line": 4}])) >= {one, other}
 
 
 def test_one_class_training_data_fails_the_cli_in_one_line(tmp_path, tiny_model_dir, capsys):

@@ -7,7 +7,7 @@ from typing import Iterator, Sequence
 import torch
 
 from ..config_checks import DATA_KEYS, FILE_KEYS
-from ..data import PaddingCollator, from_hf_dataset, read_table
+from ..data import DataError, PaddingCollator, from_hf_dataset, read_table
 
 #: name or alias -> task class
 TASKS: dict[str, type] = {}
@@ -149,6 +149,19 @@ def class_names(dataset, column):
     feat = feat.get(column) if hasattr(feat, "get") else None
     feat = getattr(feat, "feature", feat)
     return list(getattr(feat, "names", None) or []) or None
+
+
+def require_two_classes(labels, records) -> None:
+    """Refuse training data with fewer than two distinct ``labels`` (a classifier over one class learns
+    nothing and predicts it everywhere: usually a wrong label column or a filtered file), naming the
+    records' source."""
+    labels = sorted(labels)
+    if len(labels) >= 2:
+        return
+    src = records[0].get("_source", "training data") if records else "training data"
+    raise DataError(f"{src}: every training example has the label {labels[0]!r}: classification needs at "
+                    f"least two classes (wrong label column, or a filtered file?)" if labels else
+                    f"{src}: no labelled training examples")
 
 
 def source_name(path) -> str:

@@ -20,7 +20,7 @@ import torch
 
 from .. import metrics as M
 from ..data import DataError, EncodedDataset
-from .base import Task, register_task
+from .base import Task, register_task, require_two_classes
 from .image_models import (ImagePreprocessor, adaptable_layers, adapter_sites, load_image_model,
                            read_image_config)
 
@@ -193,6 +193,7 @@ class ImageClassification(Task):
 
     def fit_labels(self, records) -> list[str]:
         labels = sorted({r["label"] for r in records})
+        require_two_classes(labels, records)
         try:
             labels = sorted(labels, key=float)
         except ValueError:

@@ -24,7 +24,7 @@ import torch.nn as nn
 
 from .. import metrics as M
 from ..data import DataError, EncodedDataset, from_hf_dataset
-from .base import Task, register_task, source_name
+from .base import Task, register_task, require_two_classes, source_name
 
 MARKERS = ("<e1>", "</e1>", "<e2>", "</e2>")
 OTHER = "Other"
@@ -324,6 +324,7 @@ class RelationExtraction(Task):
         """The training labels, each directed one in both directions (``T(e1,e2)`` brings ``T(e2,e1)``: a
         rare direction missing from the training data is still a class), ``Other`` first."""
         labels = {r["label"] for r in records}
+        require_two_classes(labels, records)   # before the directions: one relation is still one class
         for l in list(labels):
             m = re.fullmatch(r"(.+)\((e[12]),(e[12])\)", l)
             if m and m.group(2) != m.group(3):

@@ -12,7 +12,7 @@ import torch
 
 from .. import metrics as M
 from ..data import DataError, EncodedDataset
-from .base import Task, read_rows, register_task, source_name
+from .base import Task, read_rows, register_task, require_two_classes, source_name
 
 
 @register_task
@@ -53,11 +53,7 @@ class SequenceClassification(Task):
 
     def fit_labels(self, records) -> list[str]:
         labels = sorted({r["label"] for r in records})
-        if len(labels) < 2:
-            src = records[0].get("_source", "training data") if records else "training data"
-            raise DataError(f"{src}: every training example has the label {labels[0]!r}: classification needs at "
-                            f"least two classes (wrong label column, or a filtered file?)" if labels else
-                            f"{src}: no labelled training examples")
+        require_two_classes(labels, records)
         try:  # numeric labels in numeric order ("2" before "10")
             labels = sorted(labels, key=float)
         except ValueError:
