@@ -174,17 +174,18 @@ def test_generate_unchanged(family):
 
 
 # -- what patching changes and does not --------------------------------------------------------
-@pytest.mark.parametrize("family", ["llama", "gemma2"])
+@pytest.mark.parametrize("family", FAMS)
 def test_state_dict_and_saved_adapter_unchanged_and_loadable_in_hf_peft(family, tmp_path):
     peft = pytest.importorskip("peft")
     from safetensors.torch import load_file
 
     model = lora(tiny_model(family), "fastpeft")
     keys = list(model.state_dict())
+    names = [n for n, _ in model.named_parameters()]
     model.save_pretrained(tmp_path / "before")
     fastpeft.patch_model(model)
     assert list(model.state_dict()) == keys
-    assert [n for n, _ in model.named_parameters()] == [n for n, _ in model.named_parameters()]
+    assert [n for n, _ in model.named_parameters()] == names
     model.save_pretrained(tmp_path / "after")
     a, b = load_file(tmp_path / "before" / "adapter_model.safetensors"), load_file(tmp_path / "after" / "adapter_model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
