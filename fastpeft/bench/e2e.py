@@ -493,8 +493,9 @@ def _autocast_targets(gpu: bool, suite: str, variant: str = "fastpeft") -> list:
     """Issue 21: under CPU bf16 autocast, fastpeft keeps its fp32 lead over HF PEFT (>= 1.4x).
     ``variant`` is the fastpeft model judged: on the Llama cases ``fastpeft_patched``, the decoder
     path the trainer and ``fastpeft finetune --task causal_lm`` run by default (the unpatched
-    model's frozen eager part alone takes about 0.7x HF PEFT's step there, so no LoRA kernel can
-    reach 1.4x without it); the unpatched ``fastpeft`` variant is still measured beside it."""
+    model's frozen eager step alone takes 0.6-0.7x HF PEFT's step there, which leaves the whole
+    LoRA part at most a fifth of the frozen step); the unpatched ``fastpeft`` variant is still
+    measured beside it."""
     if gpu or suite == "smoke":
         return []
     label = "patched " if variant == "fastpeft_patched" else ""
