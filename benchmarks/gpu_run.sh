@@ -21,8 +21,9 @@
 #   GPU_TEST_WORKERS=8     pytest-xdist processes for the GPU tests (when xdist is installed)
 #   FASTPEFT_TRITON_AUTOTUNE  configs the benchmark autotunes over: quick (default here), full, off;
 #                          the GPU tests always run with off (see README "Backends")
-#   WHEELS_DIR=benchmarks/wheels  pure-Python wheels to install offline first (--no-deps), e.g. liger-kernel,
-#                          the GPU peer of the decoder ops; the device image has none (git-ignored: carry it)
+#   WHEELS_DIR=benchmarks/wheels  wheels to install offline first (--no-deps): liger-kernel (the GPU peer of
+#                          the decoder ops) and bitsandbytes (the QLoRA tests and nf4 cases skip without it);
+#                          the device image has neither (git-ignored, 44 MB for both: carry it)
 #   FASTPEFT_GIT_COMMIT    the commit to record in the JSON (a copied working tree may hold a stale .git)
 #
 # Measured on the first H200 run (2026-12-04): build 27 s (MAX_JOBS=16), GPU tests 106 s with 8 xdist
