@@ -18,6 +18,7 @@ from .bottleneck_adapter import bottleneck_adapter
 from .lora_linear import lora_linear
 from .lora_linear_multi import lora_embedding_multi, lora_linear_multi
 from .lora_linear_4bit import lora_linear_4bit
+from .lora_linear_8bit import lora_linear_8bit
 from .adv_perturb_update import adv_perturb_init, adv_perturb_update
 from .grad_tail import grad_tail, grad_tail_, grad_tail_apply_
 from .rms_norm import rms_norm

@@ -85,3 +85,28 @@ def check_lora_scale_dropout(scale, dropout_p, seed) -> tuple:
         return scale, dropout_p, check_seed(seed)
     except (TypeError, ValueError) as e:
         raise type(e)(f"seed: {e}") from None
+
+
+def check_lora_factors(x: torch.Tensor, N: int, n_from: str, bias, lora_A, lora_B) -> int:
+    """The bias and LoRA factors of a fused LoRA layer over a frozen [N, K] weight, ``K = x.shape[-1]``:
+    bias [N] in x's dtype or None, lora_A [r, K] and lora_B [N, r] in x's dtype or float32 (both alike).
+    ``n_from`` names where N comes from (e.g. "quant_state.shape[0]").  Returns r; errors name the argument."""
+    K = x.shape[-1]
+    check_tensor("bias", bias, ndim=(1,), allow_none=True)
+    check_tensor("lora_A", lora_A, ndim=(2,))
+    check_tensor("lora_B", lora_B, ndim=(2,))
+    if bias is not None and bias.shape[0] != N:
+        raise ValueError(f"bias: expected shape [{N}] (N = {n_from}), got {tuple(bias.shape)}")
+    if bias is not None and bias.dtype != x.dtype:
+        raise TypeError(f"bias: expected dtype {x.dtype} (the dtype of x), got {bias.dtype}")
+    r = lora_A.shape[0]
+    if r < 1 or lora_A.shape[1] != K:
+        raise ValueError(f"lora_A: expected shape [r, {K}] with r >= 1 (K = x.shape[-1]), got {tuple(lora_A.shape)}")
+    if tuple(lora_B.shape) != (N, r):
+        raise ValueError(f"lora_B: expected shape [{N}, {r}] (N = {n_from}, r = lora_A.shape[0]), "
+                         f"got {tuple(lora_B.shape)}")
+    if lora_A.dtype not in (x.dtype, torch.float32):
+        raise TypeError(f"lora_A: expected dtype {x.dtype} (the dtype of x) or float32, got {lora_A.dtype}")
+    if lora_B.dtype != lora_A.dtype:
+        raise TypeError(f"lora_B: expected dtype {lora_A.dtype} (the dtype of lora_A), got {lora_B.dtype}")
+    return r

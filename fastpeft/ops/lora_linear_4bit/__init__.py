@@ -37,7 +37,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from ...backends import define_op
-from .._checks import check_lora_scale_dropout, check_same_device, check_tensor
+from .._checks import check_lora_factors, check_lora_scale_dropout, check_same_device, check_tensor
 from .._register import compiled_op, random_tensors, register_backend, triton_op
 from .reference import CODES, code_table, dequantize_4bit_torch, lora_linear_4bit_reference, quantize_4bit_torch
 
@@ -132,23 +132,7 @@ def _check_args(x, qweight, qs: Quant4bit, bias, lora_A, lora_B, scale, dropout_
         raise ValueError(f"quant_state.absmax: expected {-(-N * K // bs)} blocks of {bs}, got {qs.absmax.numel()}")
     if qs.code.numel() != 16:
         raise ValueError(f"quant_state.code: expected a [16] code table, got {tuple(qs.code.shape)}")
-    check_tensor("bias", bias, ndim=(1,), allow_none=True)
-    check_tensor("lora_A", lora_A, ndim=(2,))
-    check_tensor("lora_B", lora_B, ndim=(2,))
-    if bias is not None and bias.shape[0] != N:
-        raise ValueError(f"bias: expected shape [{N}] (N = quant_state.shape[0]), got {tuple(bias.shape)}")
-    if bias is not None and bias.dtype != x.dtype:
-        raise TypeError(f"bias: expected dtype {x.dtype} (the dtype of x), got {bias.dtype}")
-    r = lora_A.shape[0]
-    if r < 1 or lora_A.shape[1] != K:
-        raise ValueError(f"lora_A: expected shape [r, {K}] with r >= 1 (K = x.shape[-1]), got {tuple(lora_A.shape)}")
-    if tuple(lora_B.shape) != (N, r):
-        raise ValueError(f"lora_B: expected shape [{N}, {r}] (N = quant_state.shape[0], r = lora_A.shape[0]), "
-                         f"got {tuple(lora_B.shape)}")
-    if lora_A.dtype not in (x.dtype, torch.float32):
-        raise TypeError(f"lora_A: expected dtype {x.dtype} (the dtype of x) or float32, got {lora_A.dtype}")
-    if lora_B.dtype != lora_A.dtype:
-        raise TypeError(f"lora_B: expected dtype {lora_A.dtype} (the dtype of lora_A), got {lora_B.dtype}")
+    check_lora_factors(x, N, "quant_state.shape[0]", bias, lora_A, lora_B)
     check_same_device("x", x, qweight=qweight, absmax=qs.absmax, code=qs.code, bias=bias, lora_A=lora_A,
                       lora_B=lora_B)
     return check_lora_scale_dropout(scale, dropout_p, seed)
