@@ -102,8 +102,10 @@ def _shrink_kernel(x_ptr, a_ptr, u_ptr, M, K, R, stride_xm, stride_xk, stride_ar
              mask=(rm[:, None] < M) & (rr[None, :] < R))
 
 
+# restore_value: dX is added into in place; the autotuner's timed runs of each config on the caller's dX
+# would otherwise add G A into it once per run (tests/ops/test_triton_autotune.py)
 @triton.autotune(configs=_configs(_TILE_TILES, _TILE_TILES_WIDE), key=["M_KEY", "K", "R_PAD", "HAS_DROPOUT"],
-                 prune_configs_by={"early_config_prune": _prune_configs})
+                 prune_configs_by={"early_config_prune": _prune_configs}, restore_value=["dx_ptr"])
 @triton.jit(do_not_specialize=["seed_lo", "seed_hi", "M_KEY"])
 def _dx_lora_kernel(g_ptr, a_ptr, dx_ptr, M, K, R, stride_ar, stride_ak, seed_lo, seed_hi, threshold, inv_keep,
                     M_KEY, HAS_DROPOUT: tl.constexpr, R_PAD: tl.constexpr, PRECISION: tl.constexpr,

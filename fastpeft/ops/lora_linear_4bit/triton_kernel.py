@@ -41,7 +41,10 @@ def _prune(configs, named_args, **kwargs):
     return autotune_configs(list(configs))
 
 
-@triton.autotune(configs=_mm_configs(), key=["M_KEY", "P", "Q", "NT"], prune_configs_by={"early_config_prune": _prune})
+# restore_value: C is added into in place; the autotuner's timed runs of each config on the caller's C
+# would otherwise add the product into it once per run (tests/ops/test_triton_autotune.py)
+@triton.autotune(configs=_mm_configs(), key=["M_KEY", "P", "Q", "NT"], prune_configs_by={"early_config_prune": _prune},
+                 restore_value=["c_ptr"])
 @triton.jit(do_not_specialize=["M_KEY"])
 def _dequant_mm_kernel(a_ptr, q_ptr, absmax_ptr, code_ptr, c_ptr, M, P, Q, K, blocksize, stride_am, stride_aq, M_KEY,
                        NT: tl.constexpr, PRECISION: tl.constexpr,
