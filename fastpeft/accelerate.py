@@ -8,8 +8,9 @@ the layer's state allows it and PEFT's own ``forward`` otherwise.  No parameter,
 buffer or attribute is added or renamed, so ``state_dict`` keys and
 ``save_pretrained`` output are unchanged; ``restore`` swaps the original class back.
 
-HF PEFT's ``lora.bnb.Linear4bit`` layers (QLoRA) are switched the same way to
-:func:`fastpeft.ops.lora_linear_4bit` (:mod:`fastpeft.tuners.lora_quant`); ``Linear8bitLt`` keeps PEFT's forward.
+HF PEFT's ``lora.bnb.Linear4bit`` and ``Linear8bitLt`` layers (QLoRA) are switched the same way to
+:func:`fastpeft.ops.lora_linear_4bit` / :func:`fastpeft.ops.lora_linear_8bit` (:mod:`fastpeft.tuners.lora_quant`;
+an 8-bit layer runs fused only where bitsandbytes computes with the dequantised weight: training mode on a CPU).
 Otherwise the fused path is taken at a call only when the layer's base layer is a plain ``nn.Linear`` or
 transformers ``Conv1D`` and the call and the layer's state allow it (one active,
 unmerged, enabled vanilla adapter; dtypes the op pairs, or ``torch.autocast`` in fp16 / bf16): the
@@ -38,6 +39,7 @@ import torch.nn as nn
 
 from ._optional import peft_lora_linear_cls
 from .tuners.lora_quant import AUTOCAST_REASON as QUANT_AUTOCAST_REASON
+from .tuners.lora_quant import INT8_ACTIVATIONS_REASON, quant_kind
 from .tuners.lora_quant import quant_call_reason, switch_peft_quant_layer
 from .ops.lora_linear.layer import (base_layer_reason, call_counts, call_reason, forget_autocast_copies,
                                     lora_forward, reset_call_counts)
@@ -171,6 +173,14 @@ def _is_fastpeft_model(model) -> bool:
     return isinstance(model, PeftModel)
 
 
+def _quant_call_time(m) -> tuple:
+    """The call-time conditions under which switched bitsandbytes layer ``m`` takes PEFT's forward."""
+    if quant_kind(getattr(m, "base_layer", None)) == "4bit":
+        return (f"on a 4-bit base: {QUANT_AUTOCAST_REASON}",)
+    return (f"on an 8-bit base: {QUANT_AUTOCAST_REASON}",
+            INT8_ACTIVATIONS_REASON.format(where="in eval mode or on CUDA"))
+
+
 def accelerate(peft_model: nn.Module) -> AccelerateSummary:
     """Switch the supported LoRA Linear / Conv1D layers of an HF PEFT model to the fused op,
     in place.  Returns an :class:`AccelerateSummary` (``print`` it for a readable report)."""
@@ -196,9 +206,9 @@ def accelerate(peft_model: nn.Module) -> AccelerateSummary:
                 skipped[quant] += 1
                 continue
             summary.patched += 1
-            quant_call_time = f"on a 4-bit base: {QUANT_AUTOCAST_REASON}"
-            if quant_call_time not in summary.call_time:
-                summary.call_time += (quant_call_time,)
+            for quant_call_time in _quant_call_time(m):
+                if quant_call_time not in summary.call_time:
+                    summary.call_time += (quant_call_time,)
             reason = quant_call_reason(m)
             if reason is None:
                 summary.accelerated += 1

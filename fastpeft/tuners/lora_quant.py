@@ -6,12 +6,16 @@ quantisation or not, any blocksize) and ``Linear8bitLt``.
   [r, in_features], ``lora_B.<name>.weight`` [out_features, r]; in/out features come from the layer, not
   from the packed ``Params4bit`` shape).  The LoRA weights stay in full precision (fp32 by default).
   With exactly one active, unmerged, enabled vanilla adapter a 4-bit layer runs the fused op
-  :func:`fastpeft.ops.lora_linear_4bit` (dequantisation inside the GEMMs, Philox dropout); otherwise,
-  and for 8-bit layers, HF PEFT's forward: bitsandbytes' layer plus the LoRA branch.
+  :func:`fastpeft.ops.lora_linear_4bit` (dequantisation inside the GEMMs, Philox dropout), and an 8-bit
+  layer runs :func:`fastpeft.ops.lora_linear_8bit` wherever bitsandbytes itself computes with the
+  dequantised weight (training mode on a CPU / XPU: ``MatMul8bitFp``); otherwise, HF PEFT's forward:
+  bitsandbytes' layer plus the LoRA branch.  An 8-bit layer in eval mode or on CUDA keeps it because
+  bitsandbytes' LLM.int8() forward (``MatMul8bitLt``) also quantises the activations, which the fused op,
+  a weight-only dequantisation, would not reproduce.
 * merge / unmerge dequantise the base weight, add / subtract ``s · B A`` and quantise again, warning
   about rounding exactly as HF PEFT does.
 * :func:`switch_peft_quant_layer` -- :func:`fastpeft.accelerate`'s switch of HF PEFT's
-  ``lora.bnb.Linear4bit`` layers to the fused op (a class swap, as for ``lora.Linear``).
+  ``lora.bnb.Linear4bit`` / ``Linear8bitLt`` layers to the fused ops (a class swap, as for ``lora.Linear``).
 * :func:`prepare_model_for_kbit_training` -- HF PEFT's function of that name, same semantics.
 
 bitsandbytes is imported only here, only when a model holds its layers (``fastpeft._optional``).
@@ -137,9 +141,8 @@ class Linear8bitLt(_QuantLinear):
     _bits = "8-bit"
 
     def dequantized_weight(self) -> torch.Tensor:
-        w, state = self.base_layer.weight, self.base_layer.state
-        scb = w.SCB if getattr(w, "SCB", None) is not None else state.SCB
-        return w.data.float() * (scb.float().view(-1, 1) / 127.0)
+        cb, scb = int8_state(self.base_layer)
+        return cb.float() * (scb.float().view(-1, 1) / 127.0)
 
     def _set_weight(self, new: torch.Tensor) -> None:
         bnb = require_bnb("merging LoRA into an 8-bit layer")
@@ -149,6 +152,15 @@ class Linear8bitLt(_QuantLinear):
         self.base_layer.state.reset_grads()
         self.base_layer.state.SCB = None
         self.base_layer.state.CB = None
+
+
+def int8_state(base: nn.Module):
+    """``(CB int8 [out, in], SCB fp32 [out])`` of a quantised ``Linear8bitLt`` (``state`` once a forward
+    has moved them there, else the weight's), or ``(None, None)`` when it is not quantised."""
+    state, w = base.state, base.weight
+    cb = state.CB if state.CB is not None else (w.data if w.dtype == torch.int8 else None)
+    scb = state.SCB if state.SCB is not None else getattr(w, "SCB", None)
+    return (cb, scb) if cb is not None and scb is not None else (None, None)
 
 
 def new_quant_layer(name: str, target: nn.Module, adapter_name: str, r: int, alpha: float,
@@ -166,27 +178,50 @@ def new_quant_layer(name: str, target: nn.Module, adapter_name: str, r: int, alp
 
 
 # -- the forward rule -----------------------------------------------------------------------
-# the one call-time condition under which a switched 4-bit layer takes PEFT's forward (accelerate's summary
-# names it whenever it switched a 4-bit layer)
-AUTOCAST_REASON = "torch.autocast (bitsandbytes computes in the layer's compute_dtype)"
+# the one call-time condition under which a switched quantised layer takes PEFT's forward (accelerate's
+# summary names it whenever it switched a quantised layer)
+AUTOCAST_REASON = "torch.autocast (bitsandbytes decides the compute dtype of its layer)"
+# where an 8-bit layer keeps bitsandbytes' forward: its LLM.int8() matmul quantises the activations too
+INT8_ACTIVATIONS_REASON = ("8-bit base layer {where}: bitsandbytes' LLM.int8() forward quantises the activations, "
+                           "the fused op dequantises the weight only")
+
+
+def _base_reason(base, kind: str, x: Optional[torch.Tensor]) -> Optional[str]:
+    """Why the quantised base layer's weight, state or input rules the fused op out (None: they do not)."""
+    if kind == "4bit":
+        qs = getattr(base.weight, "quant_state", None)
+        if qs is None or qs.quant_type not in ("nf4", "fp4"):
+            return "4-bit weight without an nf4 / fp4 quant state"
+        if getattr(base.weight, "packing_format_for_cpu", False):
+            return "bitsandbytes repacked the weight for its CPU kernel"
+        return None
+    if base.state.has_fp16_weights:
+        return "8-bit base layer with has_fp16_weights=True (bitsandbytes re-quantises a trainable weight)"
+    if int8_state(base)[0] is None:
+        return "8-bit weight not quantised yet (no CB / SCB)"
+    if not base.training:
+        return INT8_ACTIVATIONS_REASON.format(where="in eval mode")
+    device = x.device if x is not None else base.weight.device
+    if device.type not in ("cpu", "xpu"):
+        return INT8_ACTIVATIONS_REASON.format(where=f"on {device.type}")
+    return None
 
 
 def quant_call_reason(layer, x: Optional[torch.Tensor] = None, args=(), kwargs=None) -> Optional[str]:
     """Why this call of a LoRA layer on a bitsandbytes base cannot run :func:`fastpeft.ops.lora_linear_4bit`
-    (None: it can).  The same state rules as ``fastpeft.ops.lora_linear.layer.call_reason``, then the base."""
+    / :func:`fastpeft.ops.lora_linear_8bit` (None: it can).  The same state rules as
+    ``fastpeft.ops.lora_linear.layer.call_reason``, then the base."""
     why = adapter_state_reason(layer, args, kwargs)
     if why is not None:
         return why
     a = active_lora_adapter(layer)
     base = layer.get_base_layer()
     kind = quant_kind(base)
-    if kind != "4bit":
-        return "8-bit base layer (bitsandbytes' forward plus the LoRA branch)" if kind else "not a quantised base"
-    qs = getattr(base.weight, "quant_state", None)
-    if qs is None or qs.quant_type not in ("nf4", "fp4"):
-        return "4-bit weight without an nf4 / fp4 quant state"
-    if getattr(base.weight, "packing_format_for_cpu", False):
-        return "bitsandbytes repacked the weight for its CPU kernel"
+    if kind is None:
+        return "not a quantised base"
+    why = _base_reason(base, kind, x)
+    if why is not None:
+        return why
     if x is not None and autocast_dtype(x) is not None:
         return AUTOCAST_REASON
     A, B = layer.lora_A[a].weight, layer.lora_B[a].weight
@@ -199,17 +234,19 @@ def quant_call_reason(layer, x: Optional[torch.Tensor] = None, args=(), kwargs=N
 
 
 def _compute_dtype(base, x) -> torch.dtype:
-    cd = getattr(base, "compute_dtype", None)
+    """The dtype bitsandbytes computes the layer in: a 4-bit layer's ``compute_dtype`` (x's dtype when it
+    has none), an 8-bit layer's input dtype."""
+    cd = getattr(base, "compute_dtype", None) if quant_kind(base) == "4bit" else None
     if cd is None:
         cd = x.dtype if x is not None else torch.float32
     return cd
 
 
 def fused_quant_forward(layer, x: torch.Tensor) -> torch.Tensor:
-    """:func:`fastpeft.ops.lora_linear_4bit` for ``layer``'s active adapter, computing as bitsandbytes'
-    ``Linear4bit`` does: x and the bias in the layer's ``compute_dtype``, output in x's dtype; LoRA
-    weights as they are (fp32 adapters compute in the compute dtype, gradients come back in fp32)."""
-    from ..ops.lora_linear_4bit import lora_linear_4bit
+    """:func:`fastpeft.ops.lora_linear_4bit` / :func:`fastpeft.ops.lora_linear_8bit` for ``layer``'s
+    active adapter, computing as bitsandbytes' layer does: x and the bias in the compute dtype
+    (:func:`_compute_dtype`), output in x's dtype; LoRA weights as they are (fp32 adapters compute in the
+    compute dtype, gradients come back in fp32)."""
     a = active_lora_adapter(layer)
     base = layer.get_base_layer()
     cd = _compute_dtype(base, x)
@@ -219,8 +256,14 @@ def fused_quant_forward(layer, x: torch.Tensor) -> torch.Tensor:
         bias = bias.to(cd)
     drop = layer.lora_dropout[a]
     p = float(drop.p) if (layer.training and type(drop) is nn.Dropout) else 0.0
-    w = base.weight
-    y = lora_linear_4bit(x.to(cd), w.data, w.quant_state, bias, A, B, layer.scaling[a], dropout_p=p, seed=None)
+    if quant_kind(base) == "4bit":
+        from ..ops.lora_linear_4bit import lora_linear_4bit
+        w = base.weight
+        y = lora_linear_4bit(x.to(cd), w.data, w.quant_state, bias, A, B, layer.scaling[a], dropout_p=p, seed=None)
+    else:
+        from ..ops.lora_linear_8bit import lora_linear_8bit
+        cb, scb = int8_state(base)
+        y = lora_linear_8bit(x.to(cd), cb, scb, bias, A, B, layer.scaling[a], dropout_p=p, seed=None)
     return y.to(x.dtype)
 
 
@@ -275,9 +318,8 @@ def switch_peft_quant_layer(m: nn.Module) -> Optional[str]:
     peft_classes = _peft_bnb_classes()
     if not peft_classes or not isinstance(m, peft_classes):
         return None
-    if type(m) is not peft_classes[0]:
-        return f"{type(m).__name__} (8-bit) base layer: bitsandbytes' forward plus PEFT's LoRA branch"
-    if quant_kind(getattr(m, "base_layer", None)) != "4bit":
+    expected = "4bit" if isinstance(m, peft_classes[0]) else "8bit"
+    if quant_kind(getattr(m, "base_layer", None)) != expected:
         return "the base layer is another adapter layer"
     m.__class__ = _fast_quant_class(type(m))
     return ""
@@ -322,5 +364,5 @@ def prepare_model_for_kbit_training(model: nn.Module, use_gradient_checkpointing
     return model
 
 
-__all__ = ["Linear4bit", "Linear8bitLt", "quant_kind", "new_quant_layer", "quant_call_reason", "fused_quant_forward",
+__all__ = ["Linear4bit", "Linear8bitLt", "quant_kind", "int8_state", "new_quant_layer", "quant_call_reason", "fused_quant_forward",
            "quant_lora_forward", "switch_peft_quant_layer", "prepare_model_for_kbit_training"]

@@ -123,17 +123,72 @@ def test_accelerate_switches_hf_peft_4bit_layers(bert_dir):
     torch.testing.assert_close(hf(input_ids=ids).logits, ref, atol=0, rtol=0)
 
 
-def test_8bit_base_matches_hf_peft(bert_dir):
+def test_fused_8bit_model_matches_hf_peft(bert_dir):
+    """Training mode on the CPU: every 8-bit layer runs lora_linear_8bit, with HF PEFT's logits and gradients
+    (bitsandbytes computes with the dequantised weight there too)."""
     hf = hf_model(bert_dir, bits=8)
     fp = fast_model(bert_dir, bits=8)
     layers = [m for m in fp.modules() if isinstance(m, Linear8bitLt)]
-    assert len(layers) == 8
+    assert len(layers) == 8 and all(m.lora_A["default"].weight.shape == (8, m.in_features) for m in layers)
     copy_adapter(hf, fp)
     ids, labels = batch()
-    torch.testing.assert_close(fp(input_ids=ids).logits, hf(input_ids=ids).logits, atol=1e-5, rtol=1e-4)
-    assert "8-bit" in " ".join(fastpeft.fusion_report(fp).fallbacks())
+    fastpeft.reset_fusion_report(fp)
+    out_hf, out_fp = hf(input_ids=ids, labels=labels), fp(input_ids=ids, labels=labels)
+    report = fastpeft.fusion_report(fp)
+    assert report.fused_calls == 8 and report.fallback_calls == 0, str(report)
+    torch.testing.assert_close(out_fp.logits, out_hf.logits, atol=2e-5, rtol=1e-4)
+    out_hf.loss.backward()
+    out_fp.loss.backward()
+    g_hf = {k: p.grad for k, p in hf.named_parameters() if p.requires_grad}
+    g_fp = {k: p.grad for k, p in fp.named_parameters() if p.requires_grad}
+    assert sorted(g_hf) == sorted(g_fp)
+    for k in g_hf:
+        torch.testing.assert_close(g_fp[k], g_hf[k], atol=1e-4, rtol=1e-3, msg=k)
+
+
+def test_8bit_eval_keeps_bitsandbytes_int8_forward(bert_dir):
+    """In eval mode bitsandbytes' LLM.int8() quantises the activations: the 8-bit layers take PEFT's forward
+    (same outputs as HF PEFT, not the weight-only dequantised ones) and say why."""
+    hf = hf_model(bert_dir, bits=8).eval()
+    fp = fast_model(bert_dir, bits=8).eval()
+    copy_adapter(hf, fp)
+    ids, _ = batch()
+    fastpeft.reset_fusion_report(fp)
+    with torch.no_grad():
+        out_fp, out_hf = fp(input_ids=ids).logits, hf(input_ids=ids).logits
+    report = fastpeft.fusion_report(fp)
+    assert report.fused_calls == 0 and "LLM.int8() forward quantises the activations" in " ".join(report.fallbacks())
+    torch.testing.assert_close(out_fp, out_hf, atol=1e-5, rtol=1e-4)
+    fp.train()
+    fastpeft.reset_fusion_report(fp)
+    fp(input_ids=ids)
+    assert fastpeft.fusion_report(fp).fused_calls == 8
+
+
+def test_accelerate_switches_hf_peft_8bit_layers(bert_dir):
+    hf = hf_model(bert_dir, bits=8)
+    ids, labels = batch()
+    ref = hf(input_ids=ids).logits.detach()
     summary = fastpeft.accelerate(hf)
-    assert summary.patched == 0 and any("8-bit" in k for k in summary.skipped), str(summary)
+    assert summary.patched == 8 and summary.accelerated == 8, str(summary)
+    assert "on an 8-bit base: torch.autocast" in str(summary) and "in eval mode or on CUDA" in str(summary)
+    fastpeft.reset_fusion_report(hf)
+    out = hf(input_ids=ids).logits
+    assert fastpeft.fusion_report(hf).fused_calls == 8
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
+    assert "lora.Linear8bitLt" in repr(hf) and "Fastpeft" not in repr(hf)  # PEFT's class name is kept
+    assert fastpeft.restore(hf).restored == 8
+    torch.testing.assert_close(hf(input_ids=ids).logits, ref, atol=0, rtol=0)
+
+
+def test_8bit_has_fp16_weights_keeps_peft_forward():
+    """A Linear8bitLt with has_fp16_weights=True re-quantises its trainable weight each call: not fused."""
+    layer = bnb.nn.Linear8bitLt(16, 8, has_fp16_weights=True).to("cpu").train()
+    model = torch.nn.Sequential(layer)
+    fp = fastpeft.get_peft_model(model, fastpeft.LoraConfig(r=2, target_modules=["0"]))
+    fastpeft.reset_fusion_report(fp)
+    fp(torch.randn(3, 16))
+    assert "has_fp16_weights=True" in " ".join(fastpeft.fusion_report(fp).fallbacks())
 
 
 def test_adapter_round_trips(bert_dir, tmp_path):
@@ -164,9 +219,10 @@ def test_adapter_round_trips(bert_dir, tmp_path):
     torch.testing.assert_close(fp2(input_ids=ids).logits, hf(input_ids=ids).logits, atol=2e-5, rtol=1e-4)
 
 
-def test_short_training_run_loss_matches_hf_peft(bert_dir):
-    hf = hf_model(bert_dir, quant_type="nf4", double=True)
-    fp = fast_model(bert_dir, quant_type="nf4", double=True)
+@pytest.mark.parametrize("bits", [4, 8])
+def test_short_training_run_loss_matches_hf_peft(bert_dir, bits):
+    hf = hf_model(bert_dir, bits=bits, quant_type="nf4", double=True)
+    fp = fast_model(bert_dir, bits=bits, quant_type="nf4", double=True)
     copy_adapter(hf, fp)
     losses = {}
     for name, model in (("hf", hf), ("fp", fp)):
@@ -182,8 +238,9 @@ def test_short_training_run_loss_matches_hf_peft(bert_dir):
     torch.testing.assert_close(torch.tensor(losses["fp"]), torch.tensor(losses["hf"]), atol=1e-4, rtol=1e-4)
 
 
-def test_training_with_dropout_runs_fused(bert_dir):
-    fp = fast_model(bert_dir, dropout=0.1, quant_type="nf4")
+@pytest.mark.parametrize("bits", [4, 8])
+def test_training_with_dropout_runs_fused(bert_dir, bits):
+    fp = fast_model(bert_dir, dropout=0.1, bits=bits, quant_type="nf4")
     ids, labels = batch()
     fastpeft.reset_fusion_report(fp)
     fp(input_ids=ids, labels=labels).loss.backward()
